@@ -1,0 +1,218 @@
+"""LLaMA-Adapter: learnable adaption prompts and zero-init gated attention (arXiv 2303.16199).
+
+For a query token t in adapted layer l, with K prompt tokens P_l and M earlier word tokens:
+
+    Q = W_q t;  K = W_k [P_l; T; t];  V = W_v [P_l; T; t]              (Eq. 2-4)
+    S = Q K^T / sqrt(d) = [S^K ; S^{M+1}]                               (Eq. 5-6)
+    S^g = [ g_l * softmax(S^K) ; softmax(S^{M+1}) ]                      (Eq. 7)
+    out = W_o (S^g V)                                                    (Eq. 8)
+
+Because the two softmaxes are separate, S^g V splits into a sum:
+
+    S^g V = softmax(S^{M+1}) V_tokens  +  g_l * softmax(Q P_k^T / sqrt d) P_v
+
+The first term is ordinary causal attention (a fused kernel in model.Attention); the second is
+:func:`gated_prompt_attention` below - the only new computation the adapter adds.
+:func:`zero_init_attention_literal` writes Eq. 5-8 literally (one score matrix, two softmaxes)
+for teaching and for the tests that prove both forms equal.
+
+The prompts live in the residual width C and pass through the layer's *frozen* W_k and W_v;
+their keys get no rotary embedding. g_l starts at 0, so at initialisation the adapted model
+computes exactly what the frozen model computes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import Attention, KVCache, Llama
+
+GATES = ("head", "layer")
+ACTIVATIONS = ("tanh", "identity")
+INITS = ("zero", "random")
+
+
+@dataclass
+class AdapterConfig:
+    """What to attach.
+
+    prompt_len: K prompt tokens per adapted layer.   layers: L, the top L layers are adapted.
+    gate: "head" (one gate per head, as the official release) or "layer" (one scalar, as PEFT).
+    gate_activation: "tanh" (paper) or "identity" (PEFT).
+    init: "zero" (paper: gates start at 0) or "random" (ablation: gates start at N(0, 1) draws).
+    visual_dim: width of the visual features for the multi-modal adapter (None: text only).
+    """
+
+    prompt_len: int = 10
+    layers: int = 30
+    gate: str = "head"
+    gate_activation: str = "tanh"
+    init: str = "zero"
+    visual_dim: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt_len, int) or self.prompt_len < 1:
+            raise ValueError(f"AdapterConfig.prompt_len must be an integer >= 1; got {self.prompt_len!r}")
+        if not isinstance(self.layers, int) or self.layers < 1:
+            raise ValueError(f"AdapterConfig.layers must be an integer >= 1; got {self.layers!r}")
+        for name, value, allowed in (
+            ("gate", self.gate, GATES),
+            ("gate_activation", self.gate_activation, ACTIVATIONS),
+            ("init", self.init, INITS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"AdapterConfig.{name} must be one of {allowed}; got {value!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- the math
+def gated_prompt_attention(q: torch.Tensor, prompt_k: torch.Tensor, prompt_v: torch.Tensor, gate: torch.Tensor):
+    """The adapter's term of Eq. 7 in "sum" form: gate * softmax(Q P_k^T / sqrt(d)) P_v.
+
+    q: (B, H, T, d) rotated queries.  prompt_k, prompt_v: (1 or B, H_kv, K, d), not rotated.
+    gate: effective gate, (1, H, 1, 1) per head or (1,) per layer.  Returns (B, H, T, d).
+    """
+    n_rep = q.shape[1] // prompt_k.shape[1]  # grouped-query attention: share K/V heads
+    if n_rep > 1:
+        prompt_k = prompt_k.repeat_interleave(n_rep, dim=1)
+        prompt_v = prompt_v.repeat_interleave(n_rep, dim=1)
+    scores = q @ prompt_k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, K)
+    probs = F.softmax(scores.float(), dim=-1).type_as(q)  # the prompts' own softmax
+    return (gate.to(q.dtype) * probs) @ prompt_v  # (B, H, T, d)
+
+
+def zero_init_attention_literal(q, k, v, prompt_k, prompt_v, gate):
+    """Eq. 5-8 as written in the paper: one score matrix, two separate softmaxes.
+
+    q: (B, H, T, d) queries; k, v: (B, H, T, d) token keys/values (rotated keys, causal);
+    prompt_k, prompt_v: (B or 1, H, K, d); gate: effective gate broadcastable to (B, H, T, K).
+    Returns S^g V: (B, H, T, d) (W_o not applied). Slow and simple on purpose.
+    """
+    B, H, T, d = q.shape
+    K = prompt_k.shape[2]
+    keys = torch.cat([prompt_k.expand(B, -1, -1, -1), k], dim=2)  # [P; T; t]  (B, H, K+T, d)
+    values = torch.cat([prompt_v.expand(B, -1, -1, -1), v], dim=2)
+    S = q @ keys.transpose(-2, -1) / math.sqrt(d)  # Eq. 5: (B, H, T, K+T)
+    S_K, S_M1 = S[..., :K], S[..., K:]  # Eq. 6: prompt scores | token scores
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    S_M1 = S_M1.masked_fill(~causal, float("-inf"))
+    S_g = torch.cat([gate * S_K.softmax(-1), S_M1.softmax(-1)], dim=-1)  # Eq. 7
+    return S_g @ values  # Eq. 8 (before W_o)
+
+
+# --------------------------------------------------------------------------- the module
+class AdaptionPrompt(nn.Module):
+    """The trainable part of one adapted layer: K prompt vectors and the gate."""
+
+    def __init__(self, config: AdapterConfig, dim: int, n_heads: int, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        self.gate_activation = config.gate_activation
+        device = None
+        self.prompt = nn.Parameter(torch.randn(config.prompt_len, dim, generator=generator, device=device))  # P_l
+        gate_shape = (1, n_heads, 1, 1) if config.gate == "head" else (1,)
+        if config.init == "zero":
+            self.gate = nn.Parameter(torch.zeros(gate_shape))  # g_l = 0: output unchanged at init
+        else:
+            self.gate = nn.Parameter(torch.randn(gate_shape, generator=generator))
+
+    def gate_value(self) -> torch.Tensor:
+        """The effective gate: tanh(g) for the paper's gate, g itself for identity."""
+        return torch.tanh(self.gate) if self.gate_activation == "tanh" else self.gate
+
+    def prompt_kv(self, attn: Attention, visual: Optional[torch.Tensor] = None):
+        """Prompt keys/values through the layer's frozen W_k, W_v (Eq. 3-4), no rotary.
+
+        Without an image: computed once for the whole batch -> (1, H_kv, K, d).
+        With an image token visual (B, C): P + Repeat(I_p) per sample -> (B, H_kv, K, d).
+        """
+        prompt = self.prompt[None]  # (1, K, C)
+        if visual is not None:
+            prompt = prompt + visual[:, None, :].to(prompt.dtype)  # (B, K, C): Sec. 3.3
+        w_dtype = attn.wk.weight.dtype
+        pk = attn.split_heads(attn.wk(prompt.to(w_dtype)), attn.n_kv_heads)
+        pv = attn.split_heads(attn.wv(prompt.to(w_dtype)), attn.n_kv_heads)
+        return pk, pv
+
+    def forward(self, q, attn: Attention, cache: Optional[KVCache] = None, visual=None):
+        if cache is not None and attn.layer_id in cache.prompt_kv:
+            pk, pv = cache.prompt_kv[attn.layer_id]  # generation: computed at the first step only
+        else:
+            pk, pv = self.prompt_kv(attn, visual)
+            if cache is not None:
+                cache.prompt_kv[attn.layer_id] = (pk, pv)
+        return gated_prompt_attention(q, pk.to(q.dtype), pv.to(q.dtype), self.gate_value())
+
+
+# --------------------------------------------------------------------------- attach / inspect
+def add_adapter(model: Llama, config: AdapterConfig, seed: Optional[int] = 0) -> Llama:
+    """Attach adaption prompts to the top ``config.layers`` layers, in place, and freeze the base.
+
+    Afterwards only the prompts and gates (and a multi-modal projection, if any) train.
+    """
+    n = model.config.n_layers
+    if config.layers > n:
+        raise ValueError(
+            f"AdapterConfig.layers={config.layers} but the model has only n_layers={n}; "
+            f"choose layers between 1 and {n}"
+        )
+    if adapted_layers(model):
+        raise ValueError("this model already has an adapter; call remove_adapter(model) first")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    device = model.device
+    for i in range(n - config.layers, n):  # the top L layers, bottom adapted layer first
+        ap = AdaptionPrompt(config, model.config.dim, model.config.n_heads, generator)
+        if device.type != "meta":
+            ap = ap.to(device)
+        else:
+            ap = ap.to("meta")
+        model.layers[i].attention.adapter = ap
+    model.adapter_config = config
+    if config.visual_dim is not None:
+        from .vision import VisualProjection
+
+        model.visual_proj = VisualProjection(config.visual_dim, model.config.dim).to(device)
+    return model
+
+
+def remove_adapter(model: Llama) -> Llama:
+    """Detach the adapter (the base stays frozen; call requires_grad_ yourself to train it)."""
+    for layer in model.layers:
+        layer.attention.adapter = None
+    if hasattr(model, "visual_proj"):
+        del model.visual_proj
+    if hasattr(model, "adapter_config"):
+        del model.adapter_config
+    return model
+
+
+def adapted_layers(model: Llama) -> list[int]:
+    """Indices of the layers that carry an adapter, bottom first."""
+    return [i for i, layer in enumerate(model.layers) if layer.attention.adapter is not None]
+
+
+def adapter_state_dict(model: Llama) -> dict[str, torch.Tensor]:
+    """Only the adapter's tensors (prompts, gates, visual projection), keyed as in model.state_dict()."""
+    return {k: v for k, v in model.state_dict().items() if ".adapter." in k or k.startswith("visual_proj.")}
+
+
+def gate_values(model: Llama) -> torch.Tensor:
+    """Effective gates of the adapted layers -> (L, H) (a per-layer gate is repeated over heads)."""
+    rows = []
+    H = model.config.n_heads
+    for i in adapted_layers(model):
+        g = model.layers[i].attention.adapter.gate_value().detach().float().reshape(-1)
+        rows.append(g.expand(H) if g.numel() == 1 else g)
+    return torch.stack(rows) if rows else torch.zeros(0, H)
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
