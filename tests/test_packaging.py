@@ -1,0 +1,34 @@
+"""environment.yml must offer the same packages as pyproject.toml (runtime + notebooks + dev extras)."""
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONDA_NAMES = {"torch": "pytorch"}  # conda calls torch "pytorch"
+
+
+def names(reqs):
+    return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].strip().lower() for r in reqs}
+
+
+def test_environment_yml_matches_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = names(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        wanted |= names(extra)
+    text = (ROOT / "environment.yml").read_text()
+    listed = set()
+    for line in text.split("dependencies:", 1)[1].splitlines():
+        m = re.match(r"\s*-\s+([A-Za-z0-9_.\-]+)", line)
+        if m and m.group(1) not in ("pip", "-e"):
+            listed.add(m.group(1).lower())
+    expected = {CONDA_NAMES.get(n, n) for n in wanted}
+    assert expected - listed == set(), f"missing in environment.yml: {sorted(expected - listed)}"
+    assert listed - expected - {"python"} == set(), f"extra in environment.yml: {sorted(listed - expected - {'python'})}"
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    cmd = "python -m pytest tests --nbval-lax notebooks"
+    assert cmd in readme and cmd in ci
