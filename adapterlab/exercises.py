@@ -1,0 +1,396 @@
+"""Automatic checkers for the notebooks' "check yourself" exercises.
+
+Every checker takes the student's answer (a number, a set of names, or a function) and
+returns a :class:`CheckResult`: truthy when the answer is right, and displayed in Jupyter as
+a short message. A wrong answer is compared against the mistakes people actually make
+(one softmax instead of two, forgetting the gates, LayerNorm instead of RMSNorm, ...), so
+the feedback names the likely mistake instead of just saying "wrong".
+
+Checkers never raise on a wrong or missing answer: a notebook with the exercise still
+blank runs top to bottom (that is how nbval runs it in CI).
+
+    >>> from adapterlab.exercises import check_adapter_param_count
+    >>> check_adapter_param_count(1_228_800)
+    Not yet: 1,228,800 counts the prompts (K*L*C) but not the gates ...
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .adapter import zero_init_attention_literal
+from .model import Llama, LlamaConfig, RMSNorm
+
+__all__ = [
+    "CheckResult",
+    "check_rmsnorm",
+    "check_llama_param_count",
+    "check_kv_cache_bytes",
+    "check_zero_init_attention",
+    "check_adapter_param_count",
+    "check_step0_gradients",
+    "llama_param_count",
+]
+
+
+# --------------------------------------------------------------------------- result
+@dataclass
+class CheckResult:
+    """Outcome of a check: ``bool(result)`` says if it passed; ``repr`` is the feedback."""
+
+    correct: bool
+    message: str
+
+    def __bool__(self) -> bool:
+        return self.correct
+
+    def __repr__(self) -> str:
+        return self.message
+
+
+def _ok(message: str) -> CheckResult:
+    return CheckResult(True, "Correct! " + message)
+
+
+def _no(message: str) -> CheckResult:
+    return CheckResult(False, "Not yet: " + message)
+
+
+def _missing(what: str) -> CheckResult:
+    return CheckResult(False, f"No answer yet: replace the placeholder with {what}, then run the cell again.")
+
+
+def _is_blank(answer) -> bool:
+    return answer is None or answer is Ellipsis
+
+
+# --------------------------------------------------------------------------- helpers
+def _as_int(answer, what: str) -> tuple[Optional[int], Optional[CheckResult]]:
+    """Turn a numeric answer into an int, or explain why it cannot be one."""
+    if isinstance(answer, bool):
+        return None, _no(f"{what} should be a whole number, not {answer!r}.")
+    if isinstance(answer, str):
+        try:
+            answer = float(answer.replace(",", "").replace("_", ""))
+        except ValueError:
+            return None, _no(f"{what} should be a number; got the text {answer!r}.")
+    if isinstance(answer, torch.Tensor):
+        if answer.numel() != 1:
+            return None, _no(f"{what} should be one number; got a tensor of shape {tuple(answer.shape)}.")
+        answer = answer.item()
+    if not isinstance(answer, (int, float)):
+        return None, _no(f"{what} should be a number; got {type(answer).__name__}.")
+    if isinstance(answer, float) and not answer.is_integer():
+        return None, _no(f"{what} is a whole number; got {answer!r}. Give the exact count, not a rounded value.")
+    return int(answer), None
+
+
+def _check_count(answer: int, expected: int, mistakes: list[tuple[int, str]], what: str, why: str) -> CheckResult:
+    """Compare an integer answer with the expected one and with known wrong answers.
+
+    ``mistakes``: (wrong value, what it means) pairs; different mistakes that give the same
+    number are all named, and a "mistake" that happens to equal the truth is ignored.
+    """
+    if answer == expected:
+        return _ok(why)
+    matched = [message for value, message in mistakes if value == answer and value != expected]
+    if matched:
+        return _no(f"{answer:,} " + " Or it ".join(matched))
+    rel = abs(answer - expected) / expected
+    if rel < 0.01:
+        return _no(f"{answer:,} is within 1% of {what} but not exact (off by {answer - expected:+,}). "
+                   "Look for a small term: norms, gates, or a rounding of the feed-forward width.")
+    if rel < 0.5:
+        return _no(f"{answer:,} is off by {100 * (answer - expected) / expected:+.1f}%. "
+                   "Write the count term by term and compare each with the model's parameters.")
+    return _no(f"{answer:,} is far from {what} (off by a factor {answer / expected:.3g}). "
+               "Check which dimensions multiply in each term.")
+
+
+def _call(fn: Callable, args: tuple, name: str) -> tuple[Optional[torch.Tensor], Optional[CheckResult]]:
+    """Run the student's function; turn an exception into feedback."""
+    try:
+        out = fn(*args)
+    except Exception as e:  # the student's code: report whatever went wrong
+        return None, _no(f"calling {name} raised {type(e).__name__}: {e}")
+    if out is None:
+        return None, _no(f"{name} returned None: compute the result and `return` it.")
+    if not isinstance(out, torch.Tensor):
+        return None, _no(f"{name} should return a torch.Tensor; it returned {type(out).__name__}.")
+    return out, None
+
+
+def _same(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> bool:
+    return a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+def _diagnose(out: torch.Tensor, expected: torch.Tensor, mistakes: dict[str, torch.Tensor], name: str) -> CheckResult:
+    if out.shape != expected.shape:
+        return _no(f"{name} returned shape {tuple(out.shape)}; expected {tuple(expected.shape)}.")
+    for message, wrong in mistakes.items():
+        if _same(out, wrong):
+            return _no(message)
+    err = (out.float() - expected.float()).abs().max().item()
+    return _no(f"{name} returns the right shape but the wrong values (largest difference {err:.3g}). "
+               "Go through the formula one step at a time on a tiny input.")
+
+
+# --------------------------------------------------------------------------- notebook 2: LLaMA blocks
+def check_rmsnorm(fn: Optional[Callable]) -> CheckResult:
+    """Exercise: write ``my_rmsnorm(x, weight, eps)`` = x / sqrt(mean(x^2) + eps) * weight over the last dim."""
+    if _is_blank(fn):
+        return _missing("your function my_rmsnorm(x, weight, eps)")
+    if not callable(fn):
+        return _no(f"pass the function itself (my_rmsnorm), not {type(fn).__name__}.")
+    gen = torch.Generator().manual_seed(0)
+    eps = 1e-5
+    # Small values make eps matter; a non-zero mean tells RMSNorm from LayerNorm.
+    x = (torch.randn(3, 4, 8, generator=gen) + 0.5) * 3e-3
+    weight = torch.rand(8, generator=gen) + 0.5
+    out, err = _call(fn, (x.clone(), weight.clone(), eps), "my_rmsnorm(x, weight, eps)")
+    if err is not None:
+        return err
+    norm = RMSNorm(8, eps)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        expected = norm(x)
+    ms = x.pow(2).mean(-1, keepdim=True)
+    centered = x - x.mean(-1, keepdim=True)
+    mistakes = {
+        "you subtract the mean first: that is LayerNorm. RMSNorm only rescales, it never centres.":
+            centered * torch.rsqrt(centered.pow(2).mean(-1, keepdim=True) + eps) * weight,
+        "the values are right before the last step: multiply by the learned `weight` at the end.":
+            x * torch.rsqrt(ms + eps),
+        "eps belongs inside the square root: x / sqrt(mean(x^2) + eps).":
+            x / (ms.sqrt() + eps) * weight,
+        "eps is missing: with tiny inputs, mean(x^2) is about the size of eps, so it matters.":
+            x * torch.rsqrt(ms) * weight,
+        "you divide by mean(x^2) + eps; take its square root first.":
+            x / (ms + eps) * weight,
+        "you sum x^2 over the features; RMSNorm takes the mean (root *mean* square).":
+            x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps) * weight,
+        "you average over the wrong dimension: normalise over the last one (the features), keepdim=True.":
+            x * torch.rsqrt(x.pow(2).mean(0, keepdim=True) + eps) * weight,
+        "you average over all elements; each token (last dimension) is normalised on its own.":
+            x * torch.rsqrt(x.pow(2).mean() + eps) * weight,
+    }
+    if _same(out, expected):
+        return _ok("Every token vector is divided by its root mean square, then scaled by the learned weight.")
+    return _diagnose(out, expected, mistakes, "my_rmsnorm")
+
+
+def llama_param_count(
+    config: LlamaConfig,
+    tied_embeddings: bool = False,
+    norms: bool = True,
+    ffn_hidden: Optional[int] = None,
+    ffn_matrices: int = 3,
+    kv_heads: Optional[int] = None,
+) -> int:
+    """Parameter count of a LLaMA shape, term by term (the variants model common mistakes)."""
+    C, N, V, d = config.dim, config.n_layers, config.vocab_size, config.head_dim
+    hidden = config.ffn_hidden_dim if ffn_hidden is None else ffn_hidden
+    kv = config.n_kv_heads if kv_heads is None else kv_heads
+    attention = C * C + 2 * C * kv * d + C * C  # wq, wk, wv, wo
+    ffn = ffn_matrices * C * hidden  # w1, w2, w3
+    per_layer = attention + ffn + (2 * C if norms else 0)
+    head = 0 if tied_embeddings else V * C
+    return V * C + N * per_layer + (C if norms else 0) + head
+
+
+def check_llama_param_count(answer, config: Optional[LlamaConfig] = None) -> CheckResult:
+    """Exercise: count the parameters of a LLaMA shape by hand (default: LLaMA-13B)."""
+    if config is None:
+        config = LlamaConfig(dim=5120, n_layers=40, n_heads=40)
+    if _is_blank(answer):
+        return _missing("your count (an integer)")
+    n, err = _as_int(answer, "the parameter count")
+    if err is not None:
+        return err
+    with torch.device("meta"):  # shapes only, no memory
+        expected = Llama(config).num_params()
+    C, V = config.dim, config.vocab_size
+    mistakes = [  # (wrong value, what it means)
+        (expected - V * C,
+         f"is one {V}x{C} matrix short: LLaMA has both a token embedding and a separate output head "
+         "(they are not tied)."),
+        (llama_param_count(config, norms=False),
+         "leaves out the RMSNorm weights: two per block (C each) plus the final norm."),
+        (llama_param_count(config, ffn_hidden=4 * C),
+         f"uses a feed-forward width of 4*C = {4 * C}; SwiGLU uses about 2/3 of that, rounded up to "
+         f"multiple_of: config.ffn_hidden_dim = {config.ffn_hidden_dim}."),
+        (llama_param_count(config, ffn_hidden=int(8 * C / 3)),
+         f"uses 8C/3 = {int(8 * C / 3)} for the feed-forward width without rounding up to "
+         f"multiple_of={config.multiple_of}: it is {config.ffn_hidden_dim}."),
+        (llama_param_count(config, ffn_matrices=2),
+         "counts two feed-forward matrices; SwiGLU has three (w1 and w3 go up, w2 comes down)."),
+        (llama_param_count(config, kv_heads=config.n_heads),
+         f"gives wk and wv {config.n_heads} heads; with grouped-query attention they have "
+         f"n_kv_heads={config.n_kv_heads}."),
+    ]
+    return _check_count(n, expected, mistakes, "the parameter count",
+                        f"{expected:,} parameters: embedding + output head (V*C each), and per block "
+                        "wq, wk, wv, wo, w1, w2, w3 plus two norms, plus the final norm.")
+
+
+def check_kv_cache_bytes(answer, config: Optional[LlamaConfig] = None, seq_len: int = 2048,
+                         batch_size: int = 1, bytes_per_value: int = 2) -> CheckResult:
+    """Exercise: memory of the KV cache for one sequence (default: LLaMA-7B, 2048 tokens, fp16)."""
+    if config is None:
+        config = LlamaConfig()
+    if _is_blank(answer):
+        return _missing("the number of bytes (an integer)")
+    n, err = _as_int(answer, "the number of bytes")
+    if err is not None:
+        return err
+    per_value = batch_size * seq_len * config.n_layers * config.n_kv_heads * config.head_dim
+    expected = 2 * per_value * bytes_per_value
+    mistakes = [  # (wrong value, what it means)
+        (per_value * bytes_per_value, "counts only the keys (or only the values); the cache stores both."),
+        (2 * per_value, f"counts numbers, not bytes: each one takes {bytes_per_value} bytes."),
+        (2 * per_value * 4, "uses 4 bytes per number (fp32); the question asks for fp16 (2 bytes)."),
+        (2 * batch_size * seq_len * config.n_layers * config.n_heads * config.head_dim * bytes_per_value,
+         f"uses n_heads={config.n_heads}; keys/values have n_kv_heads={config.n_kv_heads} heads."),
+        (2 * batch_size * seq_len * config.n_kv_heads * config.head_dim * bytes_per_value,
+         f"is the size for one layer; every one of the {config.n_layers} layers keeps its own cache."),
+    ]
+    return _check_count(n, expected, mistakes, "the cache size",
+                        f"{expected:,} bytes = 2 (k and v) x {config.n_layers} layers x {seq_len} tokens x "
+                        f"{config.n_kv_heads} kv heads x {config.head_dim} x {bytes_per_value} bytes "
+                        f"= {expected / 2**30:.3g} GiB.")
+
+
+# --------------------------------------------------------------------------- notebook 3: zero-init attention
+def check_zero_init_attention(fn: Optional[Callable]) -> CheckResult:
+    """Exercise: write Eq. 5-8 yourself: ``fn(q, k, v, prompt_k, prompt_v, gate) -> S^g V``.
+
+    q, k, v: (B, H, T, d) with causal token attention; prompt_k, prompt_v: (1, H, K, d);
+    gate: the effective gate (already tanh'ed), shape (1, H, 1, 1).
+    """
+    if _is_blank(fn):
+        return _missing("your function my_zero_init_attention(q, k, v, prompt_k, prompt_v, gate)")
+    if not callable(fn):
+        return _no(f"pass the function itself, not {type(fn).__name__}.")
+    gen = torch.Generator().manual_seed(0)
+    B, H, T, K, d = 2, 3, 5, 4, 8
+    q, k, v = (torch.randn(B, H, T, d, generator=gen) for _ in range(3))
+    pk, pv = (torch.randn(1, H, K, d, generator=gen) for _ in range(2))
+    gate = torch.tensor([0.5, -0.25, 0.9]).view(1, H, 1, 1)
+    args = (q, k, v, pk, pv, gate)
+    out, err = _call(fn, tuple(a.clone() for a in args), "your function")
+    if err is not None:
+        return err
+    expected = zero_init_attention_literal(*args)
+
+    # The mistakes, written the way people write them.
+    scale = 1 / math.sqrt(d)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    keys, values = torch.cat([pk.expand(B, -1, -1, -1), k], 2), torch.cat([pv.expand(B, -1, -1, -1), v], 2)
+
+    def two_softmax(S, g_prompt=gate, g_tokens=1.0, mask=True):
+        S_K, S_T = S[..., :K], S[..., K:]
+        if mask:
+            S_T = S_T.masked_fill(~causal, float("-inf"))
+        return torch.cat([g_prompt * S_K.softmax(-1), g_tokens * S_T.softmax(-1)], -1) @ values
+
+    S = q @ keys.transpose(-2, -1) * scale
+    full_mask = torch.cat([torch.ones(T, K, dtype=torch.bool), causal], 1)
+    one = S.masked_fill(~full_mask, float("-inf")).softmax(-1)
+    mistakes = {
+        "you use ONE softmax over prompts and tokens together. Eq. 7 has two separate softmaxes: "
+        "softmax(S^K) for the prompts and softmax(S^{M+1}) for the tokens, so the tokens' attention "
+        "still sums to 1 and the output is unchanged when the gate is 0.":
+            torch.cat([gate * one[..., :K], one[..., K:]], -1) @ values,
+        "one softmax over prompts and tokens, and no gate. Eq. 7 gates the prompt part and uses "
+        "two separate softmaxes.": one @ values,
+        "one softmax over prompts and tokens, and no causal mask. Eq. 7 uses two separate softmaxes "
+        "(prompts | tokens), gates the prompt part, and a token sees only itself and earlier tokens.":
+            S.softmax(-1) @ values,
+        "the gate multiplies the token part; it belongs on the prompt part: [g * softmax(S^K); softmax(S^{M+1})].":
+            two_softmax(S, g_prompt=1.0, g_tokens=gate),
+        "the prompt part is not gated: multiply softmax(S^K) by the gate.":
+            two_softmax(S, g_prompt=1.0),
+        "the gate you are given is already the effective gate (tanh(g)); do not apply tanh again.":
+            two_softmax(S, g_prompt=torch.tanh(gate)),
+        "the causal mask is missing: a token may only attend to itself and earlier tokens "
+        "(the prompts are visible to every token).": two_softmax(S, mask=False),
+        "the scores are not scaled: divide Q K^T by sqrt(d) (Eq. 5).":
+            two_softmax(q @ keys.transpose(-2, -1)),
+        "you divide the scores by d; Eq. 5 divides by sqrt(d).":
+            two_softmax(q @ keys.transpose(-2, -1) / d),
+    }
+    if _same(out, expected):
+        return _ok("Concatenated scores (Eq. 5-6), two separate softmaxes with the gate on the prompt "
+                   "part (Eq. 7), times the concatenated values (Eq. 8).")
+    return _diagnose(out, expected, mistakes, "your function")
+
+
+def check_adapter_param_count(answer, prompt_len: int = 10, layers: int = 30, dim: int = 4096,
+                              n_heads: int = 32, n_layers: int = 32) -> CheckResult:
+    """Exercise: trainable values of LLaMA-Adapter (default: 7B, K=10, L=30 of N=32, C=4096, H=32, gate per head)."""
+    if _is_blank(answer):
+        return _missing("the number of trainable values (an integer)")
+    n, err = _as_int(answer, "the number of trainable values")
+    if err is not None:
+        return err
+    K, L, C, H = prompt_len, layers, dim, n_heads
+    prompts, gates = K * L * C, L * H
+    expected = prompts + gates
+    mistakes = [  # (wrong value, what it means)
+        (prompts, f"counts the prompts (K*L*C) but not the gates: one per head in each adapted layer, "
+                  f"L*H = {gates:,}."),
+        (prompts + L, "counts one gate per layer (as PEFT does); the paper's release learns one gate per "
+                      "head: L*H."),
+        (K * n_layers * C + n_layers * H,
+         f"adapts all N={n_layers} layers; LLaMA-Adapter puts prompts in the top L={L} layers only."),
+        (K * n_layers * C,
+         f"adapts all N={n_layers} layers and forgets the gates. Prompts go in the top L={L} layers; add L*H gates."),
+        (2 * prompts + gates, "counts separate key and value prompts. There is one prompt P_l (K x C) per "
+                              "layer; its keys and values come from the layer's frozen W_k and W_v."),
+        (K * L * (C // H) + gates, f"uses the head width d={C // H}; prompts live in the residual width C={C}."),
+        (3 * prompts + gates, "adds new query/key/value projections; the adapter has none, it reuses the "
+                              "frozen W_k and W_v."),
+    ]
+    return _check_count(n, expected, mistakes, "the adapter's size",
+                        f"{prompts:,} prompt values (K*L*C) + {gates:,} gates (L*H) = {expected:,}: "
+                        f"about {expected / 6.74e9 * 100:.3f}% of LLaMA-7B.")
+
+
+STEP0_NAMES = ("prompt", "gate", "wq", "wk", "wv", "wo", "embedding")
+
+
+def check_step0_gradients(answer: Optional[Iterable[str]]) -> CheckResult:
+    """Exercise: which tensors get a NON-ZERO gradient at the very first training step?
+
+    Answer with a set of names from ``STEP0_NAMES``: "prompt", "gate", "wq", "wk", "wv", "wo", "embedding".
+    """
+    if _is_blank(answer):
+        return _missing('a set of names, e.g. {"prompt", "wq"}')
+    if isinstance(answer, str):
+        answer = {answer}
+    try:
+        names = {str(a).strip().lower() for a in answer}
+        names = {n[:-1] if n not in STEP0_NAMES and n[:-1] in STEP0_NAMES else n for n in names}  # "gates"
+    except TypeError:
+        return _no(f"answer with a set of names such as {{'gate'}}; got {type(answer).__name__}.")
+    unknown = names - set(STEP0_NAMES)
+    if unknown:
+        return _no(f"unknown name(s) {sorted(unknown)}; choose from {list(STEP0_NAMES)}.")
+    problems = []
+    if "prompt" in names:
+        problems.append("the prompts' whole contribution is multiplied by tanh(g) = tanh(0) = 0, so the loss "
+                        "does not depend on them yet: their gradient is exactly zero at step 0.")
+    frozen = sorted(names & {"wq", "wk", "wv", "wo", "embedding"})
+    if frozen:
+        problems.append(f"{frozen} belong to the frozen base model (requires_grad=False): they get no gradient "
+                        "at all, at any step.")
+    if "gate" not in names:
+        problems.append("the gate does get a gradient: d tanh(g)/dg = 1 at g = 0, times the prompt attention "
+                        "output softmax(Q P_k^T / sqrt(d)) P_v, which is not zero (prompts start random).")
+    if problems:
+        return _no(" ".join(problems))
+    return _ok("Only the gate. It opens first; once tanh(g) is no longer 0 the prompts start to learn too.")

@@ -1,0 +1,536 @@
+"""The embedded default: a tiny synthetic world, its tokenizer and a small LLaMA pretrained on it.
+
+No weights or data sets can be downloaded here, and a tiny model pretrained on real web text
+knows nothing useful. So we make a world small enough to learn on a laptop CPU in minutes:
+
+* people, each with a city, a pet, a job and a favourite colour; places (city -> country);
+  simple arithmetic; short stories that mention several facts at once;
+* a pretraining corpus that states every fact in many phrasings, *including question-like
+  text* ("Where does Mara live? Mara lives in Oslo."), as web text does for LLaMA;
+* an instruction set in the Alpaca format about *some* of the people, and a held-out set
+  about the others, whose facts appear only in the pretraining corpus.
+
+The base model never sees the Alpaca template, so before tuning it does not answer; an
+adapter trained on the instruction set makes it answer, and the held-out accuracy shows that
+the adapter unlocks knowledge the frozen base learned in pretraining (the paper's claim).
+
+``load_base()`` returns the pretrained base, built on first use into a cache folder
+(``$ADAPTERLAB_CACHE``, default ``~/.cache/adapterlab``) under a file lock, so concurrent first
+uses (two notebooks, several torchrun ranks) build it once and never see a half-written folder.
+The folder's name holds a hash of the whole recipe, so a changed recipe builds anew.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .model import Llama, LlamaConfig, init_weights
+from .tokenizer import Tokenizer
+
+RECIPE_VERSION = 1  # bump when the generator or the pretraining code changes what gets built
+
+# --------------------------------------------------------------------------- the world's vocabulary
+NAMES = [
+    "Ada", "Bruno", "Clara", "Dario", "Elena", "Felix", "Greta", "Hugo", "Ines", "Jonas", "Kira", "Luca",
+    "Mara", "Nico", "Olga", "Pablo", "Rosa", "Sven", "Tara", "Ugo", "Vera", "Walt", "Yara", "Zeno",
+    "Alma", "Boris", "Celia", "Emil", "Frida", "Gino", "Hana", "Igor", "Julia", "Karl", "Lena", "Milo",
+    "Nora", "Oscar", "Petra", "Rafael", "Sara", "Timo", "Una", "Viktor", "Wanda", "Xena", "Yusuf", "Zora",
+    "Anton", "Bea", "Cyril", "Dora", "Edgar", "Fiona", "Gustav", "Helga", "Ivan", "Jana", "Kurt", "Lotta",
+    "Marek", "Nadia", "Otto", "Paula",
+]
+CITIES = {"Paris": "France", "Lisbon": "Portugal", "Oslo": "Norway", "Cairo": "Egypt",
+          "Lima": "Peru", "Tokyo": "Japan", "Dublin": "Ireland", "Quito": "Ecuador"}
+PETS = ["cat", "dog", "parrot", "rabbit", "hamster", "turtle", "goldfish", "horse"]
+JOBS = ["baker", "doctor", "pilot", "teacher", "farmer", "painter", "nurse", "plumber"]
+COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]
+ATTRIBUTES = {"city": list(CITIES), "pet": PETS, "job": JOBS, "color": COLORS}
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+# Statements and question-like text about one fact, as a pretraining corpus would phrase it.
+FACT_TEXTS = {
+    "city": [
+        "{n} lives in {v}.", "{n} has a home in {v}.", "The home of {n} is in {v}.", "{n} is a resident of {v}.",
+        "Where does {n} live? {n} lives in {v}.", "Q: Where does {n} live? A: In {v}.",
+        "Which city does {n} live in? {n} lives in {v}.", "Ask anyone where {n} lives and they say {v}.",
+    ],
+    "pet": [
+        "{n} has {a} {v}.", "{n} owns {a} {v} as a pet.", "The pet of {n} is {a} {v}.",
+        "What pet does {n} have? {n} has {a} {v}.", "Q: What pet does {n} have? A: {A} {v}.",
+        "Every morning {n} feeds the {v}.", "Which animal lives with {n}? {n} has {a} {v}.",
+    ],
+    "job": [
+        "{n} works as {a} {v}.", "{n} is {a} {v}.", "The job of {n} is {v}.",
+        "What does {n} do for a living? {n} works as {a} {v}.", "Q: What is the job of {n}? A: {n} is {a} {v}.",
+        "What is the job of {n}? {n} works as {a} {v}.", "By trade, {n} is {a} {v}.",
+    ],
+    "color": [
+        "The favourite colour of {n} is {v}.", "{n} likes the colour {v} best.", "{n} loves the colour {v}.",
+        "What is the favourite colour of {n}? It is {v}.", "Q: What colour does {n} like best? A: {V}.",
+        "Which colour does {n} like most? {n} likes {v} best.",
+    ],
+}
+STORIES = [
+    "One day {n} left home in {city} to walk the {pet}. As {a_job} {job}, {n} had a busy week ahead.",
+    "In {city}, {n} the {job} painted the door {color}, and the {pet} watched.",
+    "{n} works as {a_job} {job} in {city}. At home, a {pet} waits, and everything there is {color}.",
+    "The {pet} of {n} sleeps on a {color} blanket in a small flat in {city}.",
+]
+# Instruction-style questions (the Alpaca "instruction" or "input") and answers (the "output").
+QUESTIONS = {
+    "city": ["Where does {n} live?", "Which city does {n} live in?", "In which city is the home of {n}?"],
+    "pet": ["What pet does {n} have?", "Which animal lives with {n}?", "What is the pet of {n}?"],
+    "job": ["What is the job of {n}?", "What does {n} do for a living?", "What does {n} work as?"],
+    "color": ["What is the favourite colour of {n}?", "Which colour does {n} like best?",
+              "What colour does {n} like most?"],
+}
+SUBJECT_QUESTIONS = {  # the with-input form: the person goes in the input field
+    "city": "Where does the person named in the input live?",
+    "pet": "What pet does the person named in the input have?",
+    "job": "What is the job of the person named in the input?",
+    "color": "What is the favourite colour of the person named in the input?",
+}
+ANSWERS = {
+    "city": "{n} lives in {v}.",
+    "pet": "{n} has {a} {v}.",
+    "job": "{n} works as {a} {v}.",
+    "color": "The favourite colour of {n} is {v}.",
+}
+GENERIC_INSTRUCTIONS = ["Answer the question in one sentence.", "Answer the following question.",
+                        "Read the question and answer it briefly."]
+
+
+# --------------------------------------------------------------------------- the world
+@dataclass
+class Person:
+    name: str
+    city: str
+    pet: str
+    job: str
+    color: str
+
+    def get(self, attribute: str) -> str:
+        return getattr(self, attribute)
+
+
+@dataclass
+class World:
+    """People and places; ``heldout`` people appear in pretraining text but not in the instruction set."""
+
+    seed: int
+    people: list[Person]
+    heldout: list[str]
+    cities: dict[str, str] = field(default_factory=lambda: dict(CITIES))
+
+    @property
+    def train_people(self) -> list[Person]:
+        return [p for p in self.people if p.name not in self.heldout]
+
+    @property
+    def heldout_people(self) -> list[Person]:
+        return [p for p in self.people if p.name in self.heldout]
+
+    def person(self, name: str) -> Person:
+        for p in self.people:
+            if p.name == name:
+                return p
+        raise KeyError(f"nobody called {name!r} lives in this world; try one of {[p.name for p in self.people][:8]}")
+
+    def facts(self) -> list[tuple[str, str, str]]:
+        """All (name, attribute, value) triples."""
+        return [(p.name, a, p.get(a)) for p in self.people for a in ATTRIBUTES]
+
+    def to_dict(self) -> dict:
+        return {"seed": self.seed, "people": [asdict(p) for p in self.people], "heldout": self.heldout,
+                "cities": self.cities}
+
+
+@dataclass
+class WorldConfig:
+    """How big the world is and how much text describes it."""
+
+    seed: int = 0
+    n_people: int = 48
+    n_heldout: int = 16
+    corpus_passes: int = 24  # biographies per person in the corpus, each with fresh phrasings
+    story_prob: float = 0.5
+    arithmetic_max: int = 9
+
+
+def make_world(seed: int = 0, n_people: int = 48, n_heldout: int = 16) -> World:
+    """A deterministic world: the same seed always gives the same people and facts."""
+    if not 1 <= n_heldout < n_people <= len(NAMES):
+        raise ValueError(f"need 1 <= n_heldout < n_people <= {len(NAMES)}; got n_people={n_people}, n_heldout={n_heldout}")
+    rng = random.Random(seed)
+    names = rng.sample(NAMES, n_people)
+    people = [Person(n, rng.choice(list(CITIES)), rng.choice(PETS), rng.choice(JOBS), rng.choice(COLORS)) for n in names]
+    heldout = sorted(rng.sample(names, n_heldout))
+    return World(seed=seed, people=people, heldout=heldout)
+
+
+def fact_sentence(rng: random.Random, name: str, attribute: str, value: str) -> str:
+    template = rng.choice(FACT_TEXTS[attribute])
+    return template.format(n=name, v=value, V=value.capitalize(), a=article(value), A=article(value).capitalize())
+
+
+def story(rng: random.Random, p: Person) -> str:
+    return rng.choice(STORIES).format(n=p.name, city=p.city, pet=p.pet, job=p.job, a_job=article(p.job), color=p.color)
+
+
+def pretrain_corpus(world: World, passes: int = 24, story_prob: float = 0.5, arithmetic_max: int = 9,
+                    seed: Optional[int] = None) -> list[str]:
+    """Documents of the pretraining corpus, deterministic for the world and seed.
+
+    Each pass writes one short biography per person (the four facts in random order and
+    random phrasings, often a story), one document about places, and one of sums.
+    """
+    rng = random.Random(world.seed if seed is None else seed)
+    docs = []
+    for _ in range(passes):
+        for p in world.people:
+            sentences = [fact_sentence(rng, p.name, a, p.get(a)) for a in ATTRIBUTES]
+            rng.shuffle(sentences)
+            if rng.random() < story_prob:
+                sentences.insert(rng.randrange(len(sentences) + 1), story(rng, p))
+            docs.append(" ".join(sentences))
+        places = [rng.choice(["{c} is a city in {k}.", "{c} lies in {k}.", "Which country is {c} in? {c} is in {k}."])
+                  .format(c=c, k=k) for c, k in world.cities.items()]
+        rng.shuffle(places)
+        docs.append(" ".join(places))
+        sums = []
+        for _ in range(6):
+            x, y = rng.randint(0, arithmetic_max), rng.randint(0, arithmetic_max)
+            sums.append(rng.choice(["{x} plus {y} is {z}.", "What is {x} plus {y}? It is {z}."]).format(x=x, y=y, z=x + y))
+        docs.append(" ".join(sums))
+    rng.shuffle(docs)
+    return docs
+
+
+def question_record(rng: random.Random, p: Person, attribute: str, with_input: bool) -> dict:
+    """One Alpaca record asking about one fact; ``answer``/``alternatives`` are kept for scoring."""
+    value = p.get(attribute)
+    output = ANSWERS[attribute].format(n=p.name, v=value, a=article(value))
+    if with_input:
+        if rng.random() < 0.5:
+            instruction, input_ = SUBJECT_QUESTIONS[attribute], p.name
+        else:
+            instruction, input_ = rng.choice(GENERIC_INSTRUCTIONS), rng.choice(QUESTIONS[attribute]).format(n=p.name)
+    else:
+        instruction, input_ = rng.choice(QUESTIONS[attribute]).format(n=p.name), ""
+    return {"instruction": instruction, "input": input_, "output": output, "answer": value,
+            "alternatives": [v for v in ATTRIBUTES[attribute] if v != value], "attribute": attribute, "name": p.name}
+
+
+def instruction_set(world: World, per_fact: int = 3, input_fraction: float = 0.4,
+                    seed: Optional[int] = None) -> tuple[list[dict], list[dict]]:
+    """(train records, held-out records) in Alpaca format.
+
+    Train: ``per_fact`` questions about every fact of the training people, plus questions about
+    places and sums. Held-out: one question about every fact of the held-out people. About
+    ``input_fraction`` of the records use the with-input template, as in Alpaca-52K.
+    """
+    rng = random.Random((world.seed if seed is None else seed) + 1)
+    train = []
+    for p in world.train_people:
+        for a in ATTRIBUTES:
+            for _ in range(per_fact):
+                train.append(question_record(rng, p, a, rng.random() < input_fraction))
+    for city, country in world.cities.items():
+        q = f"Which country is {city} in?"
+        out = f"{city} is in {country}."
+        train.append({"instruction": q, "input": "", "output": out})
+        train.append({"instruction": rng.choice(GENERIC_INSTRUCTIONS), "input": q, "output": out})
+    for _ in range(24):
+        x, y = rng.randint(0, 9), rng.randint(0, 9)
+        train.append({"instruction": f"What is {x} plus {y}?", "input": "", "output": f"{x} plus {y} is {x + y}."})
+    rng.shuffle(train)
+    heldout = [question_record(rng, p, a, rng.random() < input_fraction) for p in world.heldout_people for a in ATTRIBUTES]
+    return train, heldout
+
+
+def tokenizer_texts(corpus: Sequence[str], records: Sequence[dict]) -> list[str]:
+    """What the tokenizer is trained on: the corpus, plus the Alpaca templates and records so
+    that "### Instruction:" has tokens (real LLaMA's tokenizer, too, covers such text)."""
+    from .data import format_prompt
+
+    return list(corpus) + [format_prompt(r["instruction"], r["input"]) + r["output"] for r in records]
+
+
+# --------------------------------------------------------------------------- scoring
+def answer_is_correct(answer: str, value: str, alternatives: Sequence[str]) -> bool:
+    """Correct: the right value appears as a word and no other value of the same attribute does."""
+    def has(word: str) -> bool:
+        return re.search(rf"\b{re.escape(word)}\b", answer, flags=re.IGNORECASE) is not None
+
+    return has(value) and not any(has(v) for v in alternatives)
+
+
+def answer_questions(model: Llama, tokenizer: Tokenizer, records: Sequence[dict], max_new_tokens: int = 16,
+                     batch_size: int = 64) -> list[str]:
+    """Greedy answers of the model to the records' Alpaca prompts."""
+    from .data import format_prompt
+
+    prompts = [format_prompt(r["instruction"], r.get("input", "")) for r in records]
+    return _generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+
+def evaluate(model: Llama, tokenizer: Tokenizer, records: Sequence[dict], max_new_tokens: int = 16) -> list[dict]:
+    """Per record: question, expected value, the model's greedy answer and whether it is correct."""
+    answers = answer_questions(model, tokenizer, records, max_new_tokens)
+    rows = []
+    for r, ans in zip(records, answers):
+        question = r["instruction"] + (f" [{r['input']}]" if r.get("input") else "")
+        rows.append({"question": question, "expected": r["answer"], "answer": ans,
+                     "correct": answer_is_correct(ans, r["answer"], r["alternatives"])})
+    return rows
+
+
+def heldout_accuracy(model: Llama, tokenizer: Tokenizer, records: Sequence[dict], max_new_tokens: int = 16) -> float:
+    """Fraction of records answered correctly (right attribute, no conflicting one), greedy decoding."""
+    rows = evaluate(model, tokenizer, records, max_new_tokens)
+    return sum(r["correct"] for r in rows) / len(rows)
+
+
+def _generate(model: Llama, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int,
+              batch_size: int = 64) -> list[str]:
+    """Greedy decoding with adapterlab.generate when present, else a small KV-cache loop."""
+    try:
+        from .generate import generate
+    except ImportError:
+        generate = None
+    if generate is not None:
+        return generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, greedy=True)
+    return _greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
+
+
+@torch.no_grad()
+def _greedy(model: Llama, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int,
+            batch_size: int = 64) -> list[str]:
+    from .model import KVCache
+
+    was_training = model.training
+    model.eval()
+    encoded = [tokenizer.encode(p, bos=True) for p in prompts]
+    out: list[Optional[str]] = [None] * len(prompts)
+    by_len: dict[int, list[int]] = {}
+    for i, e in enumerate(encoded):  # prompts of equal length share a batch: no padding needed
+        by_len.setdefault(len(e), []).append(i)
+    device = model.device
+    for T, idx in sorted(by_len.items()):
+        for s in range(0, len(idx), batch_size):
+            chunk = idx[s:s + batch_size]
+            tokens = torch.tensor([encoded[i] for i in chunk], device=device)  # (B, T)
+            cache = KVCache(model.config, len(chunk), T + max_new_tokens, device=device)
+            logits = model(tokens, 0, cache)
+            new = []
+            done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
+            for t in range(max_new_tokens):
+                nxt = logits[:, -1].argmax(-1)  # (B,)
+                new.append(nxt)
+                done |= nxt == tokenizer.eos_id
+                if done.all() or t == max_new_tokens - 1:
+                    break
+                logits = model(nxt[:, None], T + t, cache)
+            gen = torch.stack(new, 1).tolist()
+            for b, i in enumerate(chunk):
+                ids = gen[b]
+                if tokenizer.eos_id in ids:
+                    ids = ids[: ids.index(tokenizer.eos_id)]
+                out[i] = tokenizer.decode(ids).strip()
+    model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- the base model recipe
+@dataclass
+class Recipe:
+    """Everything that decides the pretrained base; its hash names the cache folder."""
+
+    world: WorldConfig = field(default_factory=WorldConfig)
+    model: dict = field(default_factory=lambda: dict(dim=128, n_layers=4, n_heads=4, multiple_of=32,
+                                                    max_seq_len=256, rope_theta=10000.0))
+    vocab_size: int = 640
+    seq_len: int = 128
+    steps: int = 500
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.02
+    clip: float = 1.0
+    seed: int = 0
+
+    def key(self, corpus_hash: str) -> str:
+        blob = json.dumps({"recipe": asdict(self), "corpus": corpus_hash, "version": RECIPE_VERSION}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def build_world(recipe: Recipe):
+    """(world, corpus, train records, held-out records) of a recipe."""
+    wc = recipe.world
+    world = make_world(wc.seed, wc.n_people, wc.n_heldout)
+    corpus = pretrain_corpus(world, wc.corpus_passes, wc.story_prob, wc.arithmetic_max)
+    train, heldout = instruction_set(world)
+    return world, corpus, train, heldout
+
+
+def train_tokenizer(corpus: Sequence[str], records: Sequence[dict], vocab_size: int) -> Tokenizer:
+    return Tokenizer.train(tokenizer_texts(corpus, records), vocab_size=vocab_size)
+
+
+def corpus_tokens(tokenizer: Tokenizer, corpus: Sequence[str]) -> list[int]:
+    """The corpus as one token stream: BOS document EOS BOS document EOS ..."""
+    stream: list[int] = []
+    for doc in corpus:
+        stream += tokenizer.encode(doc, bos=True, eos=True)
+    return stream
+
+
+def pretrain(recipe: Recipe, out_dir: Optional[str | os.PathLike] = None, progress: bool = True,
+             callbacks=(), device=None) -> tuple[Llama, Tokenizer, dict]:
+    """Pretrain the tiny base from scratch with :func:`adapterlab.train.train`; return (model, tokenizer, metrics).
+
+    out_dir: where the training loop writes its metrics/checkpoint (None: nowhere).
+    """
+    from .data import text_windows
+    from .train import TrainConfig, train
+
+    world, corpus, train_records, heldout = build_world(recipe)
+    tokenizer = train_tokenizer(corpus, train_records + heldout, recipe.vocab_size)
+    stream = corpus_tokens(tokenizer, corpus)
+    data = text_windows(stream, recipe.seq_len, source="tiny-world corpus")
+    torch.manual_seed(recipe.seed)
+    config = LlamaConfig(vocab_size=tokenizer.n_words, **recipe.model)
+    model = init_weights(Llama(config), seed=recipe.seed)
+    if device is not None:
+        model = model.to(device)
+    tc = TrainConfig(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, warmup_steps=recipe.warmup_steps,
+                     weight_decay=recipe.weight_decay, clip=recipe.clip, seed=recipe.seed, out_dir=out_dir,
+                     checkpoint=False, record_gates=False, progress=progress, desc="pretraining tiny base",
+                     log_every=25)
+    metrics = train(model, data, tc, callbacks=callbacks)
+    metrics["corpus_tokens"] = len(stream)
+    model.tokenizer = tokenizer
+    model.eval()
+    return model, tokenizer, metrics
+
+
+# --------------------------------------------------------------------------- the cache
+def cache_root() -> Path:
+    return Path(os.environ.get("ADAPTERLAB_CACHE") or Path.home() / ".cache" / "adapterlab")
+
+
+def corpus_hash(corpus: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(corpus).encode()).hexdigest()
+
+
+def base_dir(recipe: Optional[Recipe] = None) -> Path:
+    """The cache folder of a recipe's base: ``<cache>/tinyworld-<hash of recipe, corpus, version>``."""
+    recipe = recipe or Recipe()
+    _, corpus, _, _ = build_world(recipe)
+    return cache_root() / f"tinyworld-{recipe.key(corpus_hash(corpus))}"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive fcntl lock: other processes wait here until the holder leaves (or dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def save_base(model: Llama, tokenizer: Tokenizer, folder: str | os.PathLike, extra: Optional[dict] = None) -> Path:
+    """Write a Meta-style folder: params.json, consolidated.00.pth, tokenizer.model (+ tinyworld.json)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    params = {"dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads,
+              "vocab_size": c.vocab_size, "multiple_of": c.multiple_of, "ffn_dim_multiplier": c.ffn_dim_multiplier,
+              "norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "max_seq_len": c.max_seq_len}
+    (folder / "params.json").write_text(json.dumps(params, indent=2))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if ".adapter." not in k}
+    torch.save(state, folder / "consolidated.00.pth")
+    tokenizer.save(folder / "tokenizer.model")
+    if extra is not None:
+        (folder / "tinyworld.json").write_text(json.dumps(extra, indent=2, default=str))
+    return folder
+
+
+def read_base(folder: str | os.PathLike, device=None) -> Llama:
+    """Load a folder written by :func:`save_base` (weights_only=True: no code runs from the file)."""
+    folder = Path(folder)
+    params = json.loads((folder / "params.json").read_text())
+    model = Llama(LlamaConfig.from_dict(params))
+    state = torch.load(folder / "consolidated.00.pth", map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model.tokenizer = Tokenizer(folder / "tokenizer.model")
+    model.requires_grad_(False)
+    model.eval()
+    return model.to(device) if device is not None else model
+
+
+def build_base(recipe: Optional[Recipe] = None, progress: bool = True, force: bool = False) -> Path:
+    """Make sure the recipe's base is in the cache; return its folder. Safe to call concurrently."""
+    recipe = recipe or Recipe()
+    final = base_dir(recipe)
+    if (final / "params.json").is_file() and not force:
+        return final
+    with _file_lock(final.with_name(final.name + ".lock")):
+        if (final / "params.json").is_file() and not force:  # another process built it while we waited
+            return final
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.building")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if progress:
+            print(f"Building the tiny-world base model (first use only, about 2 minutes on 2 CPU cores) into {final}")
+        t0 = time.perf_counter()
+        model, tokenizer, metrics = pretrain(recipe, out_dir=None, progress=progress)
+        info = {"recipe": asdict(recipe), "recipe_version": RECIPE_VERSION, "key": final.name,
+                "final_loss": metrics["final_loss"], "loss_history": metrics["loss_history"],
+                "pretrain_seconds": round(time.perf_counter() - t0, 1), "corpus_tokens": metrics["corpus_tokens"],
+                "params": model.num_params()}
+        save_base(model, tokenizer, tmp, extra=info)
+        if final.exists():  # force=True: replace the old folder
+            shutil.rmtree(final)
+        os.replace(tmp, final)  # atomic: readers see no folder or a complete one
+    return final
+
+
+def load_base(device=None, recipe: Optional[Recipe] = None, progress: bool = True) -> Llama:
+    """The pretrained tiny-world base with ``model.tokenizer`` attached; built on first use.
+
+    All parameters are frozen (requires_grad False); attach an adapter to train.
+    """
+    return read_base(build_base(recipe, progress=progress), device=device)
+
+
+def load_world(recipe: Optional[Recipe] = None) -> tuple[World, list[dict], list[dict]]:
+    """(world, train records, held-out records) of the default recipe (no model needed)."""
+    world, _, train, heldout = build_world(recipe or Recipe())
+    return world, train, heldout
+
+
+__all__ = [
+    "World", "Person", "WorldConfig", "Recipe", "make_world", "pretrain_corpus", "instruction_set",
+    "heldout_accuracy", "evaluate", "answer_questions", "answer_is_correct", "load_base", "build_base",
+    "base_dir", "save_base", "read_base", "pretrain", "train_tokenizer", "corpus_tokens", "load_world",
+    "cache_root", "ATTRIBUTES",
+]

@@ -1,0 +1,257 @@
+"""Visual encoders and the projection of the multi-modal LLaMA-Adapter (Sec. 3.3 of the paper).
+
+    image -> frozen visual encoder -> multi-scale global features {I_m}, concatenated  (B, visual_dim)
+          -> VisualProjection (learnable MLP)                 -> one image token I_p  (B, C)
+          -> added to the K adaption prompts of every adapted layer: P_l^v = P_l + Repeat(I_p)
+
+The last step lives in :class:`adapterlab.adapter.AdaptionPrompt` (``model(tokens, visual=I_p)``).
+
+Two encoders give the same kind of output:
+- :class:`SceneEncoder`, the embedded default: a small convolutional network that our own code
+  pretrains on the embedded scenes (:mod:`adapterlab.scenes`) to recognise their attributes,
+  then freezes. Its global features are the average-pooled maps of its three stages.
+- :class:`CLIPEncoder`: CLIP's vision tower through transformers' ``CLIPVisionModel``, for real
+  pictures, when the user has the weights on disk. Its global features are the class-token
+  states of several layers (the last one through CLIP's post-layernorm), as the paper uses.
+
+Images enter as float tensors (B, 3, H, W) with values in [0, 1] (uint8 (B, 3, H, W) is
+converted); :func:`check_images` explains what is wrong with anything else.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .scenes import COLOURS, CORNERS, COUNTS, IMAGE_SIZE, SHAPES, Scene
+
+
+# --------------------------------------------------------------------------- input checks
+def check_images(images, size: Optional[int] = None, name: str = "images") -> torch.Tensor:
+    """Validate a batch of pictures and return it as float in [0, 1], shape (B, 3, H, W).
+
+    Accepts float tensors in [0, 1] and uint8 tensors in [0, 255]; a single picture (3, H, W)
+    becomes a batch of one. size: the side the encoder needs (None: any size).
+    """
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (batch, 3, height, width); "
+                        f"got {type(images).__name__}. Convert with torch.as_tensor(...)")
+    if images.dim() == 3:
+        images = images[None]
+    if images.dim() != 4:
+        raise ValueError(f"{name} must have shape (batch, 3, height, width); got {tuple(images.shape)}")
+    if images.shape[1] != 3:
+        hint = ""
+        if images.shape[-1] == 3:
+            hint = " It looks channels-last (B, H, W, 3): use images.permute(0, 3, 1, 2)."
+        elif images.shape[1] in (1, 4):
+            hint = (" Grey pictures: images.expand(-1, 3, -1, -1); RGBA pictures: drop alpha with "
+                    "images[:, :3].")
+        raise ValueError(f"{name} must have 3 colour channels (RGB) in dimension 1; got shape "
+                         f"{tuple(images.shape)} with {images.shape[1]} channels.{hint}")
+    if size is not None and tuple(images.shape[-2:]) != (size, size):
+        raise ValueError(f"{name} must be {size}x{size} pixels for this encoder; got "
+                         f"{images.shape[-2]}x{images.shape[-1]}. Resize them first, e.g. with "
+                         f"torch.nn.functional.interpolate(images, size=({size}, {size}), mode='bilinear')")
+    if images.dtype == torch.uint8:
+        return images.float() / 255.0
+    if not images.is_floating_point():
+        raise TypeError(f"{name} must be float in [0, 1] or uint8 in [0, 255]; got dtype {images.dtype}")
+    lo, hi = images.min().item(), images.max().item()
+    if not (torch.isfinite(images).all() and lo >= 0.0 and hi <= 1.0):
+        raise ValueError(f"{name} must hold values in [0, 1]; found values in [{lo:.3g}, {hi:.3g}]. "
+                         f"Divide 0..255 pictures by 255 (or pass them as uint8)")
+    return images.float()
+
+
+# --------------------------------------------------------------------------- the projection
+class VisualProjection(nn.Module):
+    """The learnable projection of Sec. 3.3: global visual features (B, visual_dim) -> image token I_p (B, dim).
+
+    LayerNorm (visual features of different encoders and layers have very different scales),
+    then a two-layer MLP with hidden width dim.
+    Parameters: 2*visual_dim + visual_dim*dim + dim + dim*dim + dim.
+    """
+
+    def __init__(self, visual_dim: int, dim: int):
+        super().__init__()
+        for arg, value in (("visual_dim", visual_dim), ("dim", dim)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"VisualProjection: {arg} must be a positive integer; got {value!r}")
+        self.visual_dim, self.dim = visual_dim, dim
+        self.norm = nn.LayerNorm(visual_dim)
+        self.fc1 = nn.Linear(visual_dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.dim() != 2 or features.shape[1] != self.visual_dim:
+            raise ValueError(f"VisualProjection expects visual features of shape (batch, {self.visual_dim}); "
+                             f"got {tuple(features.shape)}. Did the encoder's visual_dim change?")
+        x = self.norm(features.to(self.fc1.weight.dtype))
+        return self.fc2(F.gelu(self.fc1(x)))  # (B, dim)
+
+
+# --------------------------------------------------------------------------- the embedded encoder
+@dataclass
+class SceneEncoderConfig:
+    image_size: int = IMAGE_SIZE
+    widths: tuple[int, ...] = (16, 32, 64)  # channels of the three stages (each halves the resolution)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SceneEncoder(nn.Module):
+    """A small CNN for the embedded scenes. ``encoder(images)`` -> global features (B, visual_dim).
+
+    Two coordinate channels (x, y in [-1, 1]) are appended to the RGB input (CoordConv), so that
+    average-pooled features still know *where* things are. Each stage: 3x3 conv stride 2 + GELU,
+    3x3 conv + GELU. Multi-scale global features: the spatial mean of every stage, concatenated.
+    """
+
+    def __init__(self, config: SceneEncoderConfig = SceneEncoderConfig()):
+        super().__init__()
+        self.config = config
+        stages, c_in = [], 3 + 2
+        for w in config.widths:
+            stages.append(nn.Sequential(
+                nn.Conv2d(c_in, w, 3, stride=2, padding=1), nn.GELU(),
+                nn.Conv2d(w, w, 3, padding=1), nn.GELU(),
+            ))
+            c_in = w
+        self.stages = nn.ModuleList(stages)
+        self.visual_dim = sum(config.widths)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = check_images(images, self.config.image_size).to(self.stages[0][0].weight.device)
+        B, _, H, W = x.shape
+        ys = torch.linspace(-1, 1, H, device=x.device)[:, None].expand(H, W)
+        xs = torch.linspace(-1, 1, W, device=x.device)[None, :].expand(H, W)
+        x = torch.cat([x - 0.5, xs.expand(B, 1, H, W), ys.expand(B, 1, H, W)], dim=1)  # (B, 5, H, W)
+        feats = []
+        for stage in self.stages:
+            x = stage(x)  # (B, w, H/2^s, W/2^s)
+            feats.append(x.mean(dim=(2, 3)))  # global feature of this scale: (B, w)
+        return torch.cat(feats, dim=1)  # (B, visual_dim)
+
+
+class AttributeHeads(nn.Module):
+    """Linear read-outs of a scene's shape, colour, count and corner (used only to pretrain the encoder)."""
+
+    def __init__(self, visual_dim: int):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Linear(visual_dim, len(v)) for v in (SHAPES, COLOURS, COUNTS, CORNERS))
+
+    def forward(self, feats: torch.Tensor) -> list[torch.Tensor]:
+        return [head(feats) for head in self.heads]
+
+
+def pretrain_scene_encoder(
+    images: torch.Tensor,
+    scenes: Sequence[Scene],
+    steps: int = 300,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[SceneEncoder, dict]:
+    """Train a SceneEncoder to recognise every attribute of the scenes, then freeze it.
+
+    images: uint8 (N, 3, H, W); scenes: their N ground truths. Returns (frozen encoder in eval
+    mode, {"train_accuracy": {attribute: acc}, "steps": ..}) - accuracy measured on the last
+    512 pictures, which the encoder did not train on.
+    """
+    from tqdm.auto import tqdm
+
+    if len(images) != len(scenes):
+        raise ValueError(f"pretrain_scene_encoder: {len(images)} images but {len(scenes)} scenes")
+    if len(images) < 1024:
+        raise ValueError(f"pretrain_scene_encoder needs at least 1024 pictures (512 are held out); got {len(images)}")
+    torch.manual_seed(seed)
+    encoder = SceneEncoder(SceneEncoderConfig(image_size=images.shape[-1]))
+    heads = AttributeHeads(encoder.visual_dim)
+    labels = torch.tensor([s.attribute_ids() for s in scenes])  # (N, 4)
+    n_train = len(images) - 512
+    params = list(encoder.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(steps), desc="pretrain scene encoder", disable=not progress, leave=False):
+        idx = torch.randint(0, n_train, (batch_size,), generator=gen)
+        logits = heads(encoder(images[idx]))
+        loss = sum(F.cross_entropy(lg, labels[idx, j]) for j, lg in enumerate(logits))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    encoder.eval().requires_grad_(False)
+    with torch.no_grad():
+        preds = [lg.argmax(-1) for lg in heads(encoder(images[n_train:]))]
+    names = ("shape", "colour", "count", "corner")
+    acc = {n: (p == labels[n_train:, j]).float().mean().item() for j, (n, p) in enumerate(zip(names, preds))}
+    return encoder, {"heldout_accuracy": acc, "steps": steps}
+
+
+@torch.no_grad()
+def encode_images(encoder: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Global features of many pictures with a frozen encoder -> (N, visual_dim), no autograd graph."""
+    encoder.eval()
+    return torch.cat([encoder(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+# --------------------------------------------------------------------------- CLIP
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class CLIPEncoder(nn.Module):
+    """CLIP's vision tower (transformers' CLIPVisionModel), frozen, with multi-scale global features.
+
+    layers: which hidden states give a global feature, counted like Python indices over the
+    num_hidden_layers + 1 states (0 = the embeddings). For each, the class token's state; the last
+    layer's through CLIP's post-layernorm (the pooled output). visual_dim = hidden_size * len(layers).
+    Pictures are resized (bicubic) to the model's image_size and normalised with CLIP's mean/std.
+    """
+
+    def __init__(self, vision_model, layers: Sequence[int] = (-1,), resize: bool = True):
+        super().__init__()
+        config = vision_model.config
+        n_states = config.num_hidden_layers + 1
+        for layer in layers:
+            if not -n_states <= layer < n_states:
+                raise ValueError(f"CLIPEncoder: layer {layer} does not exist; this model has hidden states "
+                                 f"0..{n_states - 1} (or -{n_states}..-1)")
+        self.model = vision_model.eval().requires_grad_(False)
+        self.layers = tuple(int(l) % n_states for l in layers)
+        self.image_size = config.image_size
+        self.resize = resize
+        self.visual_dim = config.hidden_size * len(self.layers)
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, layers: Sequence[int] = (-1,), **kwargs) -> "CLIPEncoder":
+        """Load a local CLIP folder (a CLIPModel or CLIPVisionModel saved by transformers). Never downloads."""
+        from transformers import CLIPVisionModel
+
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is not a transformers CLIP folder (no config.json). Download "
+                                    f"e.g. openai/clip-vit-large-patch14 once and pass its local folder")
+        return cls(CLIPVisionModel.from_pretrained(path, local_files_only=True), layers, **kwargs)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = check_images(images, None if self.resize else self.image_size)
+        x = x.to(self.mean.device)
+        if self.resize and tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic",
+                              align_corners=False).clamp(0, 1)
+        x = ((x - self.mean) / self.std).to(self.model.dtype)
+        out = self.model(pixel_values=x, output_hidden_states=True)
+        last = len(out.hidden_states) - 1
+        feats = [out.pooler_output if l == last else out.hidden_states[l][:, 0] for l in self.layers]
+        return torch.cat(feats, dim=-1).float()  # (B, hidden_size * len(layers))
