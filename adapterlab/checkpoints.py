@@ -80,7 +80,8 @@ def load_llama(
     def place(t: torch.Tensor) -> torch.Tensor:  # move each tensor as soon as it is read
         return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
 
-    if (folder / "params.json").is_file():
+    is_meta = (folder / "params.json").is_file()
+    if is_meta:
         config, state = _read_meta_folder(folder, place)
     elif (folder / "config.json").is_file():
         config, state = _read_hf_folder(folder, place)
@@ -95,7 +96,9 @@ def load_llama(
         config.max_seq_len = max_seq_len
 
     model = _assign_weights(config, state, source=str(folder))
-    tok_path = next((p for p in (folder / "tokenizer.model", folder.parent / "tokenizer.model") if p.is_file()), None)
+    # Meta's downloads keep one tokenizer.model beside the size folders (llama/7B, llama/13B ...).
+    candidates = [folder / "tokenizer.model"] + ([folder.parent / "tokenizer.model"] if is_meta else [])
+    tok_path = next((p for p in candidates if p.is_file()), None)
     model.tokenizer = Tokenizer(tok_path) if tok_path is not None else None
     return model.eval()
 

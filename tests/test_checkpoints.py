@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import make_tiny_model, open_gates_, random_tokens
 
@@ -166,6 +165,24 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, gate, activation):
     load_adapter(other, folder)
     assert other.layers[2].attention.adapter.prompt is prompt_param  # filled in place, not replaced
     assert torch.equal(logits(other, x), expected)
+
+
+def test_multimodal_adapter_round_trip(tmp_path):
+    """The visual projection (Sec. 3.3) travels with the prompts and gates."""
+    model = make_tiny_model()
+    add_adapter(model, AdapterConfig(prompt_len=3, layers=2, visual_dim=16))
+    open_gates_(model)
+    with torch.no_grad():
+        for p in model.visual_proj.parameters():
+            p.copy_(torch.randn(p.shape))
+    save_adapter(model, tmp_path / "mm")
+    fresh = make_tiny_model()
+    load_adapter(fresh, tmp_path / "mm")
+    assert fresh.adapter_config.visual_dim == 16
+    saved = adapter_state_dict(model)
+    assert any(k.startswith("visual_proj.") for k in saved)
+    for name, t in saved.items():
+        assert torch.equal(adapter_state_dict(fresh)[name], t), name
 
 
 def test_save_adapter_needs_an_adapter(tmp_path):
