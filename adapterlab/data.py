@@ -229,6 +229,45 @@ def steps_per_epoch(n_examples: int, batch_size: int) -> int:
     return n_examples // batch_size
 
 
+class StepSampler:
+    """Which examples step ``s`` trains on: global batch s of the length-grouped order.
+
+    Every process computes the same global batches (a pure function of seed and step) and
+    keeps its share ``batch[rank::world_size]``; the share is cut into micro-batches of
+    ``micro_batch`` examples (gradient accumulation). The position in the data is just the
+    global step, so a checkpoint needs to store nothing else.
+    """
+
+    def __init__(self, lengths: Sequence[int], global_batch: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, micro_batch: Optional[int] = None, group: int = 32):
+        if global_batch % world_size:
+            raise DataError(f"the global batch size {global_batch} is not divisible by the number of processes "
+                            f"{world_size}; choose a multiple of {world_size}")
+        self.lengths = list(lengths)
+        self.global_batch_size = global_batch
+        self.seed, self.rank, self.world_size, self.group = seed, rank, world_size, group
+        self.per_rank = global_batch // world_size
+        self.micro_batch = micro_batch or self.per_rank
+        self.steps_per_epoch = steps_per_epoch(len(self.lengths), global_batch)
+        if self.steps_per_epoch < 1:
+            raise DataError(f"the data set has {len(self.lengths)} examples, fewer than one global batch of "
+                            f"{global_batch}; lower --batch-size or add data")
+        self._epoch, self._batches = -1, []
+
+    def global_batch(self, step: int) -> list[int]:
+        """Example indices of global batch ``step`` (0-based, counted over all epochs)."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._batches = length_grouped_batches(self.lengths, self.global_batch_size, self.seed, epoch, self.group)
+            self._epoch = epoch
+        return self._batches[index]
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """This process's share of step ``step``, cut into micro-batches."""
+        share = self.global_batch(step)[self.rank::self.world_size]
+        return [share[i:i + self.micro_batch] for i in range(0, len(share), self.micro_batch)]
+
+
 def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to the longest example -> tokens (B, T), labels (B, T) with IGNORE_INDEX on padding.
 
@@ -243,12 +282,6 @@ def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int = 0) ->
     return tokens, labels
 
 
-def split_evenly(items: Sequence, parts: int) -> list[list]:
-    """Cut a batch into ``parts`` contiguous micro-batches of (nearly) equal size."""
-    size = math.ceil(len(items) / parts)
-    return [list(items[i:i + size]) for i in range(0, len(items), size)]
-
-
 def load_instruction_data(spec: str, world=None) -> list[dict]:
     """``"tinyworld"`` -> the tiny world's training records; anything else -> an Alpaca file path."""
     if spec == "tinyworld":
@@ -261,5 +294,5 @@ def load_instruction_data(spec: str, world=None) -> list[dict]:
 __all__ = [
     "IGNORE_INDEX", "PROMPT_WITH_INPUT", "PROMPT_NO_INPUT", "DataError", "format_prompt", "validate_records",
     "load_alpaca", "save_alpaca", "encode_example", "TokenDataset", "instruction_dataset", "text_windows",
-    "length_grouped_batches", "collate", "split_evenly", "load_instruction_data", "steps_per_epoch",
+    "length_grouped_batches", "collate", "StepSampler", "load_instruction_data", "steps_per_epoch",
 ]

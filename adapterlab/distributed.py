@@ -455,24 +455,34 @@ def wrap_model(model: nn.Module, strategy: str = "ddp", device: Optional[torch.d
         from torch.nn.parallel import DistributedDataParallel
 
         dev = device or next(p.device for p in model.parameters())
+        if any(p.device != dev for p in model.parameters()):
+            model.to(dev)
         device_ids = [dev.index] if dev.type == "cuda" else None
         with collective_guard("setting up DistributedDataParallel"):
             return DistributedDataParallel(model, device_ids=device_ids, init_sync=False,
                                            find_unused_parameters=find_unused_parameters)
-    return _wrap_fsdp(model)
+    return _wrap_fsdp(model, device)
 
 
-def _wrap_fsdp(model: nn.Module) -> nn.Module:
+def _wrap_fsdp(model: nn.Module, device: Optional[torch.device] = None) -> nn.Module:
+    """fully_shard every block, then the root. The base may still be on the CPU (a 65B base does not
+    fit one GPU): each block moves to ``device`` as it is sharded, so one GPU never holds it whole."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     keep = {p for p in model.parameters() if p.requires_grad}  # adapter: whole, fp32, on every rank
     blocks = getattr(model, "layers", None)
     if blocks is None:
         raise ValueError("FSDP wrapping expects an adapterlab Llama (a model with .layers)")
+    device = device or _comm_device()
     with collective_guard("sharding the base with FSDP"):
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         for block in blocks:
-            fully_shard(block, ignored_params=keep)
-        fully_shard(model, ignored_params=keep)
+            fully_shard(block, mesh=mesh, ignored_params=keep)
+        fully_shard(model, mesh=mesh, ignored_params=keep)
+    with torch.no_grad():
+        for p in keep:  # FSDP leaves ignored tensors where they are
+            p.data = p.data.to(device)
     model._adapterlab_strategy = "fsdp"
     return model
 

@@ -34,6 +34,8 @@ __all__ = [
     "check_adapter_param_count",
     "check_step0_gradients",
     "llama_param_count",
+    "check_uniform_loss",
+    "check_target_token_count",
 ]
 
 
@@ -394,3 +396,85 @@ def check_step0_gradients(answer: Optional[Iterable[str]]) -> CheckResult:
     if problems:
         return _no(" ".join(problems))
     return _ok("Only the gate. It opens first; once tanh(g) is no longer 0 the prompts start to learn too.")
+
+
+# --------------------------------------------------------------------------- notebook 4: pretraining
+def _as_float(answer, what: str) -> tuple[Optional[float], Optional[CheckResult]]:
+    if isinstance(answer, bool):
+        return None, _no(f"{what} should be a number, not {answer!r}.")
+    if isinstance(answer, torch.Tensor):
+        if answer.numel() != 1:
+            return None, _no(f"{what} should be one number; got a tensor of shape {tuple(answer.shape)}.")
+        answer = answer.item()
+    if isinstance(answer, str):
+        try:
+            answer = float(answer)
+        except ValueError:
+            return None, _no(f"{what} should be a number; got the text {answer!r}.")
+    if not isinstance(answer, (int, float)):
+        return None, _no(f"{what} should be a number; got {type(answer).__name__}.")
+    return float(answer), None
+
+
+def check_uniform_loss(answer, vocab_size: int = 640) -> CheckResult:
+    """Exercise: the cross-entropy loss of a model that predicts every token with equal probability."""
+    if _is_blank(answer):
+        return _missing("a number (the loss in nats)")
+    x, err = _as_float(answer, "the loss")
+    if err is not None:
+        return err
+    expected = math.log(vocab_size)
+
+    def near(a: float, b: float) -> bool:
+        return abs(a - b) <= 2e-3 * max(1.0, abs(b))
+
+    if near(x, expected):
+        return _ok(f"-log(1/V) = ln({vocab_size}) = {expected:.3f} nats. A freshly initialised model starts "
+                   "close to this: it knows nothing yet, so every token is equally likely.")
+    mistakes = [
+        (math.log2(vocab_size), f"is log2({vocab_size}), the loss in bits. PyTorch's cross-entropy uses the natural "
+                                "log (nats)."),
+        (math.log10(vocab_size), "uses log10; PyTorch's cross-entropy uses the natural log."),
+        (1 / vocab_size, "is the probability of each token. The loss is -log of that probability."),
+        (-expected, "has the wrong sign: the loss is -log p, and log p < 0, so the loss is positive."),
+        (math.log(32000), f"uses LLaMA's vocabulary of 32000; the tiny model has V = {vocab_size}."),
+        (float(vocab_size), "is V itself; the loss is the log of it."),
+    ]
+    for value, message in mistakes:
+        if near(x, value):
+            return _no(f"{x:g} {message}")
+    return _no(f"{x:g} is not it. If every one of the V = {vocab_size} tokens has probability 1/V, what is "
+               "-log(probability of the right token)?")
+
+
+# --------------------------------------------------------------------------- notebook 5: instruction tuning
+def check_target_token_count(answer, record: dict, tokenizer, max_seq_len: int = 512) -> CheckResult:
+    """Exercise: how many tokens of this Alpaca example count in the loss (response tokens + EOS)?"""
+    from .data import IGNORE_INDEX, encode_example, format_prompt
+
+    if _is_blank(answer):
+        return _missing("an integer")
+    n, err = _as_int(answer, "the number of tokens")
+    if err is not None:
+        return err
+    tokens, labels, _ = encode_example(tokenizer, record, max_seq_len)
+    expected = sum(1 for x in labels[1:] if x != IGNORE_INDEX)  # position t predicts labels[t + 1]
+    response = tokenizer.encode(record["output"], bos=False, eos=False)
+    prompt = tokenizer.encode(format_prompt(record["instruction"], record.get("input", "")), bos=True, eos=False)
+    if n == expected:
+        return _ok(f"the {len(response)} response tokens plus EOS: {expected}. The {len(prompt)} prompt tokens "
+                   "(BOS included) are labelled -100 and ignored by the loss.")
+    mistakes = [
+        (len(response), "counts the response tokens but not EOS: the model must also learn to stop."),
+        (len(tokens), "counts every token; the prompt's labels are -100, so only the response is learned."),
+        (len(tokens) - 1, "counts every prediction; the prompt positions are masked (-100), only the response counts."),
+        (len(prompt), "is the prompt's length: those are exactly the tokens the loss ignores."),
+        (len(record["output"].split()), "counts words; the loss counts tokens (tokenizer.encode the output)."),
+        (len(record["output"].split()) + 1, "counts words (+ EOS); the loss counts tokens, and a word may be "
+                                            "several tokens."),
+    ]
+    matched = [m for v, m in mistakes if v == n and v != expected]
+    if matched:
+        return _no(f"{n} " + " Or it ".join(matched))
+    return _no(f"{n} is not it. Encode the example with adapterlab.data.encode_example and count the labels "
+               "that are not -100.")

@@ -307,6 +307,31 @@ def heldout_accuracy(model: Llama, tokenizer: Tokenizer, records: Sequence[dict]
     return sum(r["correct"] for r in rows) / len(rows)
 
 
+PROBES = {"city": "Where does {n} live? {n} lives in", "pet": "What pet does {n} have? {n} has a",
+          "job": "What is the job of {n}? {n} works as a", "color": "What is the favourite colour of {n}? It is"}
+
+
+def probe_base(model: Llama, tokenizer: Tokenizer, world: World, people: Optional[Sequence[Person]] = None,
+               max_new_tokens: int = 4) -> dict[str, float]:
+    """What the base knows, asked in its own pretraining style (no template): accuracy per attribute.
+
+    E.g. "Where does Mara live? Mara lives in" -> greedy continuation -> contains the right city?
+    """
+    people = list(world.people if people is None else people)
+    prompts, keys = [], []
+    for p in people:
+        for a in ATTRIBUTES:
+            prompts.append(PROBES[a].format(n=p.name))
+            keys.append((a, p.get(a)))
+    outs = _generate(model, tokenizer, prompts, max_new_tokens)
+    scores: dict[str, list[bool]] = {a: [] for a in ATTRIBUTES}
+    for (a, v), out in zip(keys, outs):
+        scores[a].append(answer_is_correct(out, v, [x for x in ATTRIBUTES[a] if x != v]))
+    result = {a: sum(s) / len(s) for a, s in scores.items()}
+    result["all"] = sum(sum(s) for s in scores.values()) / len(prompts)
+    return result
+
+
 def _generate(model: Llama, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int,
               batch_size: int = 64) -> list[str]:
     """Greedy decoding with adapterlab.generate when present, else a small KV-cache loop."""
@@ -530,7 +555,7 @@ def load_world(recipe: Optional[Recipe] = None) -> tuple[World, list[dict], list
 
 __all__ = [
     "World", "Person", "WorldConfig", "Recipe", "make_world", "pretrain_corpus", "instruction_set",
-    "heldout_accuracy", "evaluate", "answer_questions", "answer_is_correct", "load_base", "build_base",
+    "heldout_accuracy", "evaluate", "probe_base", "answer_questions", "answer_is_correct", "load_base", "build_base",
     "base_dir", "save_base", "read_base", "pretrain", "train_tokenizer", "corpus_tokens", "load_world",
     "cache_root", "ATTRIBUTES",
 ]

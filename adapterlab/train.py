@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE_INDEX, TokenDataset, collate, length_grouped_batches, split_evenly
+from .data import IGNORE_INDEX, StepSampler, TokenDataset, collate
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
@@ -268,9 +268,8 @@ def train(
     named = trainable_parameters(model)
     if not named:
         raise ValueError("the model has no trainable parameter (requires_grad=True); attach an adapter or unfreeze it")
-    if config.batch_size % world:
-        raise ValueError(f"the global batch size {config.batch_size} is not divisible by the world size {world}")
     optimizer = make_optimizer(named, config)
+    sampler = StepSampler(train_data.lengths, config.batch_size, config.seed, rank, world, config.micro_batch_size)
     out_dir = Path(config.out_dir) if config.out_dir else None
     if out_dir is not None and is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -311,25 +310,18 @@ def train(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=schedule.total_steps, initial=start_step, desc=config.desc, unit="step", dynamic_ncols=True)
-    batches, batches_epoch = None, -1
     t0 = time.perf_counter()
     last_loss = history["loss"][-1][1] if history["loss"] else float("nan")
     try:
         for step in range(start_step, schedule.total_steps):
-            epoch, index = divmod(step, schedule.steps_per_epoch)
-            if epoch != batches_epoch:  # the epoch's order depends only on (seed, epoch)
-                batches = length_grouped_batches(train_data.lengths, config.batch_size, config.seed, epoch)
-                batches_epoch = epoch
-            global_batch = batches[index]
-            n_targets = max(1, train_data.n_targets(global_batch))
-            shard = split_evenly(global_batch, world)[rank]
-            micro = config.micro_batch_size or len(shard)
+            global_batch = sampler.global_batch(step)
+            n_targets = max(1, train_data.n_targets(global_batch))  # the loss is a mean over the global batch
             lr = lr_at(step, schedule, peak, config.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
             step_loss = 0.0
-            for part in split_evenly(shard, math.ceil(len(shard) / micro)):
+            for part in sampler.micro_batches(step):
                 tokens, labels = collate([train_data[i] for i in part])
                 tokens, labels = tokens.to(device), labels.to(device)
                 with autocast_for(device):

@@ -1,0 +1,275 @@
+"""The notebooks' automatic checkers (adapterlab.exercises) and the notebooks' shape.
+
+A checker must accept the right answer (computed here independently, from a model or a
+formula), reject the usual mistakes with feedback that names them, and never raise on a
+blank or broken answer (a blank exercise cell must still run under nbval).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapterlab import AdapterConfig, KVCache, Llama, LlamaConfig, add_adapter
+from adapterlab.adapter import count_trainable, zero_init_attention_literal
+from adapterlab.exercises import (
+    CheckResult,
+    check_adapter_param_count,
+    check_kv_cache_bytes,
+    check_llama_param_count,
+    check_rmsnorm,
+    check_step0_gradients,
+    check_zero_init_attention,
+    llama_param_count,
+)
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def meta_params(config: LlamaConfig, adapter: AdapterConfig | None = None, trainable: bool = False) -> int:
+    with torch.device("meta"):
+        model = Llama(config)
+    if adapter is not None:
+        add_adapter(model, adapter)
+    return count_trainable(model) if trainable else model.num_params()
+
+
+def assert_wrong(result: CheckResult, *phrases: str) -> None:
+    assert isinstance(result, CheckResult)
+    assert not result, f"a wrong answer was accepted: {result!r}"
+    text = repr(result)
+    assert text.startswith("Not yet:"), text
+    for phrase in phrases:
+        assert phrase.lower() in text.lower(), f"feedback {text!r} does not mention {phrase!r}"
+
+
+# --------------------------------------------------------------------------- blank answers
+@pytest.mark.parametrize("checker", [
+    check_rmsnorm, check_llama_param_count, check_kv_cache_bytes, check_zero_init_attention,
+    check_adapter_param_count, check_step0_gradients,
+])
+@pytest.mark.parametrize("blank", [None, ...])
+def test_blank_answer_asks_for_one_and_does_not_raise(checker, blank):
+    result = checker(blank)
+    assert not result and repr(result).startswith("No answer yet")
+
+
+# --------------------------------------------------------------------------- RMSNorm
+def rmsnorm_by_hand(x, w, eps):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def test_rmsnorm_accepts_correct_function():
+    assert check_rmsnorm(rmsnorm_by_hand)
+
+
+@pytest.mark.parametrize("wrong, phrase", [
+    (lambda x, w, e: torch.nn.functional.layer_norm(x, x.shape[-1:], w, None, e), "LayerNorm"),
+    (lambda x, w, e: x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + e), "weight"),
+    (lambda x, w, e: x / (x.pow(2).mean(-1, keepdim=True).sqrt() + e) * w, "inside the square root"),
+    (lambda x, w, e: x / x.pow(2).mean(-1, keepdim=True).sqrt() * w, "eps is missing"),
+    (lambda x, w, e: x / torch.sqrt(x.pow(2).sum(-1, keepdim=True) + e) * w, "mean"),
+    (lambda x, w, e: x / torch.sqrt(x.pow(2).mean(0, keepdim=True) + e) * w, "wrong dimension"),
+    (lambda x, w, e: x[..., :4], "shape"),
+    (lambda x, w, e: None, "returned None"),
+    (lambda x, w, e: 1 / 0, "ZeroDivisionError"),
+    (lambda x, w, e: x * 2, "wrong values"),
+])
+def test_rmsnorm_names_the_mistake(wrong, phrase):
+    assert_wrong(check_rmsnorm(wrong), phrase)
+
+
+# --------------------------------------------------------------------------- parameter counts
+@pytest.mark.parametrize("config", [
+    LlamaConfig(dim=5120, n_layers=40, n_heads=40),  # LLaMA-13B (the exercise)
+    LlamaConfig(),  # LLaMA-7B
+    LlamaConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=100, multiple_of=32),  # grouped-query
+])
+def test_llama_param_count_matches_the_model(config):
+    truth = meta_params(config)
+    assert llama_param_count(config) == truth
+    assert check_llama_param_count(truth, config)
+    assert check_llama_param_count(f"{truth:,}", config)  # "13,015,864,320" as text is fine
+
+
+def test_llama_13b_is_the_published_size():
+    assert check_llama_param_count(13_015_864_320)
+
+
+@pytest.mark.parametrize("variant, phrase", [
+    (dict(tied_embeddings=True), "not tied"),
+    (dict(norms=False), "RMSNorm"),
+    (dict(ffn_hidden=4 * 5120), "2/3"),
+    (dict(ffn_matrices=2), "three"),
+])
+def test_llama_param_count_names_the_mistake(variant, phrase):
+    config = LlamaConfig(dim=5120, n_layers=40, n_heads=40)
+    assert_wrong(check_llama_param_count(llama_param_count(config, **variant), config), phrase)
+
+
+def test_llama_param_count_gqa_mistake():
+    config = LlamaConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=100, multiple_of=32)
+    assert_wrong(check_llama_param_count(llama_param_count(config, kv_heads=4), config), "n_kv_heads")
+
+
+def test_llama_param_count_rejects_rounded_and_odd_answers():
+    assert_wrong(check_llama_param_count(13e9), "within 1%")
+    assert_wrong(check_llama_param_count(13.5), "whole number")
+    assert_wrong(check_llama_param_count("thirteen billion"), "number")
+    assert_wrong(check_llama_param_count(7_000_000), "far from")
+
+
+def test_kv_cache_bytes():
+    cache = KVCache(LlamaConfig(), batch_size=1, max_len=2048, device="meta", dtype=torch.float16)
+    truth = sum(t.numel() * t.element_size() for t in cache.k + cache.v)
+    assert truth == 2**30  # 1 GiB for LLaMA-7B at 2048 tokens in fp16
+    assert check_kv_cache_bytes(truth)
+    assert_wrong(check_kv_cache_bytes(truth // 2), "only the keys")
+    assert_wrong(check_kv_cache_bytes(truth // 32), "one layer")
+    assert_wrong(check_kv_cache_bytes(truth * 2), "fp32")
+    gqa = LlamaConfig(n_kv_heads=8)
+    gqa_cache = KVCache(gqa, batch_size=1, max_len=2048, device="meta", dtype=torch.float16)
+    gqa_truth = sum(t.numel() * t.element_size() for t in gqa_cache.k + gqa_cache.v)
+    assert check_kv_cache_bytes(gqa_truth, config=gqa)
+    assert_wrong(check_kv_cache_bytes(truth, config=gqa), "n_kv_heads")
+
+
+def test_adapter_param_count_matches_the_model():
+    truth = meta_params(LlamaConfig(), AdapterConfig(prompt_len=10, layers=30), trainable=True)
+    assert truth == 1_229_760
+    assert check_adapter_param_count(truth)
+    small = meta_params(LlamaConfig(dim=64, n_layers=4, n_heads=4, vocab_size=100, multiple_of=32),
+                        AdapterConfig(prompt_len=5, layers=2), trainable=True)
+    assert check_adapter_param_count(small, prompt_len=5, layers=2, dim=64, n_heads=4, n_layers=4)
+
+
+@pytest.mark.parametrize("wrong, phrase", [
+    (1_228_800, "not the gates"),
+    (1_228_800 + 30, "one gate per layer"),
+    (10 * 32 * 4096 + 32 * 32, "top L=30"),
+    (2 * 1_228_800 + 960, "separate key and value"),
+    (10 * 30 * 128 + 960, "head width"),
+])
+def test_adapter_param_count_names_the_mistake(wrong, phrase):
+    assert_wrong(check_adapter_param_count(wrong), phrase)
+
+
+# --------------------------------------------------------------------------- zero-init attention
+def eq_5_to_8(q, k, v, prompt_k, prompt_v, gate):
+    """Written independently of the library: per query row, two softmaxes."""
+    B, H, T, d = q.shape
+    out = torch.empty_like(q)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                s_p = prompt_k[0, h] @ q[b, h, t] / math.sqrt(d)  # (K,)
+                s_t = k[b, h, : t + 1] @ q[b, h, t] / math.sqrt(d)  # (t+1,) causal
+                g = gate.reshape(-1)[h] if gate.numel() > 1 else gate.reshape(-1)[0]
+                out[b, h, t] = g * s_p.softmax(0) @ prompt_v[0, h] + s_t.softmax(0) @ v[b, h, : t + 1]
+    return out
+
+
+def test_zero_init_attention_accepts_independent_and_library_versions():
+    assert check_zero_init_attention(eq_5_to_8)
+    assert check_zero_init_attention(zero_init_attention_literal)
+
+
+def one_softmax(q, k, v, pk, pv, gate):
+    B, H, T, d = q.shape
+    K = pk.shape[2]
+    keys, values = torch.cat([pk.expand(B, -1, -1, -1), k], 2), torch.cat([pv.expand(B, -1, -1, -1), v], 2)
+    S = q @ keys.transpose(-2, -1) / math.sqrt(d)
+    mask = torch.cat([torch.ones(T, K, dtype=torch.bool), torch.ones(T, T, dtype=torch.bool).tril()], 1)
+    A = S.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.cat([gate * A[..., :K], A[..., K:]], -1) @ values
+
+
+@pytest.mark.parametrize("wrong, phrase", [
+    (one_softmax, "ONE softmax"),
+    (lambda q, k, v, pk, pv, g: eq_5_to_8(q, k, v, pk, pv, torch.ones_like(g)), "not gated"),
+    (lambda q, k, v, pk, pv, g: eq_5_to_8(q, k, v, pk, pv, torch.tanh(g)), "already the effective gate"),
+    (lambda q, k, v, pk, pv, g: eq_5_to_8(q * math.sqrt(q.shape[-1]), k, v, pk, pv, g), "sqrt(d)"),
+    (lambda q, k, v, pk, pv, g: eq_5_to_8(q, k, v, pk, pv, g)[..., :2], "shape"),
+    (lambda q, k, v, pk, pv, g: "S^g V", "torch.Tensor"),
+])
+def test_zero_init_attention_names_the_mistake(wrong, phrase):
+    assert_wrong(check_zero_init_attention(wrong), phrase)
+
+
+def test_zero_init_attention_missing_causal_mask():
+    def no_mask(q, k, v, pk, pv, g):
+        d = q.shape[-1]
+        S_p = q @ pk.transpose(-2, -1) / math.sqrt(d)
+        S_t = q @ k.transpose(-2, -1) / math.sqrt(d)
+        return g * S_p.softmax(-1) @ pv + S_t.softmax(-1) @ v
+
+    assert_wrong(check_zero_init_attention(no_mask), "causal mask")
+
+
+# --------------------------------------------------------------------------- step-0 gradients
+def test_step0_gradients_answer_matches_a_real_backward_pass():
+    """Derive the right answer from autograd on a tiny adapted model, then feed it to the checker."""
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(dim=32, n_layers=2, n_heads=2, vocab_size=50, multiple_of=16))
+    add_adapter(model, AdapterConfig(prompt_len=3, layers=1))
+    tokens = torch.randint(0, 50, (2, 8))
+    logits = model(tokens)
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    attn = model.layers[1].attention
+    grads = {"prompt": attn.adapter.prompt.grad, "gate": attn.adapter.gate.grad, "wq": attn.wq.weight.grad,
+             "wk": attn.wk.weight.grad, "wv": attn.wv.weight.grad, "wo": attn.wo.weight.grad,
+             "embedding": model.tok_embeddings.weight.grad}
+    nonzero = {name for name, g in grads.items() if g is not None and bool((g != 0).any())}
+    assert check_step0_gradients(nonzero), nonzero
+    assert check_step0_gradients(["gates"])  # plural and list are fine
+
+
+@pytest.mark.parametrize("answer, phrase", [
+    ({"prompt", "gate"}, "tanh(0) = 0"),
+    ({"gate", "wq"}, "frozen"),
+    (set(), "the gate does get a gradient"),
+    ({"gate", "bias"}, "unknown"),
+    (3, "set of names"),
+])
+def test_step0_gradients_names_the_mistake(answer, phrase):
+    assert_wrong(check_step0_gradients(answer), phrase)
+
+
+# --------------------------------------------------------------------------- the notebooks themselves
+def notebooks() -> list[Path]:
+    return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+
+
+def test_notebooks_exist():
+    assert notebooks(), f"no numbered notebooks in {NOTEBOOKS}"
+
+
+@pytest.mark.parametrize("path", notebooks(), ids=lambda p: p.name)
+def test_notebook_shape(path: Path):
+    """Kernelspec (JupyterLab opens without a kernel dialog), small file, an exercise with a checker,
+    a solutions notebook, a line in notebooks/README.md, and checked cells that print facts only."""
+    nb = json.loads(path.read_text())
+    assert nb["metadata"].get("kernelspec", {}).get("name") == "python3", f"{path.name}: no python3 kernelspec"
+    assert path.stat().st_size < 300_000, f"{path.name} is {path.stat().st_size} bytes; strip outputs"
+    code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
+    text = "\n".join("".join(c["source"]) for c in nb["cells"])
+    assert "adapterlab.exercises" in text and re.search(r"\bcheck_\w+\(", text), f"{path.name}: no checker"
+    assert re.search(r"check yourself", text, re.I), f"{path.name}: no 'Check yourself' section"
+    assert re.search(r"^#+ Summary", text, re.M), f"{path.name}: no summary"
+    solution = NOTEBOOKS / "solutions" / f"{path.stem}_solutions.ipynb"
+    assert solution.is_file(), f"missing {solution.relative_to(NOTEBOOKS.parent)}"
+    readme = (NOTEBOOKS / "README.md").read_text() if (NOTEBOOKS / "README.md").is_file() else ""
+    assert path.name in readme, f"notebooks/README.md does not list {path.name}"
+    for cell in nb["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        checked = "NBVAL_CHECK_OUTPUT" in "".join(cell["source"])
+        for out in cell.get("outputs", []):
+            assert checked, f"{path.name}: an unchecked cell kept its output (policy: only checked outputs are saved)"
+            assert out.get("name") != "stderr", f"{path.name}: a checked cell writes to stderr"
+            assert not any(k.startswith("image/") for k in out.get("data", {})), f"{path.name}: image in checked cell"
+    assert any("NBVAL_CHECK_OUTPUT" in c for c in code), f"{path.name}: no checked cell"
