@@ -30,6 +30,7 @@ compilation fails.
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 from typing import Optional
 
@@ -95,7 +96,7 @@ def cross_entropy_from_hidden(
         return _FusedLinearCrossEntropy.apply(h, weight, t, chunk_size, scale)
 
     total = torch.zeros((), dtype=torch.float32, device=h.device)
-    for start in range(0, len(t), chunk_size):
+    for start in range(0, max(len(t), 1), chunk_size):  # one (empty) chunk when nothing is kept: loss 0
         h_c, t_c = h[start : start + chunk_size], t[start : start + chunk_size]
         total = total + checkpoint(_chunk_loss_sum, h_c, weight, t_c, use_reentrant=False)
     return total * scale
@@ -218,15 +219,29 @@ def uncompile_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def _compile_errors() -> tuple[type, ...]:
+    """The exception types torch.compile raises when it cannot compile (missing compiler, Triton, ...).
+    Only these trigger the fallback: other exceptions (wrong input shapes, the control-flow exception
+    of activation checkpointing's recomputation) must pass through unchanged."""
+    found = []
+    for module, name in (("torch._dynamo.exc", "TorchDynamoException"), ("torch._inductor.exc", "InductorError")):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
 def _compiled_forward(layer: nn.Module, compiled, state: dict, fallback: bool):
     eager = type(layer).forward.__get__(layer)
+    compile_errors = _compile_errors()
 
     def forward(x, cos, sin, start_pos: int = 0, cache=None, visual=None):
         if cache is not None or state["failed"]:
             return eager(x, cos, sin, start_pos, cache, visual)
         try:
             return compiled(x, cos, sin, start_pos, cache, visual)
-        except Exception as error:  # compilation problems surface at the first call
+        except compile_errors as error:  # compilation problems surface at the first call
             if not fallback:
                 raise
             state["failed"] = True

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .scenes import COLOURS, CORNERS, COUNTS, PLURAL, SHAPES, Scene
+from .scenes import COLOURS, CORNERS, COUNTS, NUMBER_WORDS, PLURAL, SHAPES, Scene
 
 LETTERS = "ABCD"
 CONTEXTS = ("image", "text", "none")
@@ -94,7 +94,7 @@ def scene_answer(scene: Scene, kind: str) -> tuple[str, tuple[str, ...]]:
     if kind == "shape":
         return scene.shape, SHAPES
     if kind == "count":
-        return str(scene.count), tuple(str(c) for c in COUNTS)
+        return NUMBER_WORDS[scene.count], tuple(NUMBER_WORDS[c] for c in COUNTS)
     if kind == "corner":
         return scene.corner, CORNERS
     raise ValueError(f"unknown question kind {kind!r}; expected one of {KINDS}")
@@ -115,19 +115,20 @@ def knowledge_facts() -> list[tuple[str, str, tuple[str, ...], str]]:
     for (a, b), c in mixes.items():
         facts.append((f"Which colour do you get when you mix {a} and {b} paint?", c, COLOURS,
                       f"If you mix {a} and {b} paint you get {c}."))
-    corners = {"circle": "0", "triangle": "3", "square": "4", "cross": "12"}
+    corners = {"circle": "zero", "triangle": "three", "square": "four", "cross": "twelve"}
     for shape, n in corners.items():
-        facts.append((f"How many corners does a {shape} have?", n, ("0", "3", "4", "12"),
+        facts.append((f"How many corners does a {shape} have?", n, tuple(corners.values()),
                       f"A {shape} has {n} corners."))
     shaped = {"a wheel": "circle", "a coin": "circle", "a slice of pizza": "triangle", "a plus sign": "cross",
               "a chess board": "square", "a window pane": "square", "a tent from the front": "triangle",
               "a red cross sign": "cross"}
     for thing, shape in shaped.items():
         facts.append((f"What shape is {thing}?", shape, SHAPES, f"{thing.capitalize()} has the shape of a {shape}."))
+    words = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
     for a in range(1, 5):
         for b in range(1, 5):
-            facts.append((f"What is {a} plus {b}?", str(a + b), tuple(str(i) for i in range(2, 9)),
-                          f"{a} plus {b} is {a + b}."))
+            facts.append((f"What is {words[a]} plus {words[b]}?", words[a + b], words[2:],
+                          f"{words[a].capitalize()} plus {words[b]} is {words[a + b]}."))
     return facts
 
 

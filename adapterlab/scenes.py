@@ -37,7 +37,7 @@ RGB = {
     "purple": (140, 40, 180),
     "orange": (245, 130, 15),
 }
-NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}  # counts are spelt out in all texts
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 
 

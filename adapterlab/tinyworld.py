@@ -63,54 +63,39 @@ def article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-# Statements and question-like text about one fact, as a pretraining corpus would phrase it.
-FACT_TEXTS = {
-    "city": [
-        "{n} lives in {v}.", "{n} has a home in {v}.", "The home of {n} is in {v}.", "{n} is a resident of {v}.",
-        "Where does {n} live? {n} lives in {v}.", "Q: Where does {n} live? A: In {v}.",
-        "Which city does {n} live in? {n} lives in {v}.", "Ask anyone where {n} lives and they say {v}.",
-    ],
-    "pet": [
-        "{n} has {a} {v}.", "{n} owns {a} {v} as a pet.", "The pet of {n} is {a} {v}.",
-        "What pet does {n} have? {n} has {a} {v}.", "Q: What pet does {n} have? A: {A} {v}.",
-        "Every morning {n} feeds the {v}.", "Which animal lives with {n}? {n} has {a} {v}.",
-    ],
-    "job": [
-        "{n} works as {a} {v}.", "{n} is {a} {v}.", "The job of {n} is {v}.",
-        "What does {n} do for a living? {n} works as {a} {v}.", "Q: What is the job of {n}? A: {n} is {a} {v}.",
-        "What is the job of {n}? {n} works as {a} {v}.", "By trade, {n} is {a} {v}.",
-    ],
-    "color": [
-        "The favourite colour of {n} is {v}.", "{n} likes the colour {v} best.", "{n} loves the colour {v}.",
-        "What is the favourite colour of {n}? It is {v}.", "Q: What colour does {n} like best? A: {V}.",
-        "Which colour does {n} like most? {n} likes {v} best.",
-    ],
+# How a fact is stated, and how it is asked about. The pretraining corpus uses both (question-like
+# text makes the knowledge reachable from a question); the instruction set asks the same questions.
+STATEMENTS = {
+    "city": ["{n} lives in {v}.", "{n} has a home in {v}.", "The home of {n} is in {v}.", "{n} is a resident of {v}."],
+    "pet": ["{n} has {a} {v}.", "{n} owns {a} {v} as a pet.", "The pet of {n} is {a} {v}.", "Every morning {n} feeds the {v}."],
+    "job": ["{n} works as {a} {v}.", "{n} is {a} {v}.", "The job of {n} is {v}.", "By trade, {n} is {a} {v}."],
+    "color": ["The favourite colour of {n} is {v}.", "{n} likes the colour {v} best.", "{n} loves the colour {v}."],
 }
-STORIES = [
-    "One day {n} left home in {city} to walk the {pet}. As {a_job} {job}, {n} had a busy week ahead.",
-    "In {city}, {n} the {job} painted the door {color}, and the {pet} watched.",
-    "{n} works as {a_job} {job} in {city}. At home, a {pet} waits, and everything there is {color}.",
-    "The {pet} of {n} sleeps on a {color} blanket in a small flat in {city}.",
-]
-# Instruction-style questions (the Alpaca "instruction" or "input") and answers (the "output").
 QUESTIONS = {
-    "city": ["Where does {n} live?", "Which city does {n} live in?", "In which city is the home of {n}?"],
-    "pet": ["What pet does {n} have?", "Which animal lives with {n}?", "What is the pet of {n}?"],
+    "city": ["Where does {n} live?", "Which city does {n} live in?", "In which city does {n} live?"],
+    "pet": ["What pet does {n} have?", "Which animal lives with {n}?", "What animal does {n} keep?"],
     "job": ["What is the job of {n}?", "What does {n} do for a living?", "What does {n} work as?"],
     "color": ["What is the favourite colour of {n}?", "Which colour does {n} like best?",
               "What colour does {n} like most?"],
 }
+ANSWERS = {  # the answer sentence of the instruction set (also one of the statements above)
+    "city": "{n} lives in {v}.",
+    "pet": "{n} has {a} {v}.",
+    "job": "{n} works as {a} {v}.",
+    "color": "The favourite colour of {n} is {v}.",
+}
+QA_FORMS = ["{q} {s}", "{q} {s}", "Q: {q} A: {s}", "Question: {q} Answer: {s}", "{q} - {s}"]
+STORIES = [
+    "One day {n} left home in {city} to walk the {pet}. As {a_job} {job}, {n} had a busy week ahead.",
+    "In {city}, {n} the {job} painted the door {color}, and the {pet} watched.",
+    "{n} works as {a_job} {job} in {city}. At home, {a_pet} {pet} waits, and everything there is {color}.",
+    "The {pet} of {n} sleeps on a {color} blanket in a small flat in {city}.",
+]
 SUBJECT_QUESTIONS = {  # the with-input form: the person goes in the input field
     "city": "Where does the person named in the input live?",
     "pet": "What pet does the person named in the input have?",
     "job": "What is the job of the person named in the input?",
     "color": "What is the favourite colour of the person named in the input?",
-}
-ANSWERS = {
-    "city": "{n} lives in {v}.",
-    "pet": "{n} has {a} {v}.",
-    "job": "{n} works as {a} {v}.",
-    "color": "The favourite colour of {n} is {v}.",
 }
 GENERIC_INSTRUCTIONS = ["Answer the question in one sentence.", "Answer the following question.",
                         "Read the question and answer it briefly."]
@@ -170,6 +155,7 @@ class WorldConfig:
     n_heldout: int = 16
     corpus_passes: int = 24  # biographies per person in the corpus, each with fresh phrasings
     story_prob: float = 0.5
+    question_prob: float = 0.5  # share of facts written as a question and its answer
     arithmetic_max: int = 9
 
 
@@ -184,17 +170,24 @@ def make_world(seed: int = 0, n_people: int = 48, n_heldout: int = 16) -> World:
     return World(seed=seed, people=people, heldout=heldout)
 
 
-def fact_sentence(rng: random.Random, name: str, attribute: str, value: str) -> str:
-    template = rng.choice(FACT_TEXTS[attribute])
-    return template.format(n=name, v=value, V=value.capitalize(), a=article(value), A=article(value).capitalize())
+def fact_sentence(rng: random.Random, name: str, attribute: str, value: str, question_prob: float = 0.5) -> str:
+    """One fact as pretraining text: a statement, or (with question_prob) a question and its answer."""
+    fill = dict(n=name, v=value, a=article(value))
+    statement = rng.choice(STATEMENTS[attribute]).format(**fill)
+    if rng.random() >= question_prob:
+        return statement
+    question = rng.choice(QUESTIONS[attribute]).format(**fill)
+    answer = ANSWERS[attribute].format(**fill) if rng.random() < 0.7 else statement
+    return rng.choice(QA_FORMS).format(q=question, s=answer)
 
 
 def story(rng: random.Random, p: Person) -> str:
-    return rng.choice(STORIES).format(n=p.name, city=p.city, pet=p.pet, job=p.job, a_job=article(p.job), color=p.color)
+    return rng.choice(STORIES).format(n=p.name, city=p.city, pet=p.pet, job=p.job, a_job=article(p.job),
+                                      a_pet=article(p.pet), color=p.color)
 
 
 def pretrain_corpus(world: World, passes: int = 24, story_prob: float = 0.5, arithmetic_max: int = 9,
-                    seed: Optional[int] = None) -> list[str]:
+                    question_prob: float = 0.5, seed: Optional[int] = None) -> list[str]:
     """Documents of the pretraining corpus, deterministic for the world and seed.
 
     Each pass writes one short biography per person (the four facts in random order and
@@ -204,7 +197,7 @@ def pretrain_corpus(world: World, passes: int = 24, story_prob: float = 0.5, ari
     docs = []
     for _ in range(passes):
         for p in world.people:
-            sentences = [fact_sentence(rng, p.name, a, p.get(a)) for a in ATTRIBUTES]
+            sentences = [fact_sentence(rng, p.name, a, p.get(a), question_prob) for a in ATTRIBUTES]
             rng.shuffle(sentences)
             if rng.random() < story_prob:
                 sentences.insert(rng.randrange(len(sentences) + 1), story(rng, p))
@@ -391,6 +384,7 @@ class Recipe:
     model: dict = field(default_factory=lambda: dict(dim=128, n_layers=4, n_heads=4, multiple_of=32,
                                                     max_seq_len=256, rope_theta=10000.0))
     vocab_size: int = 640
+    tokenizer_sees_templates: bool = True  # False: the Alpaca template's words are spelt in corpus pieces
     seq_len: int = 128
     steps: int = 500
     batch_size: int = 16
@@ -409,12 +403,14 @@ def build_world(recipe: Recipe):
     """(world, corpus, train records, held-out records) of a recipe."""
     wc = recipe.world
     world = make_world(wc.seed, wc.n_people, wc.n_heldout)
-    corpus = pretrain_corpus(world, wc.corpus_passes, wc.story_prob, wc.arithmetic_max)
+    corpus = pretrain_corpus(world, wc.corpus_passes, wc.story_prob, wc.arithmetic_max, wc.question_prob)
     train, heldout = instruction_set(world)
     return world, corpus, train, heldout
 
 
-def train_tokenizer(corpus: Sequence[str], records: Sequence[dict], vocab_size: int) -> Tokenizer:
+def train_tokenizer(corpus: Sequence[str], records: Sequence[dict], vocab_size: int, templates: bool = True) -> Tokenizer:
+    if not templates:  # one copy of each template: its characters are covered, its words stay rare
+        records = [{"instruction": "x", "input": "y", "output": ""}, {"instruction": "x", "input": "", "output": ""}]
     return Tokenizer.train(tokenizer_texts(corpus, records), vocab_size=vocab_size)
 
 
@@ -436,7 +432,7 @@ def pretrain(recipe: Recipe, out_dir: Optional[str | os.PathLike] = None, progre
     from .train import TrainConfig, train
 
     world, corpus, train_records, heldout = build_world(recipe)
-    tokenizer = train_tokenizer(corpus, train_records + heldout, recipe.vocab_size)
+    tokenizer = train_tokenizer(corpus, train_records + heldout, recipe.vocab_size, recipe.tokenizer_sees_templates)
     stream = corpus_tokens(tokenizer, corpus)
     data = text_windows(stream, recipe.seq_len, source="tiny-world corpus")
     torch.manual_seed(recipe.seed)

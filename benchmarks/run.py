@@ -3,17 +3,21 @@
 
     python benchmarks/run.py [--quick] [--device cpu|cuda] [--json FILE]
 
-Sections (each prints a table; everything also goes to the JSON file):
-  parity    both models on the same weights give the same logits / greedy tokens (sanity)
-  train     adapter-training tokens/s and peak memory: adapterlab vs PEFT, alternating
-            A B A B ... and reporting medians; plus ablations of adapterlab's speed means
-  generate  greedy generation with the KV cache, 128 new tokens, batch 1 and 8
-  padding   tokens computed per real token: length-grouped batches vs padding to 512
-  summary   speedups; on CUDA also MFU and the projected wall time of the paper's recipe
+For every model shape (CPU default: the embedded tiny-world model and a small LLaMA-shaped
+model; CUDA default: LLaMA-7B with random bf16 weights) the run prints and records:
 
-On CPU the two models are a transformers LlamaForCausalLM saved with save_pretrained and
-adapterlab's model loaded from the same folder with ``load_llama``. On CUDA (LLaMA-7B shape)
-both are built in memory from the same random bf16 tensors, which skips writing 13 GB to disk.
+  parity    both models on the same weights give the same logits and greedy tokens
+  memory    activation checkpointing on/off: peak memory of one adapter training step
+  generate  greedy decoding with the KV cache, 128 new tokens, batch 1 and 8
+  train     adapter-training tokens/s and peak memory: adapterlab variants and PEFT,
+            alternating A B A B ... over rounds, medians reported
+and once per run: padding (tokens computed per real token on Alpaca-like lengths: length-grouped
+batches vs the release's padding to 512) and, on CUDA, MFU and the projected wall time of the
+paper's recipe.
+
+On CPU, PEFT's model is a transformers LlamaForCausalLM saved with save_pretrained and
+adapterlab's is loaded from the same folder with ``load_llama``. On CUDA both are built in
+memory from the same random bf16 tensors (writing 13 GB to disk would cost minutes).
 This is a benchmark, not a test: nothing here asserts a speed.
 """
 from __future__ import annotations
@@ -32,7 +36,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -45,21 +49,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from adapterlab import AdapterConfig, Llama, LlamaConfig, add_adapter  # noqa: E402
 from adapterlab.adapter import adapted_layers, remove_adapter  # noqa: E402
-from adapterlab.losses import compile_model, lm_loss, uncompile_model  # noqa: E402
+from adapterlab.losses import IGNORE_INDEX, compile_model, lm_loss, uncompile_model  # noqa: E402
 
 GIB = 2**30
 H100_BF16_DENSE_PEAK = 989e12  # FLOP/s, H100 SXM, dense (no sparsity)
 ALPACA_EXAMPLES = 52_002
 RECIPE_EPOCHS = 5
 RELEASE_PAD_LEN = 512
+PROMPT_FRACTION = 0.45  # Alpaca-like: the first 45% of every row is prompt (label -100), the rest response
 
 FLOP_FORMULA = (
-    "model FLOPs per step = forward 2*N*tokens (N = weights of all linear layers incl. the output "
+    "model FLOPs per step = forward: 2*N*tokens (N = weights of all linear layers incl. the output "
     "head; the embedding is a lookup) + causal attention 2*B*T^2*C per layer + prompt attention "
-    "4*B*T*K*C per adapted layer; + backward of activation gradients only (frozen weights need no "
-    "weight gradient): 2*N_adapted*tokens (N_adapted = linear weights of the adapted layers and the "
-    "head) + 2x the attention FLOPs of the adapted layers. Recomputation by checkpointing is not "
-    "counted. MFU = model FLOPs per second / bf16 dense peak (H100 SXM: 989 TFLOP/s)."
+    "4*B*T*K*C per adapted layer; plus backward of activation gradients only (frozen weights need no "
+    "weight gradient): 2*N_adapted*tokens (N_adapted = linear weights of the L adapted layers and the "
+    "head) + 2 x the attention FLOPs of the adapted layers. Recomputation (checkpointing) is not "
+    "counted, nor is the output head's saving on prompt tokens. MFU = model FLOPs per step x steps/s "
+    "/ bf16 dense peak (H100 SXM: 989 TFLOP/s)."
 )
 
 
@@ -73,7 +79,7 @@ class BenchShape:
     prompt_len: int  # K
     adapter_layers: int  # L
     train_batch: tuple[int, int]  # (B, T) of the adapterlab-vs-PEFT comparison
-    ckpt_batch: Optional[tuple[int, int]]  # (B, T) for the activation-checkpointing memory rows
+    ckpt_batch: Optional[tuple[int, int]]  # (B, T) of the activation-checkpointing memory rows
     gen_batches: tuple[int, ...] = (1, 8)
     gen_prompt: int = 32
     gen_new: int = 128
@@ -81,29 +87,41 @@ class BenchShape:
     steps: int = 3
     rounds: int = 3
     gen_rounds: int = 2
+    about: str = ""
 
 
 def shapes(quick: bool) -> dict[str, BenchShape]:
-    tiny = BenchShape(
-        "tiny", LlamaConfig(dim=64, n_layers=4, n_heads=4, vocab_size=256, multiple_of=16, max_seq_len=128),
-        prompt_len=4, adapter_layers=3, train_batch=(2, 32), ckpt_batch=(1, 32), gen_batches=(1, 2),
-        gen_prompt=8, gen_new=8, warmup=1, steps=2, rounds=2, gen_rounds=2,
+    # The embedded default model (adapterlab.tinyworld: dim 128, 4 layers, 640-token vocabulary)
+    # with `adapterlab finetune`'s tiny defaults (K=10, all 4 layers, batch 32): what a student's
+    # laptop runs.
+    tinyworld = BenchShape(
+        "tinyworld", LlamaConfig(dim=128, n_layers=4, n_heads=4, vocab_size=640, multiple_of=32, max_seq_len=256),
+        prompt_len=10, adapter_layers=4, train_batch=(32, 96), ckpt_batch=(32, 96), gen_batches=(1, 8),
+        gen_prompt=32, gen_new=128, warmup=2, steps=5 if quick else 10, rounds=3 if quick else 5,
+        gen_rounds=3 if quick else 5, about="the embedded tiny-world model (adapterlab.tinyworld)",
     )
-    # A small LLaMA for 2 CPU cores: LLaMA's vocabulary and proportions (head width 64,
-    # SwiGLU 8/3 C), the top 7 of 8 layers adapted (7B: top 30 of 32).
-    cpu = BenchShape(
+    # A small LLaMA with LLaMA's vocabulary and proportions (head width 64, SwiGLU 8/3 C), the
+    # top 7 of 8 layers adapted (7B: top 30 of 32): matrix products dominate, as at 7B.
+    cpu_small = BenchShape(
         "cpu-small", LlamaConfig(dim=512, n_layers=8, n_heads=8, vocab_size=32000, multiple_of=256, max_seq_len=512),
         prompt_len=10, adapter_layers=7, train_batch=(4, 256), ckpt_batch=(4, 256), gen_batches=(1, 8),
-        gen_prompt=32, gen_new=128, warmup=1 if quick else 2, steps=3 if quick else 5,
-        rounds=2 if quick else 3, gen_rounds=2 if quick else 3,
+        gen_prompt=32, gen_new=128, warmup=1, steps=3 if quick else 5, rounds=2 if quick else 3,
+        gen_rounds=2 if quick else 3, about="LLaMA proportions at 43M parameters",
     )
-    # LLaMA-7B with the paper's adapter (K=10, L=30); one short run on one GPU.
+    # LLaMA-7B with the paper's adapter (K=10, L=30): one short run on one GPU.
     llama7b = BenchShape(
         "7b", LlamaConfig(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, max_seq_len=2048),
         prompt_len=10, adapter_layers=30, train_batch=(8, 512), ckpt_batch=(1, 512), gen_batches=(1, 8),
         gen_prompt=64, gen_new=128, warmup=3, steps=5, rounds=2, gen_rounds=2,
+        about="LLaMA-7B shape, random bf16 weights",
     )
-    return {s.name: s for s in (tiny, cpu, llama7b)}
+    # For checking the code paths in seconds (e.g. the CUDA path's logic with --device cpu).
+    tiny = BenchShape(
+        "tiny", LlamaConfig(dim=64, n_layers=4, n_heads=4, vocab_size=256, multiple_of=16, max_seq_len=128),
+        prompt_len=4, adapter_layers=3, train_batch=(2, 32), ckpt_batch=(1, 32), gen_batches=(1, 2),
+        gen_prompt=8, gen_new=8, warmup=1, steps=2, rounds=2, gen_rounds=2, about="smoke test",
+    )
+    return {s.name: s for s in (tinyworld, cpu_small, llama7b, tiny)}
 
 
 # =========================================================================== machine
@@ -119,13 +137,16 @@ def describe_machine(device: torch.device) -> dict:
                 break
     info = {
         "cpu": cpu,
-        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "os": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
     }
+    with contextlib.suppress(OSError, AttributeError):
+        info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / GIB, 1), cuda=torch.version.cuda)
@@ -133,7 +154,7 @@ def describe_machine(device: torch.device) -> dict:
 
 
 def machine_label(machine: dict) -> str:
-    return machine.get("gpu") or f"{machine['cpu']} ({machine['cpu_threads']} threads)"
+    return machine.get("gpu") or f"{machine['cpu']} ({machine['torch_threads']} torch threads)"
 
 
 # =========================================================================== two models, one set of weights
@@ -156,32 +177,35 @@ def meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, d // 2, 2, -1).transpose(1, 2).reshape(w.shape)
 
 
+_HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+_HF_LAYER = {"attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+             "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+             "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
+             "feed_forward.w3.weight": "mlp.up_proj.weight", "attention_norm.weight": "input_layernorm.weight",
+             "ffn_norm.weight": "post_attention_layernorm.weight"}
+
+
 def meta_to_hf_state_dict(state: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:
-    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-             "output.weight": "lm_head.weight"}
-    per_layer = {"attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
-                 "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
-                 "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
-                 "feed_forward.w3.weight": "mlp.up_proj.weight", "attention_norm.weight": "input_layernorm.weight",
-                 "ffn_norm.weight": "post_attention_layernorm.weight"}
+    """Our (Meta-named) base weights -> transformers' LlamaForCausalLM names and q/k row order."""
     out = {}
     for name, t in state.items():
         if ".adapter." in name:
             continue
         m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
         if m is None:
-            out[names[name]] = t
+            out[_HF_TOP[name]] = t
             continue
         if m.group(2) == "attention.wq.weight":
             t = meta_to_hf_rows(t, cfg.n_heads)
         elif m.group(2) == "attention.wk.weight":
             t = meta_to_hf_rows(t, cfg.n_kv_heads)
-        out[f"model.layers.{m.group(1)}.{per_layer[m.group(2)]}"] = t
+        out[f"model.layers.{m.group(1)}.{_HF_LAYER[m.group(2)]}"] = t
     return out
 
 
 def random_llama(cfg: LlamaConfig, device: torch.device, dtype: torch.dtype, seed: int) -> Llama:
-    """Our model with random weights drawn directly on the device (fast even at 7B on a GPU).
+    """Our model with random weights drawn directly on the device (seconds even at 7B on a GPU).
     Matrices ~ N(0, 1/fan_in), norms ~ 1 + N(0, 0.1^2): O(1) activations and logits."""
     with torch.device("meta"):
         model = Llama(cfg).to(dtype)
@@ -197,23 +221,21 @@ def random_llama(cfg: LlamaConfig, device: torch.device, dtype: torch.dtype, see
 
 
 def hf_from_ours(ours: Llama, dtype: torch.dtype):
-    """A transformers LlamaForCausalLM holding copies of our weights (q/k rows permuted)."""
+    """A transformers LlamaForCausalLM holding copies of our base weights (q/k rows permuted)."""
     from transformers import LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     hf_cfg = hf_config_from(ours.config, dtype)
-    device = ours.device
     with torch.device("meta"):
         hf = LlamaForCausalLM(hf_cfg)
     state = meta_to_hf_state_dict(ours.state_dict(), ours.config)
     hf.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
-    hf.model.rotary_emb = LlamaRotaryEmbedding(config=hf_cfg).to(device)  # its buffers were on "meta"
-    hf.to(device)
-    return hf
+    hf.model.rotary_emb = LlamaRotaryEmbedding(config=hf_cfg).to(ours.device)  # its buffers were on "meta"
+    return hf.to(ours.device)
 
 
-def build_pair_on_disk(shape: BenchShape, device: torch.device, dtype: torch.dtype, seed: int) -> tuple[Llama, object]:
-    """HF model saved with save_pretrained; both models loaded from that folder."""
+def build_pair_on_disk(shape: BenchShape, device: torch.device, dtype: torch.dtype, seed: int):
+    """A transformers model saved with save_pretrained; both models loaded from that folder."""
     from transformers import LlamaForCausalLM
 
     from adapterlab import load_llama
@@ -268,8 +290,8 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 # =========================================================================== parity
 @torch.no_grad()
 def parity_check(ours: Llama, peft_model, shape: BenchShape, device: torch.device, seed: int) -> dict:
-    """Put PEFT's prompts and random non-zero gates into a PEFT-style adapter of ours (one gate per
-    layer, no tanh) and compare logits and greedy tokens. Restores both adapters afterwards."""
+    """Give a PEFT-style adapter of ours (one gate per layer, no tanh) PEFT's prompts and the same
+    random non-zero gates; compare logits and greedy tokens. Both adapters are restored after."""
     from adapterlab.generate import generate_tokens
 
     config = ours.adapter_config
@@ -280,40 +302,41 @@ def parity_check(ours: Llama, peft_model, shape: BenchShape, device: torch.devic
     peft_params = peft_adapter_tensors(peft_model)
     saved_peft = {i: {k: p.detach().clone() for k, p in d.items()} for i, d in peft_params.items()}
     gen = torch.Generator().manual_seed(seed)
-    for i in adapted_layers(ours):
-        ap = ours.layers[i].attention.adapter
-        gate = 0.5 * torch.randn(1, generator=gen)
-        peft_params[i]["gate"].copy_(gate)
-        ap.gate.copy_(gate)
-        ap.prompt.copy_(peft_params[i]["prompt"][0].float())
-    ours.eval(), peft_model.eval()
-    tokens = torch.randint(0, shape.config.vocab_size, (2, 16), generator=gen).to(device)
-    a = ours(tokens).float()
-    b = peft_model(input_ids=tokens, use_cache=False).logits.float()
-    new = min(16, shape.gen_new)
-    ours_greedy = generate_tokens(ours, tokens.tolist(), max_new_tokens=new, greedy=True, stop_at_eos=False)
-    peft_greedy = peft_model.generate(input_ids=tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=new,
-                                      min_new_tokens=new, do_sample=False, pad_token_id=0)[:, tokens.shape[1]:]
-    same = sum(x == y for r1, r2 in zip(ours_greedy, peft_greedy.tolist()) for x, y in zip(r1, r2))
-    # restore: the paper-default adapter of ours, PEFT's zero gates
-    remove_adapter(ours)
-    add_adapter(ours, config)
-    ours.load_state_dict(saved_ours, strict=False)
-    for i, d in peft_params.items():
-        for k, p in d.items():
-            p.copy_(saved_peft[i][k])
+    try:
+        for i in adapted_layers(ours):
+            ap = ours.layers[i].attention.adapter
+            gate = 0.5 * torch.randn(1, generator=gen)
+            peft_params[i]["gate"].copy_(gate)
+            ap.gate.copy_(gate)
+            ap.prompt.copy_(peft_params[i]["prompt"][0].float())
+        ours.eval(), peft_model.eval()
+        tokens = torch.randint(3, shape.config.vocab_size, (2, 16), generator=gen).to(device)
+        a = ours(tokens).float()
+        b = peft_model(input_ids=tokens, use_cache=False).logits.float()
+        new = min(16, shape.gen_new)
+        ours_greedy = generate_tokens(ours, tokens.tolist(), max_new_tokens=new, greedy=True, stop_at_eos=False)
+        peft_greedy = peft_model.generate(input_ids=tokens, attention_mask=torch.ones_like(tokens), max_new_tokens=new,
+                                          min_new_tokens=new, do_sample=False, pad_token_id=0)[:, tokens.shape[1]:]
+        same = sum(x == y for r1, r2 in zip(ours_greedy, peft_greedy.tolist()) for x, y in zip(r1, r2))
+    finally:  # the paper-default adapter of ours again, PEFT's zero gates again
+        remove_adapter(ours)
+        add_adapter(ours, config)
+        ours.load_state_dict(saved_ours, strict=False)
+        for i, d in peft_params.items():
+            for k, p in d.items():
+                p.copy_(saved_peft[i][k])
     return {
         "logits_max_abs_diff": float((a - b).abs().max()),
-        "logits_scale": float(b.abs().max()),
+        "logits_max_abs": float(b.abs().max()),
         "greedy_tokens_equal": f"{same}/{tokens.shape[0] * new}",
     }
 
 
 # =========================================================================== memory
 class PeakTensorMemory(TorchDispatchMode):
-    """Peak bytes of tensor storages that are created inside and still alive (CPU has no
-    max_memory_allocated). Counts what the operations allocate - activations, logits, gradients,
-    temporaries - not the weights that existed before."""
+    """Peak bytes of the tensor storages created inside and still alive: CPU has no
+    max_memory_allocated. Counts what the operations allocate (activations, logits, gradients,
+    optimizer temporaries), not the tensors that existed before (weights, optimizer state)."""
 
     def __init__(self):
         super().__init__()
@@ -346,29 +369,41 @@ def sync(device: torch.device) -> None:
 
 @dataclass
 class TrainVariant:
-    """One way of running a training step. ``make`` returns the step function (called per round)."""
+    """One way of running an adapter training step (forward, loss, backward, AdamW step)."""
 
     name: str
     side: str  # "adapterlab" or "peft"
-    make: Callable[[], Callable[[], None]]
-    other_model_bytes: int  # bytes of the idle model that shares the device (subtracted from peaks)
-    own_bytes: int
+    make: Callable[[], Callable[[], None]]  # sets the model up, returns the step function
     batch: tuple[int, int]
+    other_model_bytes: int  # weights of the idle model sharing the GPU (subtracted from its peak)
+    own_bytes: int
     note: str = ""
     compiled: bool = False
     tok_s: list[float] = field(default_factory=list)
+    warmup_s: list[float] = field(default_factory=list)
     peak_gib: Optional[float] = None
     error: Optional[str] = None
 
+    def median(self) -> Optional[float]:
+        return statistics.median(self.tok_s) if self.tok_s else None
 
-def make_batch(vocab: int, batch: tuple[int, int], device: torch.device, seed: int):
+    def to_json(self) -> dict:
+        return {"name": self.name, "side": self.side, "batch": list(self.batch), "tok_s_median": self.median(),
+                "tok_s_rounds": self.tok_s, "warmup_s_rounds": self.warmup_s, "peak_gib": self.peak_gib,
+                "note": self.note, "error": self.error}
+
+
+def make_batch(vocab: int, batch: tuple[int, int], device: torch.device, seed: int, prompt_fraction: float):
+    """Random tokens; labels aligned with tokens (both losses shift them), -100 on the prompt part."""
     gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(3, vocab, batch, generator=gen).to(device)
-    return tokens, tokens.clone()  # labels aligned with tokens (shifted inside both losses)
+    tokens = torch.randint(3, vocab, batch, generator=gen)
+    labels = tokens.clone()
+    labels[:, : int(prompt_fraction * batch[1])] = IGNORE_INDEX
+    return tokens.to(device), labels.to(device)
 
 
 def adam_for(params) -> torch.optim.AdamW:
-    # the release's optimizer settings; identical on both sides
+    # the release's optimizer settings, identical on both sides
     return torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-4, betas=(0.9, 0.95), weight_decay=0.02)
 
 
@@ -382,7 +417,7 @@ def ours_variant(ours: Llama, tokens, labels, *, loss_mode: str, compiled: bool,
         def step():
             opt.zero_grad(set_to_none=True)
             if loss_mode == "logits":  # the readable path: full logits, then cross-entropy
-                logits = ours(tokens)
+                logits = ours(tokens)  # (B, T, vocab)
                 loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
             else:
                 loss = lm_loss(ours, tokens, labels, mode=loss_mode)
@@ -411,20 +446,23 @@ def peft_variant(peft_model, tokens, labels):
 
 
 def run_variant_round(v: TrainVariant, shape: BenchShape, device: torch.device, measure_memory: bool) -> None:
-    """Warm up, time ``shape.steps`` steps, record tokens/s and (CUDA) the peak memory."""
+    """Warm up, time ``shape.steps`` steps, record tokens/s and the peak memory."""
+    step = None
     try:
         step = v.make()
+        sync(device)
+        start = time.perf_counter()
         for _ in range(shape.warmup):
             step()
         sync(device)
+        v.warmup_s.append(time.perf_counter() - start)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         for _ in range(shape.steps):
             step()
         sync(device)
-        elapsed = time.perf_counter() - start
-        v.tok_s.append(v.batch[0] * v.batch[1] * shape.steps / elapsed)
+        v.tok_s.append(v.batch[0] * v.batch[1] * shape.steps / (time.perf_counter() - start))
         if device.type == "cuda":
             peak = (torch.cuda.max_memory_allocated(device) - v.other_model_bytes) / GIB
             v.peak_gib = max(v.peak_gib or 0.0, peak)
@@ -443,70 +481,84 @@ def run_variant_round(v: TrainVariant, shape: BenchShape, device: torch.device, 
             torch.cuda.empty_cache()
 
 
-def train_section(ours, peft_model, shape, device, args, own_bytes: dict, log) -> list[TrainVariant]:
-    B, T = shape.train_batch
-    tokens, labels = make_batch(shape.config.vocab_size, shape.train_batch, device, args.seed)
-    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
-    fast_note = "fused chunked CE" + (" + torch.compile" if use_compile else "")
-    ob, pb = own_bytes["adapterlab"], own_bytes["peft"]
-    variants = [
-        TrainVariant("adapterlab (fast)", "adapterlab", ours_variant(ours, tokens, labels, loss_mode="fused",
-                     compiled=use_compile, ckpt=False), pb, ob, (B, T), fast_note, compiled=use_compile),
-        TrainVariant("PEFT adaption prompt", "peft", peft_variant(peft_model, tokens, labels), ob, pb, (B, T),
-                     "transformers + peft, loss from full logits"),
-    ]
-    if not args.no_ablations:
-        variants += [
-            TrainVariant("adapterlab eager, full logits", "adapterlab", ours_variant(
-                ours, tokens, labels, loss_mode="logits", compiled=False, ckpt=False), pb, ob, (B, T),
-                "the readable path: logits (B,T,V) + F.cross_entropy"),
-            TrainVariant("adapterlab eager, chunked CE (checkpoint)", "adapterlab", ours_variant(
-                ours, tokens, labels, loss_mode="checkpoint", compiled=False, ckpt=False), pb, ob, (B, T),
-                "chunked CE, mode='checkpoint'"),
-        ]
-        if use_compile:
-            variants.append(TrainVariant("adapterlab eager, fused CE", "adapterlab", ours_variant(
-                ours, tokens, labels, loss_mode="fused", compiled=False, ckpt=False), pb, ob, (B, T),
-                "chunked CE, mode='fused', no compile"))
-        elif args.compile != "off":
-            variants.append(TrainVariant("adapterlab compiled, fused CE", "adapterlab", ours_variant(
-                ours, tokens, labels, loss_mode="fused", compiled=True, ckpt=False), pb, ob, (B, T),
-                "chunked CE + torch.compile of each block", compiled=True))
-    # Activation checkpointing: memory at a small batch, with and without (eager; fused CE).
-    ckpt_variants = []
-    if shape.ckpt_batch is not None:
-        ct, cl = make_batch(shape.config.vocab_size, shape.ckpt_batch, device, args.seed + 1)
-        for ckpt in (True, False):
-            ckpt_variants.append(TrainVariant(
-                f"adapterlab {'with' if ckpt else 'without'} activation ckpt {shape.ckpt_batch[0]}x{shape.ckpt_batch[1]}",
-                "adapterlab", ours_variant(ours, ct, cl, loss_mode="fused", compiled=False, ckpt=ckpt), pb, ob,
-                shape.ckpt_batch, "eager, fused CE"))
-
-    log(f"\n== train: batch {B}x{T}, K={shape.prompt_len}, L={shape.adapter_layers}, "
-        f"{shape.warmup} warm-up + {shape.steps} timed steps per variant, {shape.rounds} alternating rounds")
-    for r in range(shape.rounds):  # A B A B ...: every variant once per round
-        for v in variants:
-            run_variant_round(v, shape, device, measure_memory=(r == 0))
-            if v.tok_s and len(v.tok_s) == r + 1:
-                log(f"  round {r + 1}: {v.name:<44} {v.tok_s[-1]:>10,.0f} tokens/s")
-    for v in ckpt_variants:  # memory rows: one round is enough
+def checkpointing_rows(ours, shape, device, args, own_bytes, log) -> list[TrainVariant]:
+    """Peak memory of one training step with and without activation checkpointing (eager, fused CE)."""
+    tokens, labels = make_batch(shape.config.vocab_size, shape.ckpt_batch, device, args.seed + 1, PROMPT_FRACTION)
+    rows = []
+    for ckpt in (True, False):
+        v = TrainVariant(
+            f"adapterlab {'with' if ckpt else 'without'} activation checkpointing", "adapterlab",
+            ours_variant(ours, tokens, labels, loss_mode="fused", compiled=False, ckpt=ckpt), shape.ckpt_batch,
+            own_bytes["peft"], own_bytes["adapterlab"], "eager, fused chunked CE")
         run_variant_round(v, shape, device, measure_memory=True)
+        rows.append(v)
         if v.tok_s:
-            log(f"  {v.name:<55} {v.tok_s[-1]:>10,.0f} tokens/s  peak {v.peak_gib:.3f} GiB")
-    uncompile_model(ours)
+            log(f"  {v.name:<48} {shape.ckpt_batch[0]}x{shape.ckpt_batch[1]}  {v.tok_s[-1]:>10,.0f} tokens/s   "
+                f"peak {v.peak_gib:.3f} GiB")
     ours.activation_checkpointing = False
-    return variants + ckpt_variants
+    return rows
+
+
+def train_rows(ours, peft_model, shape, device, args, own_bytes, log, deadline: float) -> list[TrainVariant]:
+    B, T = shape.train_batch
+    vocab = shape.config.vocab_size
+    tokens, labels = make_batch(vocab, shape.train_batch, device, args.seed, PROMPT_FRACTION)
+    _, all_labels = make_batch(vocab, shape.train_batch, device, args.seed, 0.0)
+    ob, pb = own_bytes["adapterlab"], own_bytes["peft"]
+
+    def ours_row(name, note, labels_, **kw):
+        return TrainVariant(name, "adapterlab", ours_variant(ours, tokens, labels_, **kw), (B, T), pb, ob, note,
+                            compiled=kw["compiled"])
+
+    # Order inside a round: the peer first, the compiled variant (slow first call, most likely to
+    # fail on an unusual setup) last, so a problem there cannot cost the other numbers.
+    rows = [TrainVariant("PEFT adaption prompt", "peft", peft_variant(peft_model, tokens, labels), (B, T), ob, pb,
+                         "transformers + peft; loss from the full logits")]
+    if not args.no_ablations:
+        rows += [
+            ours_row("adapterlab eager, full logits", "readable path: logits (B,T,V) + F.cross_entropy", labels,
+                     loss_mode="logits", compiled=False, ckpt=False),
+            ours_row("adapterlab eager, chunked CE 'checkpoint'", "lm_loss(mode='checkpoint')", labels,
+                     loss_mode="checkpoint", compiled=False, ckpt=False),
+            ours_row("adapterlab eager, fused CE, all tokens labelled", "lm_loss(mode='fused'), no prompt masking",
+                     all_labels, loss_mode="fused", compiled=False, ckpt=False),
+        ]
+    rows.append(ours_row("adapterlab eager, fused CE", "lm_loss(mode='fused')", labels,
+                         loss_mode="fused", compiled=False, ckpt=False))
+    if args.compile == "on":
+        rows.append(ours_row("adapterlab compiled, fused CE", "compile_model + lm_loss(mode='fused')", labels,
+                             loss_mode="fused", compiled=True, ckpt=False))
+
+    log(f"  batch {B}x{T}, labels on the last {100 - round(100 * PROMPT_FRACTION)}% of each row; {shape.warmup} "
+        f"warm-up + {shape.steps} timed steps per variant and round; {shape.rounds} alternating rounds")
+    for r in range(shape.rounds):  # A B A B ...: every variant once per round
+        if time.perf_counter() > deadline and r > 0:
+            log(f"  time budget reached: stopped after {r} rounds")
+            break
+        for v in rows:
+            if v.error:
+                continue
+            run_variant_round(v, shape, device, measure_memory=(r == 0))
+            if len(v.tok_s) == r + 1:
+                log(f"  round {r + 1}: {v.name:<48} {v.tok_s[-1]:>10,.0f} tokens/s  (warm-up {v.warmup_s[-1]:.1f} s)")
+    uncompile_model(ours)
+    return rows
+
+
+def fastest_ours(rows: list[TrainVariant]) -> Optional[TrainVariant]:
+    """adapterlab's recommended setting: the faster of eager + fused CE and compiled + fused CE."""
+    candidates = [v for v in rows if v.name in ("adapterlab eager, fused CE", "adapterlab compiled, fused CE")
+                  and v.median()]
+    return max(candidates, key=lambda v: v.median()) if candidates else None
 
 
 # =========================================================================== generation
-def generate_section(ours, peft_model, shape, device, args, log) -> list[dict]:
+def generate_rows(ours, peft_model, shape, device, args, log) -> list[dict]:
     from adapterlab.generate import generate_tokens
 
     ours.eval(), peft_model.eval()
     uncompile_model(ours)
     rows = []
-    log(f"\n== generate: greedy, prompt {shape.gen_prompt} tokens, {shape.gen_new} new tokens, "
-        f"{shape.gen_rounds} alternating rounds")
     for B in shape.gen_batches:
         prompt = torch.randint(3, shape.config.vocab_size, (B, shape.gen_prompt),
                                generator=torch.Generator().manual_seed(args.seed + B)).to(device)
@@ -528,7 +580,7 @@ def generate_section(ours, peft_model, shape, device, args, log) -> list[dict]:
                 fn(min(8, shape.gen_new))
             except Exception as error:
                 errors[name] = f"{type(error).__name__}: {error}"[:500]
-        for _ in range(shape.gen_rounds):
+        for _ in range(shape.gen_rounds):  # alternating
             for name, fn in sides.items():
                 if name in errors:
                     continue
@@ -537,14 +589,15 @@ def generate_section(ours, peft_model, shape, device, args, log) -> list[dict]:
                 fn(shape.gen_new)
                 sync(device)
                 times[name].append(time.perf_counter() - start)
-        row = {"batch": B, "prompt_tokens": shape.gen_prompt, "new_tokens": shape.gen_new, "errors": errors}
+        row = {"batch": B, "prompt_tokens": shape.gen_prompt, "new_tokens": shape.gen_new, "errors": errors,
+               "seconds_rounds": times}
         for name in sides:
             row[f"{name}_tok_s"] = (B * shape.gen_new / statistics.median(times[name])) if times[name] else None
         if row["adapterlab_tok_s"] and row["peft_tok_s"]:
             row["speedup"] = row["adapterlab_tok_s"] / row["peft_tok_s"]
         rows.append(row)
-        log(f"  batch {B}: adapterlab {row['adapterlab_tok_s'] or 0:,.1f} tok/s, PEFT {row['peft_tok_s'] or 0:,.1f} "
-            f"tok/s, ratio {row.get('speedup', float('nan')):.2f}x" + (f"  errors: {errors}" if errors else ""))
+        log(f"  batch {B}: adapterlab {row['adapterlab_tok_s'] or 0:>9,.1f} tok/s   PEFT {row['peft_tok_s'] or 0:>9,.1f} "
+            f"tok/s   ratio {row.get('speedup', float('nan')):.2f}x" + (f"  errors: {errors}" if errors else ""))
     return rows
 
 
@@ -562,126 +615,220 @@ def padding_section(args, log) -> dict:
     from adapterlab.data import length_grouped_batches
 
     lengths = alpaca_like_lengths(ALPACA_EXAMPLES, args.alpaca_median, args.alpaca_mean, args.seed)
-    real = sum(lengths)
     per_gpu = 8  # the release: total batch 64 = 8 GPUs x 8
     batches = length_grouped_batches(lengths, per_gpu, seed=args.seed, epoch=0)
     used = [i for b in batches for i in b]
-    grouped_computed = sum(len(b) * max(lengths[i] for i in b) for b in batches)
-    grouped_real = sum(lengths[i] for i in used)
-    random_batches = [used[j:j + per_gpu] for j in range(0, len(used), per_gpu)]  # no grouping, pad to batch max
+    real = sum(lengths[i] for i in used)
+    grouped = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     gen = torch.Generator().manual_seed(args.seed)
     shuffled = [used[i] for i in torch.randperm(len(used), generator=gen).tolist()]
-    random_batches = [shuffled[j:j + per_gpu] for j in range(0, len(shuffled), per_gpu)]
-    random_computed = sum(len(b) * max(lengths[i] for i in b) for b in random_batches)
+    unsorted = sum(max(lengths[i] for i in shuffled[j:j + per_gpu]) * per_gpu for j in range(0, len(shuffled), per_gpu))
     out = {
         "examples": ALPACA_EXAMPLES,
-        "length_model": f"lognormal median {args.alpaca_median}, mean {args.alpaca_mean}, clipped to [45, 512] "
-                        "(assumed Alpaca-52K statistics with the prompt template; synthetic, no download)",
-        "mean_real_tokens": real / len(lengths),
+        "length_model": f"lognormal, median {args.alpaca_median:g}, mean {args.alpaca_mean:g} tokens, clipped to "
+                        "[45, 512]: assumed statistics of Alpaca-52K with the prompt template (synthetic, no download)",
+        "mean_real_tokens": real / len(used),
         "batch_per_gpu": per_gpu,
-        "pad_to_512": {"computed_per_real": RELEASE_PAD_LEN * len(lengths) / real,
-                       "tokens_per_epoch": RELEASE_PAD_LEN * len(lengths)},
-        "random_batches_pad_to_longest": {"computed_per_real": random_computed / grouped_real},
-        "length_grouped": {"computed_per_real": grouped_computed / grouped_real,
-                           "tokens_per_epoch": grouped_computed * len(lengths) / len(used)},
+        "pad_to_512": {"computed_per_real": RELEASE_PAD_LEN * len(used) / real,
+                       "tokens_per_epoch": RELEASE_PAD_LEN * ALPACA_EXAMPLES},
+        "random_batches_pad_to_longest": {"computed_per_real": unsorted / real},
+        "length_grouped": {"computed_per_real": grouped / real,
+                           "tokens_per_epoch": grouped / len(used) * ALPACA_EXAMPLES},
     }
-    log("\n== padding: Alpaca-like lengths, " + out["length_model"])
-    log(f"  mean real tokens per example {out['mean_real_tokens']:.1f}")
-    for k in ("pad_to_512", "random_batches_pad_to_longest", "length_grouped"):
-        log(f"  {k:<32} {out[k]['computed_per_real']:.3f} tokens computed per real token")
+    log("\n== padding: " + out["length_model"])
+    log(f"  mean real tokens per example {out['mean_real_tokens']:.1f}; batches of {per_gpu} per GPU")
+    for k, label in (("pad_to_512", "pad every example to 512 (release)"),
+                     ("random_batches_pad_to_longest", "random batches, pad to the longest"),
+                     ("length_grouped", "length-grouped batches (adapterlab.data)")):
+        log(f"  {label:<44} {out[k]['computed_per_real']:.3f} tokens computed per real token")
     return out
 
 
 # =========================================================================== FLOPs, MFU, projections
 def train_flops_per_step(cfg: LlamaConfig, K: int, L: int, B: int, T: int) -> float:
-    """See FLOP_FORMULA."""
+    """Model FLOPs of one adapter training step; see FLOP_FORMULA."""
     C, d = cfg.dim, cfg.head_dim
     per_layer = C * cfg.n_heads * d * 2 + C * cfg.n_kv_heads * d * 2 + 3 * C * cfg.ffn_hidden_dim
     head = cfg.vocab_size * C
     tokens = B * T
-    attn = 2 * B * T * T * C  # causal: QK^T and PV, half of the T x T matrix
+    attn = 2 * B * T * T * C  # causal: Q K^T and P V over half of the T x T matrix
     prompt_attn = 4 * B * T * K * C
     forward = 2 * tokens * (cfg.n_layers * per_layer + head) + cfg.n_layers * attn + L * prompt_attn
     backward = 2 * tokens * (L * per_layer + head) + 2 * L * (attn + prompt_attn)
     return float(forward + backward)
 
 
-def projections(tok_s: dict[str, float], padding: dict) -> dict:
-    """Wall time of the paper's recipe (Alpaca-52K, 5 epochs) from measured tokens/s at 512 tokens,
-    assuming perfect scaling to 8 GPUs (the adapter's 1.2M gradients make all-reduce negligible)."""
+def projections(rates: dict[str, float], padding: dict) -> dict:
+    """Wall time of the paper's recipe (Alpaca-52K, 5 epochs) from tokens/s measured at 512 tokens
+    per row, assuming perfect scaling to 8 GPUs (the adapter's 1.2M gradients make the all-reduce
+    negligible). Shorter length-grouped rows have cheaper attention, so that column is conservative."""
     out = {}
-    for side, rate in tok_s.items():
+    for side, rate in rates.items():
         for batching, key in (("pad to 512", "pad_to_512"), ("length-grouped", "length_grouped")):
-            tokens = padding[key]["tokens_per_epoch"] * RECIPE_EPOCHS
-            hours = tokens / rate / 3600
+            hours = padding[key]["tokens_per_epoch"] * RECIPE_EPOCHS / rate / 3600
             out[f"{side}, {batching}"] = {"1_gpu_hours": hours, "8_gpu_hours": hours / 8}
     return out
 
 
+# =========================================================================== one shape
+def run_shape(shape: BenchShape, device, dtype, build, args, log, deadline: float, padding: Optional[dict]) -> dict:
+    res: dict = {"about": shape.about, **shape.config.to_dict(), "prompt_len": shape.prompt_len,
+                 "adapter_layers": shape.adapter_layers, "dtype": str(dtype).replace("torch.", ""), "build": build}
+    log(f"\n######## shape {shape.name} ({shape.about}): dim {shape.config.dim}, {shape.config.n_layers} layers, "
+        f"vocab {shape.config.vocab_size}; adapter K={shape.prompt_len}, L={shape.adapter_layers}; "
+        f"{res['dtype']} on {device}; weights via {build}")
+    t0 = time.perf_counter()
+    builder = build_pair_on_disk if build == "disk" else build_pair_in_memory
+    ours, hf = builder(shape, device, dtype, args.seed)
+    ours, peft_model = attach_adapters(ours, hf, shape, args.seed)
+    own_bytes = {"adapterlab": tensor_bytes(ours), "peft": tensor_bytes(peft_model)}
+    res["build_s"] = round(time.perf_counter() - t0, 1)
+    res["weights_gib"] = {k: v / GIB for k, v in own_bytes.items()}
+    log(f"built both models in {res['build_s']} s; weights {own_bytes['adapterlab'] / GIB:.3f} GiB each")
+    sections = args.section_set
+
+    if "parity" in sections:
+        try:
+            res["parity"] = parity_check(ours, peft_model, shape, device, args.seed)
+        except Exception as error:
+            res["parity"] = {"error": f"{type(error).__name__}: {error}"[:500]}
+        log(f"\n== parity (PEFT-style adapter of ours with PEFT's prompts and gates): {res['parity']}")
+
+    if "memory" in sections and shape.ckpt_batch is not None:
+        log("\n== memory: one adapter training step, activation checkpointing on / off")
+        res["checkpointing"] = [v.to_json() for v in checkpointing_rows(ours, shape, device, args, own_bytes, log)]
+
+    if "generate" in sections:
+        if time.perf_counter() > deadline:
+            log("\n== generate: skipped (time budget)")
+        else:
+            log(f"\n== generate: greedy, prompt {shape.gen_prompt} tokens, {shape.gen_new} new tokens, "
+                f"{shape.gen_rounds} alternating rounds")
+            res["generate"] = rows = generate_rows(ours, peft_model, shape, device, args, log)
+            ratios = [r["speedup"] for r in rows if "speedup" in r]
+            if ratios:
+                res["generate_speedup_vs_peft"] = statistics.median(ratios)
+
+    if "train" in sections:
+        if time.perf_counter() > deadline:
+            log("\n== train: skipped (time budget)")
+        else:
+            log("\n== train: adapterlab vs PEFT, same weights, adapter, batch, labels and dtype")
+            rows = train_rows(ours, peft_model, shape, device, args, own_bytes, log, deadline)
+            res["train"] = [v.to_json() for v in rows]
+            peer, fast = rows[0], fastest_ours(rows)
+            if fast is not None and peer.median():
+                res["train_fast_variant"] = fast.name
+                res["train_speedup_vs_peft"] = fast.median() / peer.median()
+            B, T = shape.train_batch
+            flops = train_flops_per_step(shape.config, shape.prompt_len, shape.adapter_layers, B, T)
+            res["model_flops_per_step"] = flops
+            if device.type == "cuda":
+                res["mfu"] = {v.name: flops * v.median() / (B * T) / H100_BF16_DENSE_PEAK for v in rows if v.median()}
+            if padding is not None and fast is not None and peer.median() and T == RELEASE_PAD_LEN:
+                res["recipe_projection"] = projections({"adapterlab": fast.median(), "PEFT": peer.median()}, padding)
+            print_train_table(rows + [TrainVariant(**_ckpt_as_row(r)) for r in res.get("checkpointing", [])], log)
+
+    del ours, hf, peft_model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def _ckpt_as_row(r: dict) -> dict:
+    return dict(name=r["name"], side=r["side"], make=lambda: None, batch=tuple(r["batch"]), other_model_bytes=0,
+                own_bytes=0, note=r["note"], tok_s=r["tok_s_rounds"], peak_gib=r["peak_gib"], error=r["error"])
+
+
 # =========================================================================== report
-def median_or_none(xs: list[float]) -> Optional[float]:
-    return statistics.median(xs) if xs else None
-
-
-def print_train_table(variants: list[TrainVariant], log) -> None:
+def print_train_table(rows: list[TrainVariant], log) -> None:
     log("\n| variant | batch | tokens/s (median) | peak memory GiB | note |")
     log("|---|---|---:|---:|---|")
-    for v in variants:
-        rate = median_or_none(v.tok_s)
+    for v in rows:
+        rate = f"{v.median():,.0f}" if v.median() else "n/a"
         mem = f"{v.peak_gib:.3f}" if v.peak_gib is not None else "n/a"
-        note = v.note + (f" ERROR {v.error}" if v.error else "")
-        log(f"| {v.name} | {v.batch[0]}x{v.batch[1]} | {rate:,.0f} | {mem} | {note} |" if rate else
-            f"| {v.name} | {v.batch[0]}x{v.batch[1]} | n/a | {mem} | {note} |")
+        note = v.note + (f"; ERROR {v.error}" if v.error else "")
+        log(f"| {v.name} | {v.batch[0]}x{v.batch[1]} | {rate} | {mem} | {note} |")
+
+
+def summary(result: dict, device: torch.device, log) -> None:
+    log("\n######## summary")
+    log("| shape | train speedup vs PEFT | generate speedup vs PEFT (batch 1 / 8) | fast variant |")
+    log("|---|---:|---:|---|")
+    for name, res in result["shapes"].items():
+        gen = res.get("generate", [])
+        per_batch = " / ".join(f"{r['speedup']:.2f}x" if "speedup" in r else "n/a" for r in gen) or "n/a"
+        train = f"{res['train_speedup_vs_peft']:.2f}x" if "train_speedup_vs_peft" in res else "n/a"
+        log(f"| {name} | {train} | {per_batch} | {res.get('train_fast_variant', '')} |")
+    for name, res in result["shapes"].items():
+        for variant, mfu in res.get("mfu", {}).items():
+            log(f"  MFU {name} {variant:<48} {100 * mfu:5.1f}%  ({res['model_flops_per_step'] / 1e12:.1f} TFLOP/step)")
+        if res.get("recipe_projection"):
+            log(f"  paper recipe (Alpaca-52K, 5 epochs), {name}, from tokens/s at 8x512, perfect 8-GPU scaling:")
+            for k, v in res["recipe_projection"].items():
+                log(f"    {k:<30} 1 GPU {v['1_gpu_hours']:6.2f} h   8 GPUs {v['8_gpu_hours']:5.2f} h")
+    if device.type == "cuda" and "H100" not in result["machine"].get("gpu", ""):
+        log(f"  note: MFU uses the H100 SXM bf16 peak; this GPU is {result['machine'].get('gpu')}")
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (CPU: about 5 minutes on 2 cores)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", type=Path, default=None, help="write the results here (rewritten after each section)")
-    parser.add_argument("--shape", choices=("tiny", "cpu-small", "7b"), default=None,
-                        help="model shape (default: cpu-small on CPU, 7b on CUDA)")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here (rewritten after each shape)")
+    parser.add_argument("--shape", action="append", choices=sorted(shapes(False)), default=None,
+                        help="model shape; repeat for several (default: tinyworld and cpu-small on CPU, 7b on CUDA). "
+                             "The first one gives the top-level speedups in the JSON")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="default: fp32 on CPU, bf16 on CUDA")
     parser.add_argument("--build", choices=("disk", "memory"), default=None,
-                        help="disk: save_pretrained + load_llama (default on CPU); memory: same tensors in memory "
-                             "(default on CUDA)")
+                        help="disk: save_pretrained + load_llama (default on CPU); memory: the same tensors copied "
+                             "in memory (default on CUDA)")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                        help="torch.compile for adapterlab's fast variant (auto: on for CUDA; on CPU it is "
-                             "measured as an ablation unless --quick)")
-    parser.add_argument("--sections", default="parity,train,generate,padding",
-                        help="comma-separated subset of parity,train,generate,padding")
-    parser.add_argument("--no-ablations", action="store_true", help="only adapterlab (fast) vs PEFT")
+                        help="also measure adapterlab with compile_model (auto: on, except with --quick on CPU, "
+                             "where compiling takes minutes)")
+    parser.add_argument("--sections", default="parity,memory,generate,train,padding",
+                        help="comma-separated subset of parity,memory,generate,train,padding")
+    parser.add_argument("--no-ablations", action="store_true", help="measure only what the speedups need")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="wall-time budget: later sections and rounds are skipped once it is spent")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--alpaca-median", type=float, default=130.0)
-    parser.add_argument("--alpaca-mean", type=float, default=150.0)
+    parser.add_argument("--alpaca-median", type=float, default=130.0, help="assumed median Alpaca example length")
+    parser.add_argument("--alpaca-mean", type=float, default=150.0, help="assumed mean Alpaca example length")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but torch sees no CUDA device")
+        parser.error("--device cuda, but this torch sees no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
-    shape = shapes(args.quick)[args.shape or ("7b" if device.type == "cuda" else "cpu-small")]
+    table = shapes(args.quick)
+    names = args.shape or (["7b"] if device.type == "cuda" else ["tinyworld", "cpu-small"])
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     build = args.build or ("memory" if device.type == "cuda" else "disk")
-    if args.quick and args.compile == "auto" and device.type == "cpu":
-        args.compile = "off"  # compiling on 2 CPU cores takes minutes
-    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    if args.compile == "auto":
+        args.compile = "off" if (args.quick and device.type == "cpu") else "on"
+    args.section_set = {s.strip() for s in args.sections.split(",") if s.strip()}
     warnings.filterwarnings("ignore", message=".*generation flags.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
     t_start = time.perf_counter()
+    deadline = t_start + args.budget_s if args.budget_s else math.inf
     machine = describe_machine(device)
     result: dict = {
         "command": "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine,
         "device": str(device),
-        "dtype": str(dtype).replace("torch.", ""),
-        "shape": {"name": shape.name, **shape.config.to_dict(), "prompt_len": shape.prompt_len,
-                  "adapter_layers": shape.adapter_layers},
-        "build": build,
+        "prompt_fraction_of_labels_ignored": PROMPT_FRACTION,
         "flop_formula": FLOP_FORMULA,
+        "memory_method": (
+            "CUDA: torch.cuda.max_memory_allocated over the timed steps minus the weights of the other model "
+            "(both models stay on the GPU)" if device.type == "cuda" else
+            "CPU: the model's weights + the peak of live tensor storages allocated during one training step "
+            "(a TorchDispatchMode tracker; not measured for compiled variants)"),
+        "shapes": {},
     }
     lines: list[str] = []
 
@@ -691,87 +838,33 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     def save() -> None:
         result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+        result["log"] = lines
+        first = result["shapes"].get(names[0], {})
+        for key in ("train_speedup_vs_peft", "generate_speedup_vs_peft"):
+            if key in first:
+                result[key] = first[key]
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
-    log(f"adapterlab benchmark on {machine_label(machine)}, torch {machine['torch']}, {result['date']}")
-    log(f"shape {shape.name}: dim {shape.config.dim}, {shape.config.n_layers} layers, vocab {shape.config.vocab_size}; "
-        f"adapter K={shape.prompt_len}, L={shape.adapter_layers}; {result['dtype']} on {device}; weights via {build}")
+    log(f"adapterlab benchmark on {machine_label(machine)}, torch {machine['torch']}, transformers "
+        f"{machine['transformers']}, peft {machine['peft']}, {result['date']}")
 
-    if "padding" in sections:
-        result["padding"] = padding_section(args, log)
+    padding = None
+    if "padding" in args.section_set:
+        result["padding"] = padding = padding_section(args, log)
         save()
-
-    if sections & {"parity", "train", "generate"}:
-        t0 = time.perf_counter()
-        builder = build_pair_on_disk if build == "disk" else build_pair_in_memory
-        ours, hf = builder(shape, device, dtype, args.seed)
-        ours, peft_model = attach_adapters(ours, hf, shape, args.seed)
-        own_bytes = {"adapterlab": tensor_bytes(ours), "peft": tensor_bytes(peft_model)}
-        result["build_s"] = round(time.perf_counter() - t0, 1)
-        result["weights_gib"] = {k: v / GIB for k, v in own_bytes.items()}
-        log(f"built both models in {result['build_s']} s; weights {own_bytes['adapterlab'] / GIB:.2f} GiB each")
+    for name in names:
+        try:
+            result["shapes"][name] = run_shape(table[name], device, dtype, build, args, log, deadline, padding)
+        except Exception as error:  # e.g. out of memory while building: keep what the other shapes measured
+            result["shapes"][name] = {"error": f"{type(error).__name__}: {error}"[:1000]}
+            log(f"!! shape {name} failed: {result['shapes'][name]['error']}")
         save()
-
-        if "parity" in sections:
-            result["parity"] = parity_check(ours, peft_model, shape, device, args.seed)
-            log(f"parity (PEFT-style gates, same prompts): {result['parity']}")
-            save()
-
-        if "train" in sections:
-            variants = train_section(ours, peft_model, shape, device, args, own_bytes, log)
-            print_train_table(variants, log)
-            result["train"] = [
-                {"name": v.name, "side": v.side, "batch": list(v.batch), "tok_s_median": median_or_none(v.tok_s),
-                 "tok_s_rounds": v.tok_s, "peak_gib": v.peak_gib, "note": v.note, "error": v.error}
-                for v in variants
-            ]
-            fast, peer = variants[0], variants[1]
-            if fast.tok_s and peer.tok_s:
-                result["train_speedup_vs_peft"] = statistics.median(fast.tok_s) / statistics.median(peer.tok_s)
-            result["memory_method"] = (
-                "CUDA: torch.cuda.max_memory_allocated during the timed steps, minus the other model's weights "
-                "(both stay on the GPU)" if device.type == "cuda" else
-                "CPU: weights + peak of live tensor storages allocated during one train step "
-                "(TorchDispatchMode tracker; compiled variants not tracked)")
-            save()
-
-        if "generate" in sections:
-            rows = generate_section(ours, peft_model, shape, device, args, log)
-            result["generate"] = rows
-            ratios = [r["speedup"] for r in rows if "speedup" in r]
-            if ratios:
-                result["generate_speedup_vs_peft"] = statistics.median(ratios)
-            save()
-
-    # ---------------------------------------------------------------- summary
-    log("\n== summary")
-    if "train_speedup_vs_peft" in result:
-        log(f"  train speedup vs PEFT     {result['train_speedup_vs_peft']:.2f}x  (batch {shape.train_batch[0]}x"
-            f"{shape.train_batch[1]}, medians of {shape.rounds} alternating rounds)")
-    if "generate_speedup_vs_peft" in result:
-        log(f"  generate speedup vs PEFT  {result['generate_speedup_vs_peft']:.2f}x  (median over batch sizes "
-            f"{', '.join(str(b) for b in shape.gen_batches)})")
-    if "train" in result:
-        B, T = shape.train_batch
-        flops = train_flops_per_step(shape.config, shape.prompt_len, shape.adapter_layers, B, T)
-        result["model_flops_per_step"] = flops
-        rates = {r["name"]: r["tok_s_median"] for r in result["train"][:2] if r["tok_s_median"]}
-        if device.type == "cuda":
-            result["mfu"] = {name: flops * rate / (B * T) / H100_BF16_DENSE_PEAK for name, rate in rates.items()}
-            result["mfu_peak_flops"] = H100_BF16_DENSE_PEAK
-            for name, m in result["mfu"].items():
-                log(f"  MFU {name:<28} {100 * m:.1f}% of 989 TFLOP/s  ({flops / 1e12:.1f} TFLOP per step)")
-            if "H100" not in machine.get("gpu", "H100"):
-                log(f"  note: MFU uses the H100 SXM peak; this GPU is {machine.get('gpu')}")
-        if "padding" in result and shape.name == "7b":
-            result["recipe_projection"] = projections(rates, result["padding"])
-            log("  paper recipe (Alpaca-52K, 5 epochs), from tokens/s at 8x512, perfect 8-GPU scaling assumed:")
-            for k, v in result["recipe_projection"].items():
-                log(f"    {k:<44} 1 GPU {v['1_gpu_hours']:6.2f} h   8 GPUs {v['8_gpu_hours']:5.2f} h")
-    log(f"  total time {time.perf_counter() - t_start:.0f} s")
-    result["log"] = lines
+    summary(result, device, log)
+    with contextlib.suppress(OSError, AttributeError):
+        machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    log(f"total time {time.perf_counter() - t_start:.0f} s")
     save()
     return result
 

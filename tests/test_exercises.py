@@ -23,6 +23,8 @@ from adapterlab.exercises import (
     check_llama_param_count,
     check_rmsnorm,
     check_step0_gradients,
+    check_target_token_count,
+    check_uniform_loss,
     check_zero_init_attention,
     llama_param_count,
 )
@@ -50,7 +52,7 @@ def assert_wrong(result: CheckResult, *phrases: str) -> None:
 # --------------------------------------------------------------------------- blank answers
 @pytest.mark.parametrize("checker", [
     check_rmsnorm, check_llama_param_count, check_kv_cache_bytes, check_zero_init_attention,
-    check_adapter_param_count, check_step0_gradients,
+    check_adapter_param_count, check_step0_gradients, check_uniform_loss,
 ])
 @pytest.mark.parametrize("blank", [None, ...])
 def test_blank_answer_asks_for_one_and_does_not_raise(checker, blank):
@@ -237,6 +239,47 @@ def test_step0_gradients_answer_matches_a_real_backward_pass():
 ])
 def test_step0_gradients_names_the_mistake(answer, phrase):
     assert_wrong(check_step0_gradients(answer), phrase)
+
+
+# --------------------------------------------------------------------------- losses and labels
+def test_uniform_loss_is_the_loss_of_uniform_logits():
+    V = 640
+    truth = torch.nn.functional.cross_entropy(torch.zeros(5, V), torch.arange(5)).item()  # equal logits
+    assert check_uniform_loss(truth, vocab_size=V)
+    assert check_uniform_loss(torch.tensor(truth), vocab_size=V)
+    assert_wrong(check_uniform_loss(math.log2(V), vocab_size=V), "bits")
+    assert_wrong(check_uniform_loss(1 / V, vocab_size=V), "probability")
+    assert_wrong(check_uniform_loss(-truth, vocab_size=V), "sign")
+    assert_wrong(check_uniform_loss(math.log(32000), vocab_size=V), "32000")
+    assert_wrong(check_uniform_loss(3.0, vocab_size=V), "not it")
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer():
+    from adapterlab.tokenizer import Tokenizer
+
+    texts = [f"{n} lives in {c}. {n} has a {p}." for n in ("Ada", "Bruno", "Clara", "Dario")
+             for c in ("Paris", "Oslo", "Lima") for p in ("cat", "dog", "parrot")]
+    texts += ["Below is an instruction that describes a task. Write a response that appropriately completes the "
+              "request. ### Instruction: ### Input: ### Response: Where does live? What pet does have?"] * 5
+    return Tokenizer.train(texts, vocab_size=120)
+
+
+def test_target_token_count_matches_the_training_loss(small_tokenizer):
+    """The right answer is what the training loop actually counts (TokenDataset.n_targets)."""
+    from adapterlab.data import instruction_dataset
+
+    record = {"instruction": "Where does Ada live?", "input": "", "output": "Ada lives in Paris."}
+    truth = instruction_dataset([record], small_tokenizer, max_seq_len=512).n_targets([0])
+    n_response = len(small_tokenizer.encode(record["output"], bos=False, eos=False))
+    assert truth == n_response + 1
+    assert check_target_token_count(truth, record, small_tokenizer)
+    assert_wrong(check_target_token_count(n_response, record, small_tokenizer), "EOS")
+    n_all = len(small_tokenizer.encode(
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+        "\n\n### Instruction:\nWhere does Ada live?\n\n### Response:", bos=True)) + n_response + 1
+    assert_wrong(check_target_token_count(n_all, record, small_tokenizer), "every token")
+    assert repr(check_target_token_count(None, record, small_tokenizer)).startswith("No answer yet")
 
 
 # --------------------------------------------------------------------------- the notebooks themselves
