@@ -41,6 +41,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .data import StepSampler
+
 STRATEGIES = ("none", "ddp", "fsdp")
 DEFAULT_TIMEOUT_S = 600.0  # a collective waiting longer than this means a rank died or hangs
 TIMEOUT_ENV = "ADAPTERLAB_DIST_TIMEOUT"
@@ -295,57 +297,31 @@ def rank_share(global_batch: Sequence[int], rank: int, world_size: int) -> list[
     return list(global_batch[rank::world_size])
 
 
-class DistributedLengthGroupedSampler:
+class DistributedLengthGroupedSampler(StepSampler):
     """Deterministic, world-size independent batches for data-parallel training.
 
-    Every rank computes the same global batches, grouped by length
-    (:func:`adapterlab.data.length_grouped_batches`, a pure function of (seed, epoch)), and
-    keeps its share (:func:`rank_share`). The position in the data is the *global* step, so a
+    :class:`adapterlab.data.StepSampler` (every rank computes the same length-grouped global
+    batches, a pure function of (seed, epoch), and keeps ``batch[rank::world_size]``) with the
+    checks and bookkeeping of a distributed run: rank and world size default to the process
+    group's, the global batch must split evenly over ranks x micro-batches
+    (:func:`check_batch_sizes`), and the position in the data is the *global* step, so a
     checkpoint resumes at any world size: step s always means global batch s, samples
-    s * global_batch. With micro_batch set, a share is cut into micro-batches of that size
-    (gradient accumulation).
+    s * global_batch.
     """
 
     def __init__(self, lengths: Sequence[int], global_batch: int, seed: int = 0, rank: Optional[int] = None,
                  world_size: Optional[int] = None, micro_batch: Optional[int] = None, group: int = 32):
         r, w = rank_and_world()
-        self.rank = r if rank is None else rank
-        self.world_size = w if world_size is None else world_size
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is outside 0..{self.world_size - 1}")
-        self.per_rank, self.accumulation = check_batch_sizes(global_batch, self.world_size, micro_batch)
-        self.lengths = list(lengths)
-        self.global_batch_size = global_batch
-        self.micro_batch = micro_batch or self.per_rank
-        self.seed, self.group = seed, group
-        self.steps_per_epoch = len(self.lengths) // global_batch
-        if self.steps_per_epoch < 1:
-            raise BatchSizeError(f"the data set has {len(self.lengths)} examples, fewer than one global batch of "
-                                 f"{global_batch}; lower --batch-size or add data")
-        self._epoch, self._batches = -1, []
-
-    def global_batch(self, step: int) -> list[int]:
-        """Example indices of global batch ``step`` (0-based, counted over all epochs)."""
-        from .data import length_grouped_batches
-
-        epoch, index = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            self._batches = length_grouped_batches(self.lengths, self.global_batch_size, self.seed, epoch, self.group)
-            self._epoch = epoch
-        return self._batches[index]
+        rank = r if rank is None else rank
+        world_size = w if world_size is None else world_size
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        self.per_rank, self.accumulation = check_batch_sizes(global_batch, world_size, micro_batch)
+        super().__init__(lengths, global_batch, seed, rank, world_size, micro_batch, group)
 
     def shard(self, step: int) -> list[int]:
         """This rank's examples of global batch ``step``."""
         return rank_share(self.global_batch(step), self.rank, self.world_size)
-
-    def micro_batches(self, step: int) -> list[list[int]]:
-        """This rank's share of step ``step`` cut into micro-batches (accumulation steps)."""
-        share = self.shard(step)
-        return [share[i:i + self.micro_batch] for i in range(0, len(share), self.micro_batch)]
-
-    def iter_from(self, start_step: int, total_steps: int) -> Iterator[tuple[int, list[list[int]]]]:
-        for step in range(start_step, total_steps):
-            yield step, self.micro_batches(step)
 
     def position(self, step: int) -> dict:
         """World-size independent position after ``step`` global steps (what a checkpoint stores)."""

@@ -91,11 +91,20 @@ STORIES = [
     "{n} works as {a_job} {job} in {city}. At home, {a_pet} {pet} waits, and everything there is {color}.",
     "The {pet} of {n} sleeps on a {color} blanket in a small flat in {city}.",
 ]
-SUBJECT_QUESTIONS = {  # the with-input form: the person goes in the input field
-    "city": "Where does the person named in the input live?",
-    "pet": "What pet does the person named in the input have?",
-    "job": "What is the job of the person named in the input?",
-    "color": "What is the favourite colour of the person named in the input?",
+# Instructions, as the instruction set words them: requests, not the questions of the corpus.
+# The base never saw these forms, so before tuning it does not know what is asked.
+INSTRUCTIONS = {
+    "city": ["Tell me where {n} lives.", "Name the city that {n} calls home.", "Say which city {n} lives in."],
+    "pet": ["Tell me which pet {n} has.", "Name the animal that {n} keeps.", "Say what pet {n} owns."],
+    "job": ["Tell me the job of {n}.", "Name the trade of {n}.", "Say what {n} does for a living."],
+    "color": ["Tell me the favourite colour of {n}.", "Name the colour that {n} likes best.",
+              "Say which colour {n} prefers."],
+}
+INPUT_INSTRUCTIONS = {  # the with-input form: the person goes in the input field
+    "city": ["Tell me where this person lives.", "Name the city of the person in the input."],
+    "pet": ["Tell me which pet this person has.", "Name the pet of the person in the input."],
+    "job": ["Tell me the job of this person.", "Name the trade of the person in the input."],
+    "color": ["Tell me the favourite colour of this person.", "Name the colour the person in the input likes best."],
 }
 GENERIC_INSTRUCTIONS = ["Answer the question in one sentence.", "Answer the following question.",
                         "Read the question and answer it briefly."]
@@ -215,22 +224,30 @@ def pretrain_corpus(world: World, passes: int = 24, story_prob: float = 0.5, ari
     return docs
 
 
-def question_record(rng: random.Random, p: Person, attribute: str, with_input: bool) -> dict:
-    """One Alpaca record asking about one fact; ``answer``/``alternatives`` are kept for scoring."""
+def question_record(rng: random.Random, p: Person, attribute: str, with_input: bool, style: str = "request") -> dict:
+    """One Alpaca record asking about one fact; ``answer``/``alternatives`` are kept for scoring.
+
+    style "request": worded as the instruction set words it (the base never saw it);
+    "question": worded as the corpus's question-like text (the base may answer it untuned).
+    """
     value = p.get(attribute)
     output = ANSWERS[attribute].format(n=p.name, v=value, a=article(value))
-    if with_input:
-        if rng.random() < 0.5:
-            instruction, input_ = SUBJECT_QUESTIONS[attribute], p.name
+    if style == "question":
+        question = rng.choice(QUESTIONS[attribute]).format(n=p.name)
+        instruction, input_ = (rng.choice(GENERIC_INSTRUCTIONS), question) if with_input else (question, "")
+    elif style == "request":
+        if with_input:
+            instruction, input_ = rng.choice(INPUT_INSTRUCTIONS[attribute]), p.name
         else:
-            instruction, input_ = rng.choice(GENERIC_INSTRUCTIONS), rng.choice(QUESTIONS[attribute]).format(n=p.name)
+            instruction, input_ = rng.choice(INSTRUCTIONS[attribute]).format(n=p.name), ""
     else:
-        instruction, input_ = rng.choice(QUESTIONS[attribute]).format(n=p.name), ""
+        raise ValueError(f"style must be 'request' or 'question'; got {style!r}")
     return {"instruction": instruction, "input": input_, "output": output, "answer": value,
-            "alternatives": [v for v in ATTRIBUTES[attribute] if v != value], "attribute": attribute, "name": p.name}
+            "alternatives": [v for v in ATTRIBUTES[attribute] if v != value], "attribute": attribute, "name": p.name,
+            "style": style}
 
 
-def instruction_set(world: World, per_fact: int = 3, input_fraction: float = 0.4,
+def instruction_set(world: World, per_fact: int = 3, input_fraction: float = 0.4, style: str = "request",
                     seed: Optional[int] = None) -> tuple[list[dict], list[dict]]:
     """(train records, held-out records) in Alpaca format.
 
@@ -243,7 +260,7 @@ def instruction_set(world: World, per_fact: int = 3, input_fraction: float = 0.4
     for p in world.train_people:
         for a in ATTRIBUTES:
             for _ in range(per_fact):
-                train.append(question_record(rng, p, a, rng.random() < input_fraction))
+                train.append(question_record(rng, p, a, rng.random() < input_fraction, style))
     for city, country in world.cities.items():
         q = f"Which country is {city} in?"
         out = f"{city} is in {country}."
@@ -253,7 +270,8 @@ def instruction_set(world: World, per_fact: int = 3, input_fraction: float = 0.4
         x, y = rng.randint(0, 9), rng.randint(0, 9)
         train.append({"instruction": f"What is {x} plus {y}?", "input": "", "output": f"{x} plus {y} is {x + y}."})
     rng.shuffle(train)
-    heldout = [question_record(rng, p, a, rng.random() < input_fraction) for p in world.heldout_people for a in ATTRIBUTES]
+    heldout = [question_record(rng, p, a, rng.random() < input_fraction, style)
+               for p in world.heldout_people for a in ATTRIBUTES]
     return train, heldout
 
 
@@ -266,8 +284,16 @@ def tokenizer_texts(corpus: Sequence[str], records: Sequence[dict]) -> list[str]
 
 
 # --------------------------------------------------------------------------- scoring
+def first_sentence(text: str) -> str:
+    """The answer proper: text up to the first sentence end (a model that goes on talking
+    after answering gets no credit for what it says later)."""
+    return re.split(r"(?<=[.!?])\s", text.strip(), maxsplit=1)[0]
+
+
 def answer_is_correct(answer: str, value: str, alternatives: Sequence[str]) -> bool:
-    """Correct: the right value appears as a word and no other value of the same attribute does."""
+    """Correct: the first sentence names the right value, and no other value of the same attribute."""
+    answer = first_sentence(answer)
+
     def has(word: str) -> bool:
         return re.search(rf"\b{re.escape(word)}\b", answer, flags=re.IGNORECASE) is not None
 

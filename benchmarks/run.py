@@ -754,11 +754,12 @@ def print_train_table(rows: list[TrainVariant], log) -> None:
 
 def summary(result: dict, device: torch.device, log) -> None:
     log("\n######## summary")
-    log("| shape | train speedup vs PEFT | generate speedup vs PEFT (batch 1 / 8) | fast variant |")
+    log("| shape | train speedup vs PEFT | generate speedup vs PEFT (per batch size) | fast variant |")
     log("|---|---:|---:|---|")
     for name, res in result["shapes"].items():
         gen = res.get("generate", [])
-        per_batch = " / ".join(f"{r['speedup']:.2f}x" if "speedup" in r else "n/a" for r in gen) or "n/a"
+        per_batch = ", ".join(f"B={r['batch']}: " + (f"{r['speedup']:.2f}x" if "speedup" in r else "n/a")
+                              for r in gen) or "n/a"
         train = f"{res['train_speedup_vs_peft']:.2f}x" if "train_speedup_vs_peft" in res else "n/a"
         log(f"| {name} | {train} | {per_batch} | {res.get('train_fast_variant', '')} |")
     for name, res in result["shapes"].items():

@@ -30,7 +30,7 @@ from adapterlab import distributed as D
 NPROC = int(os.environ.get("ADAPTERLAB_TEST_NPROC", "2"))
 STEPS = 20
 BATCH = 16  # global batch: divisible by NPROC x micro-batch 2 for NPROC = 1, 2, 4, 8
-TIMEOUT = 8  # seconds a collective may wait in the fault tests
+TIMEOUT = 5  # seconds a collective may wait in the fault tests
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -268,8 +268,8 @@ def worker_fault(kind: str, base: str, data: str, out: str) -> None:
 @pytest.mark.parametrize("kind", ["die", "hang"])
 def test_a_dead_or_hung_rank_stops_the_others(world_files, reference_run, tmp_path, kind):
     """No torchrun agent here (it would kill the survivors itself): rank 0 must notice on its own,
-    within the timeout, with a clear message; the last checkpoint stays intact and resumes, in
-    one process, to the same result as the uninterrupted reference."""
+    within the timeout, with a clear message; the last checkpoint stays intact and (after a
+    death) resumes, in one process, to the same result as the uninterrupted 1-process reference."""
     out = tmp_path / kind
     port = free_port()
     procs = []
@@ -290,7 +290,9 @@ def test_a_dead_or_hung_rank_stops_the_others(world_files, reference_run, tmp_pa
     if kind == "hang":
         assert f"timeout {TIMEOUT} s" in err
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)  # intact, written by rank 0 at step 2
-    assert ckpt["step"] == 2
+    assert ckpt["step"] == 2 and ckpt["world_size"] == 2
+    if kind == "hang":
+        return
     proc = run([sys.executable, "-m", "adapterlab", *finetune_args(world_files, out, "--resume")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_run(out, reference_run)  # resumed at world size 1 what 2 processes started
