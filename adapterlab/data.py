@@ -82,7 +82,8 @@ def validate_records(records: Any, source: str = "records", max_problems: int = 
     if problems:
         shown = "\n  ".join(problems[:max_problems])
         more = f"\n  ... and {len(problems) - max_problems} more problems" if len(problems) > max_problems else ""
-        raise DataError(f"{source}: {len(problems)} invalid record(s) out of {len(records)}:\n  {shown}{more}")
+        n_bad = len({p.split(":")[0] for p in problems})
+        raise DataError(f"{source}: {n_bad} of {len(records)} records are invalid (nothing was trained):\n  {shown}{more}")
     return [{"input": "", **r} for r in records]  # extra fields (e.g. "answer") are kept
 
 

@@ -86,13 +86,14 @@ class GateTail:
         return new
 
 
-def run_finished(run_dir: str | os.PathLike, since: float = 0.0, process: Optional[subprocess.Popen] = None) -> bool:
-    """Has the run ended? The process (if given) exited, or ``metrics.json`` was written after ``since``."""
+def run_finished(run_dir: str | os.PathLike, process: Optional[subprocess.Popen] = None) -> bool:
+    """Has the run ended? The process (if given) exited; otherwise ``metrics.json`` (written last,
+    at the end of a run) is at least as new as ``gates.jsonl`` (which a fresh or resumed run rewrites
+    when it starts, and appends to while it runs)."""
     if process is not None:
         return process.poll() is not None
-    metrics = Path(run_dir) / METRICS_NAME
     try:
-        return metrics.stat().st_mtime >= since
+        return (Path(run_dir) / METRICS_NAME).stat().st_mtime_ns >= (Path(run_dir) / GATES_NAME).stat().st_mtime_ns
     except FileNotFoundError:
         return False
 
@@ -193,7 +194,8 @@ def follow_gates(run_dir: str | os.PathLike, interval: float = 2.0, png: Optiona
     """Tail ``run_dir/gates.jsonl`` until the run ends; print a line per record; redraw a PNG.
 
     png: "auto" -> ``run_dir/gates_live.png``; None -> no picture. The run has ended when
-    ``process`` exits (if given) or ``metrics.json`` is (re)written after following started.
+    ``process`` exits (if given) or ``metrics.json`` is newer than ``gates.jsonl`` (so following
+    a finished run prints it and returns).
     timeout: give up after that many seconds (None: follow until the end). wait_for_start:
     give up if no gate record appears within that many seconds. Returns all records.
     """
@@ -201,13 +203,11 @@ def follow_gates(run_dir: str | os.PathLike, interval: float = 2.0, png: Optiona
     png_path = run_dir / LIVE_PNG if png == "auto" else (Path(png) if png else None)
     tail = GateTail(run_dir)
     started = time.time()
-    metrics = run_dir / METRICS_NAME
-    since = max(started, metrics.stat().st_mtime + 1e-3) if metrics.exists() else started
     print(f"following {tail.path} (Ctrl-C to stop){' -> ' + str(png_path) if png_path else ''}", file=out, flush=True)
     shown, finished = 0, False
     try:
         while True:
-            finished = run_finished(run_dir, since, process)  # look first, then read: no record is missed
+            finished = run_finished(run_dir, process)  # look first, then read: no record is missed
             new = tail.poll()
             if tail.restarted:
                 print("(gates.jsonl was rewritten: a new run started; following it)", file=out, flush=True)
@@ -288,8 +288,6 @@ class LiveGates:
         self.widget = widgets.VBox([self.status, self.image, self.out])
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        metrics = self.run_dir / METRICS_NAME
-        self._since = max(time.time(), metrics.stat().st_mtime + 1e-3) if metrics.exists() else time.time()
         self.finished = False
         if display:
             from IPython.display import display as show
@@ -304,7 +302,7 @@ class LiveGates:
 
     def refresh(self) -> bool:
         """Read new records and redraw if there are any; return True when the run has ended."""
-        finished = run_finished(self.run_dir, self._since, self.process)
+        finished = run_finished(self.run_dir, self.process)
         new = self.tail.poll()
         if new or self.tail.restarted:
             self.tail.restarted = False

@@ -3,7 +3,7 @@
 Every scene shows ``count`` copies of one shape in one colour, grouped in one corner:
 
     shape    in SHAPES     circle, square, triangle, cross
-    colour   in COLOURS    red, green, blue, yellow, purple, orange
+    colour   in COLOURS    red, green, blue, yellow
     count    in COUNTS     1 .. 4
     corner   in CORNERS    top left, top right, bottom left, bottom right
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 SHAPES = ("circle", "square", "triangle", "cross")
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+COLOURS = ("red", "green", "blue", "yellow")
 COUNTS = (1, 2, 3, 4)
 CORNERS = ("top left", "top right", "bottom left", "bottom right")
 IMAGE_SIZE = 48
@@ -34,8 +34,6 @@ RGB = {
     "green": (30, 160, 50),
     "blue": (40, 70, 220),
     "yellow": (235, 205, 20),
-    "purple": (140, 40, 180),
-    "orange": (245, 130, 15),
 }
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}  # counts are spelt out in all texts
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
@@ -54,7 +52,7 @@ class Scene:
         return asdict(self)
 
     def noun_phrase(self) -> str:
-        """'a red circle', 'an orange square', 'three blue crosses'."""
+        """'a red circle', 'three blue crosses'."""
         if self.count == 1:
             article = "an" if self.colour[0] in "aeiou" else "a"
             return f"{article} {self.colour} {self.shape}"

@@ -273,6 +273,8 @@ def train(
     out_dir = Path(config.out_dir) if config.out_dir else None
     if out_dir is not None and is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(".*.tmp"):  # left by a run killed while writing a file
+            stale.unlink(missing_ok=True)
     ckpt_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
 
     callbacks = list(callbacks)

@@ -167,27 +167,33 @@ def pretrain_scene_encoder(
     """
     from tqdm.auto import tqdm
 
+    from .train import Schedule, lr_at
+
+    if steps < 1:
+        raise ValueError(f"pretrain_scene_encoder: steps must be >= 1; got {steps}")
     if len(images) != len(scenes):
         raise ValueError(f"pretrain_scene_encoder: {len(images)} images but {len(scenes)} scenes")
-    if len(images) < 1024:
-        raise ValueError(f"pretrain_scene_encoder needs at least 1024 pictures (512 are held out); got {len(images)}")
+    if len(images) < 8:
+        raise ValueError(f"pretrain_scene_encoder needs at least 8 pictures (a quarter is held out); got {len(images)}")
     torch.manual_seed(seed)
     encoder = SceneEncoder(SceneEncoderConfig(image_size=images.shape[-1]))
     heads = AttributeHeads(encoder.visual_dim)
     labels = torch.tensor([s.attribute_ids() for s in scenes])  # (N, 4)
-    n_train = len(images) - 512
+    n_train = len(images) - min(512, len(images) // 4)  # the rest measures the encoder
     params = list(encoder.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    schedule = Schedule(total_steps=steps, steps_per_epoch=max(1, n_train // batch_size),
+                        warmup_steps=max(1, steps // 10))
     gen = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(steps), desc="pretrain scene encoder", disable=not progress, leave=False):
+    for step in tqdm(range(steps), desc="pretrain the scene encoder", disable=not progress, leave=False):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, schedule, lr)  # linear warm-up, then half-cycle cosine
         idx = torch.randint(0, n_train, (batch_size,), generator=gen)
         logits = heads(encoder(images[idx]))
         loss = sum(F.cross_entropy(lg, labels[idx, j]) for j, lg in enumerate(logits))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
     encoder.eval().requires_grad_(False)
     with torch.no_grad():
         preds = [lg.argmax(-1) for lg in heads(encoder(images[n_train:]))]

@@ -129,7 +129,7 @@ def test_bad_files_name_the_file_record_and_problem(tmp_path, text, expected):
 def test_every_problem_is_found_before_training(tmp_path):
     recs = [{"instruction": "a", "output": "b"}] * 50 + [{"instruction": 1, "output": "b"}, {"output": "b"}]
     path = write(tmp_path, "train.json", json.dumps(recs))
-    with pytest.raises(DataError, match=r"2 invalid record\(s\) out of 52.*record 50.*record 51") as err:
+    with pytest.raises(DataError, match=r"(?s)2 of 52 records are invalid.*record 50.*record 51") as err:
         load_alpaca(path)
     assert "train.json" in str(err.value)
 

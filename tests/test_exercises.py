@@ -23,6 +23,8 @@ from adapterlab.exercises import (
     check_llama_param_count,
     check_rmsnorm,
     check_step0_gradients,
+    check_adapted_layers,
+    check_most_open_layer,
     check_target_token_count,
     check_uniform_loss,
     check_zero_init_attention,
@@ -52,7 +54,7 @@ def assert_wrong(result: CheckResult, *phrases: str) -> None:
 # --------------------------------------------------------------------------- blank answers
 @pytest.mark.parametrize("checker", [
     check_rmsnorm, check_llama_param_count, check_kv_cache_bytes, check_zero_init_attention,
-    check_adapter_param_count, check_step0_gradients, check_uniform_loss,
+    check_adapter_param_count, check_step0_gradients, check_uniform_loss, check_adapted_layers,
 ])
 @pytest.mark.parametrize("blank", [None, ...])
 def test_blank_answer_asks_for_one_and_does_not_raise(checker, blank):
@@ -280,6 +282,46 @@ def test_target_token_count_matches_the_training_loss(small_tokenizer):
         "\n\n### Instruction:\nWhere does Ada live?\n\n### Response:", bos=True)) + n_response + 1
     assert_wrong(check_target_token_count(n_all, record, small_tokenizer), "every token")
     assert repr(check_target_token_count(None, record, small_tokenizer)).startswith("No answer yet")
+
+
+# --------------------------------------------------------------------------- gates
+def test_adapted_layers_matches_add_adapter():
+    from adapterlab.adapter import adapted_layers
+
+    for n_layers, L in ((4, 2), (4, 4), (6, 1)):
+        model = Llama(LlamaConfig(dim=32, n_layers=n_layers, n_heads=2, vocab_size=50, multiple_of=16))
+        add_adapter(model, AdapterConfig(prompt_len=2, layers=L))
+        assert check_adapted_layers(set(adapted_layers(model)), n_layers=n_layers, layers=L)
+    assert check_adapted_layers([2, 3])
+    assert_wrong(check_adapted_layers({0, 1}), "top")
+    assert_wrong(check_adapted_layers({3, 4}), "start at 0")
+    assert_wrong(check_adapted_layers({3}), "exactly 2")
+    assert_wrong(check_adapted_layers("two"), "integers")
+
+
+def gate_records():
+    """Three records of a 3-layer, 4-head adapter (layers 1..3). At the end: layer 2 has the largest
+    mean |gate|, layer 3 the largest single head, layer 1 the largest signed mean."""
+    last = [[0.30, 0.30, 0.30, 0.30],  # layer 1: mean 0.30, mean |g| 0.30
+            [0.50, -0.50, 0.50, -0.45],  # layer 2: mean 0.01, mean |g| 0.49
+            [0.90, -0.30, 0.05, -0.30]]  # layer 3: max head 0.90, mean |g| 0.39
+    zero = [[0.0] * 4] * 3
+    mid = [[v / 2 for v in row] for row in last]
+    return [{"step": s, "layers": [1, 2, 3], "gates": g, "loss": None, "lr": 0.0}
+            for s, g in ((0, zero), (10, mid), (20, last))]
+
+
+def test_most_open_layer(tmp_path):
+    from adapterlab.gates import GateLog
+
+    records = gate_records()
+    assert check_most_open_layer(2, records)
+    assert check_most_open_layer(2, GateLog.from_records(records))
+    (tmp_path / "gates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert check_most_open_layer(2, tmp_path)
+    assert_wrong(check_most_open_layer(3, records), "single most open head")
+    assert_wrong(check_most_open_layer(1, records), "signed mean")
+    assert_wrong(check_most_open_layer(0, records), "no adapter")
 
 
 # --------------------------------------------------------------------------- the notebooks themselves

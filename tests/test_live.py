@@ -137,3 +137,22 @@ def test_render_png_writes_atomically(tmp_path):
     data = render_png([record(s) for s in (1, 2, 3)], tmp_path / "x.png", title="t")
     assert data.startswith(PNG_MAGIC) and (tmp_path / "x.png").read_bytes() == data
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_finished_run_is_shown_and_a_restarted_one_followed(tmp_path):
+    import os
+
+    from adapterlab.live import run_finished
+
+    (tmp_path / "gates.jsonl").write_text(line(record(10)) + line(record(20)))
+    (tmp_path / "metrics.json").write_text("{}")
+    t = time.time_ns()
+    os.utime(tmp_path / "gates.jsonl", ns=(t - 10**9, t - 10**9))
+    os.utime(tmp_path / "metrics.json", ns=(t, t))
+    assert run_finished(tmp_path)  # metrics.json written after the last gate record
+    out = io.StringIO()
+    assert [r["step"] for r in follow_gates(tmp_path, interval=0.01, png=None, out=out)] == [10, 20]
+    os.utime(tmp_path / "gates.jsonl", ns=(t + 10**9, t + 10**9))  # --resume rewrote the log: running again
+    assert not run_finished(tmp_path)
+    (tmp_path / "metrics.json").unlink()
+    assert not run_finished(tmp_path)
