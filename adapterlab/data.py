@@ -201,7 +201,7 @@ def text_windows(token_stream: Sequence[int], seq_len: int, source: str = "") ->
 
 # --------------------------------------------------------------------------- batching
 def length_grouped_batches(
-    lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group: int = 32
+    lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group: int = 8
 ) -> list[list[int]]:
     """One epoch's batches of example indices, deterministic for (seed, epoch).
 
@@ -240,7 +240,7 @@ class StepSampler:
     """
 
     def __init__(self, lengths: Sequence[int], global_batch: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, micro_batch: Optional[int] = None, group: int = 32):
+                 world_size: int = 1, micro_batch: Optional[int] = None, group: int = 8):
         if global_batch % world_size:
             raise DataError(f"the global batch size {global_batch} is not divisible by the number of processes "
                             f"{world_size}; choose a multiple of {world_size}")

@@ -123,12 +123,16 @@ def init_distributed(device: Optional[str | torch.device] = None, timeout_s: Opt
         return DistEnv(rank, world, local, dev, dist.get_backend(), timeout_s)
 
     if not launched_by_torchrun():
-        dev = torch.device("cuda", 0) if use_cuda else (want or torch.device("cpu"))
+        if use_cuda:
+            dev = want if want is not None and want.index is not None else torch.device("cuda", 0)
+        else:
+            dev = want or torch.device("cpu")
         return DistEnv(device=dev, timeout_s=timeout_s)
 
     if not dist.is_available():
         raise DistributedError("this torch build has no torch.distributed; run in a single process")
-    rank, world, local = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
+    rank, world = _env_int("RANK"), _env_int("WORLD_SIZE")
+    local = _env_int("LOCAL_RANK") if "LOCAL_RANK" in os.environ else rank
     if use_cuda:
         n_gpus = torch.cuda.device_count()
         if local >= n_gpus:
@@ -266,26 +270,27 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 # --------------------------------------------------------------------------- batches
 def check_batch_sizes(global_batch: int, world_size: int, micro_batch: Optional[int] = None) -> tuple[int, int]:
-    """-> (examples per rank per step, accumulation steps per rank). Raises :class:`BatchSizeError`.
+    """-> (examples per rank per step, micro-batches per rank per step). Raises :class:`BatchSizeError`.
 
-    The global batch must split evenly: global_batch = world_size * micro_batch * accumulation.
+    Every rank must get the same number of examples, so the global batch must be divisible by
+    the world size. A rank's share is then cut into micro-batches of ``micro_batch`` examples
+    (gradient accumulation); the last one may be smaller - the loss is normalised by the number
+    of targets in the whole global batch, so the update is the same however the batch is cut.
     """
     if global_batch < 1 or world_size < 1:
         raise BatchSizeError(f"global batch ({global_batch}) and world size ({world_size}) must be >= 1")
     if micro_batch is not None and micro_batch < 1:
         raise BatchSizeError(f"micro-batch size must be >= 1; got {micro_batch}")
-    unit = world_size * (micro_batch or 1)
-    if global_batch % unit:
-        what = (f"world size {world_size} x micro-batch {micro_batch} = {unit}" if micro_batch
-                else f"the world size {world_size}")
-        ok_batch = max(unit, (global_batch // unit) * unit)
+    if global_batch % world_size:
+        lower = (global_batch // world_size) * world_size
+        options = f"--batch-size {lower} or {lower + world_size}" if lower else f"--batch-size {world_size}"
         raise BatchSizeError(
-            f"the global batch size {global_batch} is not divisible by {what}: every rank must get the same "
-            f"number of examples. Use --batch-size {ok_batch} (or {ok_batch + unit}), or change the number of "
-            f"processes{' / --micro-batch-size' if micro_batch else ''}."
+            f"the global batch size {global_batch} is not divisible by the world size {world_size} (the number of "
+            f"processes): every rank must get the same number of examples. Use {options}, or start a number of "
+            f"processes that divides {global_batch}."
         )
     per_rank = global_batch // world_size
-    return per_rank, per_rank // (micro_batch or per_rank)
+    return per_rank, math.ceil(per_rank / (micro_batch or per_rank))
 
 
 def rank_share(global_batch: Sequence[int], rank: int, world_size: int) -> list[int]:

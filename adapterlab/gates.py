@@ -206,8 +206,15 @@ def plot_heatmap(source, ax=None, reduce: str = "mean_abs"):
     log = _as_log(source)
     ax = ax or plt.figure(figsize=(6, 3)).gca()
     data = np.abs(log.gates).mean(-1) if reduce == "mean_abs" else log.gates[:, :, int(reduce)]  # (S, L)
-    extent = (log.steps[0], log.steps[-1], log.layers[0] - 0.5, log.layers[-1] + 0.5)
-    im = ax.imshow(data.T, aspect="auto", origin="lower", extent=extent, cmap="viridis", interpolation="nearest")
+    steps = log.steps.astype(float)
+    if len(steps) > 1:  # cell edges halfway between logged steps
+        mids = (steps[1:] + steps[:-1]) / 2
+        x_edges = np.concatenate([[steps[0]], mids, [steps[-1]]])
+    else:
+        x_edges = np.array([steps[0] - 0.5, steps[0] + 0.5])
+    y_edges = np.arange(len(log.layers) + 1) - 0.5
+    im = ax.pcolormesh(x_edges, y_edges, data.T, cmap="viridis", shading="flat")
+    ax.set_yticks(np.arange(len(log.layers)), [str(l) for l in log.layers])
     ax.set_xlabel("step")
     ax.set_ylabel("adapted layer")
     ax.set_title("gate opening, mean |tanh(g)| over heads" if reduce == "mean_abs" else f"gate of head {reduce}")
@@ -266,6 +273,8 @@ def plot_loss_and_gates(source, ax=None):
     for i, layer in enumerate(log.layers):
         ax2.plot(log.steps, mean_abs[:, i], lw=1, label=f"layer {layer}")
     ax2.set_ylabel("mean |gate|")
+    if len(log.layers) <= 8:
+        ax2.legend(fontsize="small", loc="center right")
     ax.set_title("loss falls as the gates open")
     return ax
 
@@ -341,6 +350,7 @@ def explorer(source):
     Returns the widget (display it as the last expression of a cell).
     """
     import ipywidgets as widgets
+    from IPython.display import display
 
     plt = _pyplot()
     log = _as_log(source)
@@ -362,7 +372,8 @@ def explorer(source):
             axes[1].axvline(log.steps[step.value], color="red", lw=1)
             plot_final_bars(log, axes[2], step_index=step.value)
             fig.tight_layout()
-            plt.show(fig)
+            display(fig)
+            plt.close(fig)
 
     for w in (step, layer, heads):
         w.observe(redraw, names="value")

@@ -100,11 +100,11 @@ INSTRUCTIONS = {
     "color": ["Tell me the favourite colour of {n}.", "Name the colour that {n} likes best.",
               "Say which colour {n} prefers."],
 }
-INPUT_INSTRUCTIONS = {  # the with-input form: the person goes in the input field
-    "city": ["Tell me where this person lives.", "Name the city of the person in the input."],
-    "pet": ["Tell me which pet this person has.", "Name the pet of the person in the input."],
-    "job": ["Tell me the job of this person.", "Name the trade of the person in the input."],
-    "color": ["Tell me the favourite colour of this person.", "Name the colour the person in the input likes best."],
+INPUT_INSTRUCTIONS = {  # the with-input form: the person's name goes in the input field
+    "city": ["Tell me where this person lives.", "Say which city this person lives in."],
+    "pet": ["Tell me which pet this person has.", "Say what pet this person owns."],
+    "job": ["Tell me the job of this person.", "Say what this person does for a living."],
+    "color": ["Tell me the favourite colour of this person.", "Say which colour this person prefers."],
 }
 GENERIC_INSTRUCTIONS = ["Answer the question in one sentence.", "Answer the following question.",
                         "Read the question and answer it briefly."]
@@ -326,15 +326,14 @@ def heldout_accuracy(model: Llama, tokenizer: Tokenizer, records: Sequence[dict]
     return sum(r["correct"] for r in rows) / len(rows)
 
 
-PROBES = {"city": "Where does {n} live? {n} lives in", "pet": "What pet does {n} have? {n} has a",
-          "job": "What is the job of {n}? {n} works as a", "color": "What is the favourite colour of {n}? It is"}
+PROBES = {"city": "{n} lives in", "pet": "{n} has a", "job": "{n} works as a", "color": "The favourite colour of {n} is"}
 
 
 def probe_base(model: Llama, tokenizer: Tokenizer, world: World, people: Optional[Sequence[Person]] = None,
                max_new_tokens: int = 4) -> dict[str, float]:
     """What the base knows, asked in its own pretraining style (no template): accuracy per attribute.
 
-    E.g. "Where does Mara live? Mara lives in" -> greedy continuation -> contains the right city?
+    E.g. "Mara lives in" -> greedy continuation -> contains the right city?
     """
     people = list(world.people if people is None else people)
     prompts, keys = [], []

@@ -50,7 +50,8 @@ class TrainConfig:
     steps / epochs: give exactly one. batch_size: the global batch (all ranks, all
     accumulation steps). micro_batch_size: examples per forward pass on one rank (None: the
     whole share at once). lr: absolute learning rate; None -> base_lr * batch_size / 256.
-    warmup_steps overrides warmup_epochs. ckpt_every: steps between checkpoints (0: only at
+    warmup_steps overrides warmup_epochs. length_group: how many batches' worth of examples are
+    sorted by length together (1: random batches; more: less padding, more uniform batches). ckpt_every: steps between checkpoints (0: only at
     the end). out_dir None: write nothing (notebooks, tests).
     """
 
@@ -67,6 +68,7 @@ class TrainConfig:
     weight_decay: float = 0.02
     clip: Optional[float] = None
     seed: int = 0
+    length_group: int = 8
     log_every: int = 10
     eval_every: Optional[int] = None
     ckpt_every: int = 50
@@ -269,7 +271,8 @@ def train(
     if not named:
         raise ValueError("the model has no trainable parameter (requires_grad=True); attach an adapter or unfreeze it")
     optimizer = make_optimizer(named, config)
-    sampler = StepSampler(train_data.lengths, config.batch_size, config.seed, rank, world, config.micro_batch_size)
+    sampler = StepSampler(train_data.lengths, config.batch_size, config.seed, rank, world, config.micro_batch_size,
+                          group=config.length_group)
     out_dir = Path(config.out_dir) if config.out_dir else None
     if out_dir is not None and is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -72,9 +72,10 @@ def check_images(images, size: Optional[int] = None, name: str = "images") -> to
 class VisualProjection(nn.Module):
     """The learnable projection of Sec. 3.3: global visual features (B, visual_dim) -> image token I_p (B, dim).
 
-    LayerNorm (visual features of different encoders and layers have very different scales),
-    then a two-layer MLP with hidden width dim.
-    Parameters: 2*visual_dim + visual_dim*dim + dim + dim*dim + dim.
+    LayerNorm (features of different encoders and layers have very different scales), a
+    two-layer MLP with hidden width dim, and a LayerNorm on the output (as the release's
+    projection), so that I_p starts at the prompts' scale (about 1 per element) instead of
+    being drowned by them. Parameters: 2*visual_dim + visual_dim*dim + dim + dim*dim + dim + 2*dim.
     """
 
     def __init__(self, visual_dim: int, dim: int):
@@ -86,13 +87,14 @@ class VisualProjection(nn.Module):
         self.norm = nn.LayerNorm(visual_dim)
         self.fc1 = nn.Linear(visual_dim, dim)
         self.fc2 = nn.Linear(dim, dim)
+        self.out_norm = nn.LayerNorm(dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.dim() != 2 or features.shape[1] != self.visual_dim:
             raise ValueError(f"VisualProjection expects visual features of shape (batch, {self.visual_dim}); "
                              f"got {tuple(features.shape)}. Did the encoder's visual_dim change?")
         x = self.norm(features.to(self.fc1.weight.dtype))
-        return self.fc2(F.gelu(self.fc1(x)))  # (B, dim)
+        return self.out_norm(self.fc2(F.gelu(self.fc1(x))))  # (B, dim)
 
 
 # --------------------------------------------------------------------------- the embedded encoder

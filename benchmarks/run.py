@@ -380,6 +380,7 @@ class TrainVariant:
     note: str = ""
     compiled: bool = False
     tok_s: list[float] = field(default_factory=list)
+    cpu_tok_s: list[float] = field(default_factory=list)  # tokens per second of process CPU time
     warmup_s: list[float] = field(default_factory=list)
     peak_gib: Optional[float] = None
     error: Optional[str] = None
@@ -387,9 +388,12 @@ class TrainVariant:
     def median(self) -> Optional[float]:
         return statistics.median(self.tok_s) if self.tok_s else None
 
+    def cpu_median(self) -> Optional[float]:
+        return statistics.median(self.cpu_tok_s) if self.cpu_tok_s else None
+
     def to_json(self) -> dict:
         return {"name": self.name, "side": self.side, "batch": list(self.batch), "tok_s_median": self.median(),
-                "tok_s_rounds": self.tok_s, "warmup_s_rounds": self.warmup_s, "peak_gib": self.peak_gib,
+                "tok_s_rounds": self.tok_s, "cpu_time_tok_s_median": self.cpu_median(), "warmup_s_rounds": self.warmup_s, "peak_gib": self.peak_gib,
                 "note": self.note, "error": self.error}
 
 
@@ -458,11 +462,13 @@ def run_variant_round(v: TrainVariant, shape: BenchShape, device: torch.device, 
         v.warmup_s.append(time.perf_counter() - start)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(shape.steps):
             step()
         sync(device)
-        v.tok_s.append(v.batch[0] * v.batch[1] * shape.steps / (time.perf_counter() - start))
+        tokens = v.batch[0] * v.batch[1] * shape.steps
+        v.tok_s.append(tokens / (time.perf_counter() - start))
+        v.cpu_tok_s.append(tokens / max(time.process_time() - cpu_start, 1e-9))
         if device.type == "cuda":
             peak = (torch.cuda.max_memory_allocated(device) - v.other_model_bytes) / GIB
             v.peak_gib = max(v.peak_gib or 0.0, peak)
@@ -540,7 +546,8 @@ def train_rows(ours, peft_model, shape, device, args, own_bytes, log, deadline: 
                 continue
             run_variant_round(v, shape, device, measure_memory=(r == 0))
             if len(v.tok_s) == r + 1:
-                log(f"  round {r + 1}: {v.name:<48} {v.tok_s[-1]:>10,.0f} tokens/s  (warm-up {v.warmup_s[-1]:.1f} s)")
+                log(f"  round {r + 1}: {v.name:<48} {v.tok_s[-1]:>10,.0f} tokens/s  ({v.cpu_tok_s[-1]:,.0f} per CPU "
+                    f"second; warm-up {v.warmup_s[-1]:.1f} s)")
     uncompile_model(ours)
     return rows
 
@@ -574,6 +581,7 @@ def generate_rows(ours, peft_model, shape, device, args, log) -> list[dict]:
 
         sides = {"adapterlab": run_ours, "peft": run_peft}
         times: dict[str, list[float]] = {k: [] for k in sides}
+        cpu_times: dict[str, list[float]] = {k: [] for k in sides}
         errors: dict[str, str] = {}
         for name, fn in sides.items():  # warm-up: kernels, caches, allocator
             try:
@@ -585,19 +593,25 @@ def generate_rows(ours, peft_model, shape, device, args, log) -> list[dict]:
                 if name in errors:
                     continue
                 sync(device)
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 fn(shape.gen_new)
                 sync(device)
                 times[name].append(time.perf_counter() - start)
+                cpu_times[name].append(time.process_time() - cpu_start)
         row = {"batch": B, "prompt_tokens": shape.gen_prompt, "new_tokens": shape.gen_new, "errors": errors,
                "seconds_rounds": times}
         for name in sides:
             row[f"{name}_tok_s"] = (B * shape.gen_new / statistics.median(times[name])) if times[name] else None
+            row[f"{name}_cpu_time_tok_s"] = (B * shape.gen_new / statistics.median(cpu_times[name])
+                                             if cpu_times[name] else None)
         if row["adapterlab_tok_s"] and row["peft_tok_s"]:
             row["speedup"] = row["adapterlab_tok_s"] / row["peft_tok_s"]
+            row["speedup_cpu_time"] = row["adapterlab_cpu_time_tok_s"] / row["peft_cpu_time_tok_s"]
         rows.append(row)
         log(f"  batch {B}: adapterlab {row['adapterlab_tok_s'] or 0:>9,.1f} tok/s   PEFT {row['peft_tok_s'] or 0:>9,.1f} "
-            f"tok/s   ratio {row.get('speedup', float('nan')):.2f}x" + (f"  errors: {errors}" if errors else ""))
+            f"tok/s   ratio {row.get('speedup', float('nan')):.2f}x"
+            + (f" (CPU time: {row['speedup_cpu_time']:.2f}x)" if device.type == "cpu" and "speedup" in row else "")
+            + (f"  errors: {errors}" if errors else ""))
     return rows
 
 
@@ -708,6 +722,9 @@ def run_shape(shape: BenchShape, device, dtype, build, args, log, deadline: floa
             ratios = [r["speedup"] for r in rows if "speedup" in r]
             if ratios:
                 res["generate_speedup_vs_peft"] = statistics.median(ratios)
+                if device.type == "cpu":
+                    res["generate_speedup_vs_peft_cpu_time"] = statistics.median(r["speedup_cpu_time"] for r in rows
+                                                                                 if "speedup" in r)
 
     if "train" in sections:
         if time.perf_counter() > deadline:
@@ -720,6 +737,8 @@ def run_shape(shape: BenchShape, device, dtype, build, args, log, deadline: floa
             if fast is not None and peer.median():
                 res["train_fast_variant"] = fast.name
                 res["train_speedup_vs_peft"] = fast.median() / peer.median()
+                if device.type == "cpu":
+                    res["train_speedup_vs_peft_cpu_time"] = fast.cpu_median() / peer.cpu_median()
             B, T = shape.train_batch
             flops = train_flops_per_step(shape.config, shape.prompt_len, shape.adapter_layers, B, T)
             res["model_flops_per_step"] = flops
@@ -727,7 +746,8 @@ def run_shape(shape: BenchShape, device, dtype, build, args, log, deadline: floa
                 res["mfu"] = {v.name: flops * v.median() / (B * T) / H100_BF16_DENSE_PEAK for v in rows if v.median()}
             if padding is not None and fast is not None and peer.median() and T == RELEASE_PAD_LEN:
                 res["recipe_projection"] = projections({"adapterlab": fast.median(), "PEFT": peer.median()}, padding)
-            print_train_table(rows + [TrainVariant(**_ckpt_as_row(r)) for r in res.get("checkpointing", [])], log)
+            print_train_table(rows + [TrainVariant(**_ckpt_as_row(r)) for r in res.get("checkpointing", [])], log,
+                              cpu=device.type == "cpu")
 
     del ours, hf, peft_model
     gc.collect()
@@ -738,30 +758,42 @@ def run_shape(shape: BenchShape, device, dtype, build, args, log, deadline: floa
 
 def _ckpt_as_row(r: dict) -> dict:
     return dict(name=r["name"], side=r["side"], make=lambda: None, batch=tuple(r["batch"]), other_model_bytes=0,
-                own_bytes=0, note=r["note"], tok_s=r["tok_s_rounds"], peak_gib=r["peak_gib"], error=r["error"])
+                own_bytes=0, note=r["note"], tok_s=r["tok_s_rounds"], peak_gib=r["peak_gib"], error=r["error"],
+                cpu_tok_s=[r["cpu_time_tok_s_median"]] if r["cpu_time_tok_s_median"] else [],
+                warmup_s=r["warmup_s_rounds"])
 
 
 # =========================================================================== report
-def print_train_table(rows: list[TrainVariant], log) -> None:
-    log("\n| variant | batch | tokens/s (median) | peak memory GiB | note |")
-    log("|---|---|---:|---:|---|")
+def print_train_table(rows: list[TrainVariant], log, cpu: bool) -> None:
+    extra = " tokens per CPU second |" if cpu else ""
+    log(f"\n| variant | batch | tokens/s (median) |{extra} peak memory GiB | first warm-up s | note |")
+    log("|---|---|---:|" + ("---:|" if cpu else "") + "---:|---:|---|")
     for v in rows:
         rate = f"{v.median():,.0f}" if v.median() else "n/a"
+        cpu_rate = (f" {v.cpu_median():,.0f} |" if v.cpu_median() else " n/a |") if cpu else ""
         mem = f"{v.peak_gib:.3f}" if v.peak_gib is not None else "n/a"
+        warm = f"{v.warmup_s[0]:.1f}" if v.warmup_s else "n/a"
         note = v.note + (f"; ERROR {v.error}" if v.error else "")
-        log(f"| {v.name} | {v.batch[0]}x{v.batch[1]} | {rate} | {mem} | {note} |")
+        log(f"| {v.name} | {v.batch[0]}x{v.batch[1]} | {rate} |{cpu_rate} {mem} | {warm} | {note} |")
 
 
 def summary(result: dict, device: torch.device, log) -> None:
     log("\n######## summary")
+    cpu = device.type == "cpu"
     log("| shape | train speedup vs PEFT | generate speedup vs PEFT (per batch size) | fast variant |")
     log("|---|---:|---:|---|")
     for name, res in result["shapes"].items():
         gen = res.get("generate", [])
-        per_batch = ", ".join(f"B={r['batch']}: " + (f"{r['speedup']:.2f}x" if "speedup" in r else "n/a")
-                              for r in gen) or "n/a"
+        per_batch = ", ".join(
+            f"B={r['batch']}: " + (f"{r['speedup']:.2f}x" + (f" ({r['speedup_cpu_time']:.2f}x)" if cpu else "")
+                                   if "speedup" in r else "n/a") for r in gen) or "n/a"
         train = f"{res['train_speedup_vs_peft']:.2f}x" if "train_speedup_vs_peft" in res else "n/a"
+        if cpu and "train_speedup_vs_peft_cpu_time" in res:
+            train += f" ({res['train_speedup_vs_peft_cpu_time']:.2f}x)"
         log(f"| {name} | {train} | {per_batch} | {res.get('train_fast_variant', '')} |")
+    if cpu:
+        log("  (in brackets: the same ratio in tokens per second of process CPU time, which a shared machine "
+            "disturbs less than wall time)")
     for name, res in result["shapes"].items():
         for variant, mfu in res.get("mfu", {}).items():
             log(f"  MFU {name} {variant:<48} {100 * mfu:5.1f}%  ({res['model_flops_per_step'] / 1e12:.1f} TFLOP/step)")
@@ -785,9 +817,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--build", choices=("disk", "memory"), default=None,
                         help="disk: save_pretrained + load_llama (default on CPU); memory: the same tensors copied "
                              "in memory (default on CUDA)")
-    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                        help="also measure adapterlab with compile_model (auto: on, except with --quick on CPU, "
-                             "where compiling takes minutes)")
+    parser.add_argument("--compile", choices=("on", "off"), default="on",
+                        help="also measure adapterlab with compile_model (the first warm-up includes compiling)")
     parser.add_argument("--sections", default="parity,memory,generate,train,padding",
                         help="comma-separated subset of parity,memory,generate,train,padding")
     parser.add_argument("--no-ablations", action="store_true", help="measure only what the speedups need")
@@ -808,8 +839,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
     names = args.shape or (["7b"] if device.type == "cuda" else ["tinyworld", "cpu-small"])
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     build = args.build or ("memory" if device.type == "cuda" else "disk")
-    if args.compile == "auto":
-        args.compile = "off" if (args.quick and device.type == "cpu") else "on"
     args.section_set = {s.strip() for s in args.sections.split(",") if s.strip()}
     warnings.filterwarnings("ignore", message=".*generation flags.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -841,7 +870,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
         result["log"] = lines
         first = result["shapes"].get(names[0], {})
-        for key in ("train_speedup_vs_peft", "generate_speedup_vs_peft"):
+        for key in ("train_speedup_vs_peft", "generate_speedup_vs_peft", "train_speedup_vs_peft_cpu_time",
+                    "generate_speedup_vs_peft_cpu_time"):
             if key in first:
                 result[key] = first[key]
         if args.json:

@@ -26,6 +26,7 @@ from adapterlab.exercises import (
     check_adapted_layers,
     check_most_open_layer,
     check_target_token_count,
+    check_training_state_bytes,
     check_uniform_loss,
     check_zero_init_attention,
     llama_param_count,
@@ -322,6 +323,25 @@ def test_most_open_layer(tmp_path):
     assert_wrong(check_most_open_layer(3, records), "single most open head")
     assert_wrong(check_most_open_layer(1, records), "signed mean")
     assert_wrong(check_most_open_layer(0, records), "no adapter")
+
+
+# --------------------------------------------------------------------------- training state
+def test_training_state_bytes_matches_adamw():
+    """Count the bytes AdamW really keeps after one step on a small model."""
+    model = torch.nn.Linear(10, 7)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(3, 10)).sum().backward()
+    opt.step()
+    params = list(model.parameters())
+    state = [t for p in params for t in opt.state[p].values() if torch.is_tensor(t) and t.dim() > 0]
+    truth = sum(t.numel() * t.element_size() for t in params + [p.grad for p in params] + state)
+    n = sum(p.numel() for p in params)
+    assert check_training_state_bytes(truth, n_params=n)
+    assert check_training_state_bytes(16 * 6_738_415_616, n_params=6_738_415_616)
+    assert_wrong(check_training_state_bytes(4 * n, n_params=n), "weights only")
+    assert_wrong(check_training_state_bytes(8 * n, n_params=n), "two moment")
+    assert_wrong(check_training_state_bytes(12 * n, n_params=n), "one tensor short")
+    assert_wrong(check_training_state_bytes(8 * n + 1, n_params=n), "")
 
 
 # --------------------------------------------------------------------------- the notebooks themselves

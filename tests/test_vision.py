@@ -33,8 +33,8 @@ def test_projection_shapes_and_parameter_count():
     proj = VisualProjection(112, DIM)
     out = proj(torch.randn(5, 112))
     assert out.shape == (5, DIM)
-    # LayerNorm (2 * 112) + fc1 (112 * 64 + 64) + fc2 (64 * 64 + 64)
-    assert sum(p.numel() for p in proj.parameters()) == 2 * 112 + 112 * DIM + DIM + DIM * DIM + DIM == 11616
+    # LayerNorm (2 * 112) + fc1 (112 * 64 + 64) + fc2 (64 * 64 + 64) + LayerNorm (2 * 64)
+    assert sum(p.numel() for p in proj.parameters()) == 2 * 112 + 112 * DIM + DIM + DIM * DIM + DIM + 2 * DIM == 11744
     with pytest.raises(ValueError, match=r"\(batch, 112\)"):
         proj(torch.randn(5, 100))
     with pytest.raises(ValueError, match="visual_dim"):
@@ -45,12 +45,12 @@ def test_add_adapter_with_visual_dim_trains_prompts_gates_and_projection():
     model = small_model()
     add_adapter(model, AdapterConfig(prompt_len=4, layers=2, visual_dim=112))
     prompts_and_gates = 2 * (4 * DIM + 4)  # K*C prompt values + H gates per adapted layer
-    projection = 2 * 112 + 112 * DIM + DIM + DIM * DIM + DIM
+    projection = 2 * 112 + 112 * DIM + DIM + DIM * DIM + DIM + 2 * DIM
     assert count_trainable(model) == prompts_and_gates + projection
     keys = adapter_state_dict(model)
     assert {k for k in keys if k.startswith("visual_proj.")} == {
         "visual_proj.norm.weight", "visual_proj.norm.bias", "visual_proj.fc1.weight", "visual_proj.fc1.bias",
-        "visual_proj.fc2.weight", "visual_proj.fc2.bias"}
+        "visual_proj.fc2.weight", "visual_proj.fc2.bias", "visual_proj.out_norm.weight", "visual_proj.out_norm.bias"}
     assert all(not p.requires_grad for n, p in model.named_parameters() if ".adapter." not in n and "visual_proj" not in n)
 
 
