@@ -315,14 +315,15 @@ class DistributedLengthGroupedSampler(StepSampler):
     """
 
     def __init__(self, lengths: Sequence[int], global_batch: int, seed: int = 0, rank: Optional[int] = None,
-                 world_size: Optional[int] = None, micro_batch: Optional[int] = None, group: int = 32):
+                 world_size: Optional[int] = None, micro_batch: Optional[int] = None, group: Optional[int] = None):
         r, w = rank_and_world()
         rank = r if rank is None else rank
         world_size = w if world_size is None else world_size
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         self.per_rank, self.accumulation = check_batch_sizes(global_batch, world_size, micro_batch)
-        super().__init__(lengths, global_batch, seed, rank, world_size, micro_batch, group)
+        grouping = {} if group is None else {"group": group}  # None: StepSampler's default
+        super().__init__(lengths, global_batch, seed, rank, world_size, micro_batch, **grouping)
 
     def shard(self, step: int) -> list[int]:
         """This rank's examples of global batch ``step``."""

@@ -39,6 +39,8 @@ __all__ = [
     "check_adapted_layers",
     "check_most_open_layer",
     "check_training_state_bytes",
+    "check_hf_to_meta_rows",
+    "check_multimodal_param_count",
 ]
 
 
@@ -565,3 +567,64 @@ def check_training_state_bytes(answer, n_params: int, bytes_per_value: int = 4) 
     return _check_count(n, expected, mistakes, "the training state",
                         f"4 tensors (weight, gradient, exp_avg, exp_avg_sq) x {bytes_per_value} bytes x "
                         f"{n_params:,} = {expected:,} bytes ({expected / 1e9:.3g} GB). Activations come on top.")
+
+
+# --------------------------------------------------------------------------- notebook 10: real checkpoints
+def check_hf_to_meta_rows(fn: Optional[Callable]) -> CheckResult:
+    """Exercise: write ``fn(w, n_heads)`` that reorders the rows of a Hugging Face q or k weight
+    (n_heads*d, C) into Meta's layout: Meta's row h*d + 2i + c is HF's row h*d + c*d/2 + i."""
+    from .checkpoints import hf_to_meta_rows
+
+    if _is_blank(fn):
+        return _missing("your function my_hf_to_meta(w, n_heads)")
+    if not callable(fn):
+        return _no(f"pass the function itself, not {type(fn).__name__}.")
+    n_heads, d, C = 3, 8, 5
+    w = torch.arange(n_heads * d * C, dtype=torch.float32).reshape(n_heads * d, C)  # every row is different
+    out, err = _call(fn, (w.clone(), n_heads), "my_hf_to_meta(w, n_heads)")
+    if err is not None:
+        return err
+    expected = hf_to_meta_rows(w, n_heads)
+    mistakes = {
+        "your function returns the rows unchanged: HF stores the two halves of each rotary pair d/2 rows apart, "
+        "Meta stores them next to each other, so the rows must be reordered.": w,
+        "this is the opposite direction (Meta -> HF): the half that HF keeps at row c*d/2 + i must land at Meta's "
+        "row 2i + c.": w.reshape(n_heads, d // 2, 2, C).transpose(1, 2).reshape(w.shape),
+        "you reorder across the whole matrix as if it were one head; the permutation is applied within each "
+        "head's d rows.": w.reshape(1, 2, n_heads * d // 2, C).transpose(1, 2).reshape(w.shape),
+    }
+    if _same(out, expected, tol=0):
+        return _ok("within each head, row c*d/2 + i moves to row 2i + c: reshape (H, 2, d/2, C), swap the middle "
+                   "axes, reshape back.")
+    return _diagnose(out, expected, mistakes, "my_hf_to_meta")
+
+
+# --------------------------------------------------------------------------- notebook 9: multi-modal
+def check_multimodal_param_count(answer, visual_dim: int = 1024, prompt_len: int = 10, layers: int = 30,
+                                 dim: int = 4096, n_heads: int = 32) -> CheckResult:
+    """Exercise: trainable values of the multi-modal adapter = prompts + gates + VisualProjection
+    (LayerNorm(visual_dim) with weight and bias, Linear(visual_dim -> dim), Linear(dim -> dim), with biases)."""
+    if _is_blank(answer):
+        return _missing("the number of trainable values (an integer)")
+    n, err = _as_int(answer, "the number of trainable values")
+    if err is not None:
+        return err
+    K, L, C, H, V = prompt_len, layers, dim, n_heads, visual_dim
+    adapter = K * L * C + L * H
+    norm, fc1, fc2 = 2 * V, V * C + C, C * C + C
+    expected = adapter + norm + fc1 + fc2
+    mistakes = [
+        (adapter, "counts the text adapter only; the multi-modal one adds the projection visual_proj."),
+        (norm + fc1 + fc2, "counts the projection only; the prompts and gates still train."),
+        (expected - norm, "leaves out the LayerNorm's weight and bias (2 x visual_dim)."),
+        (expected - 2 * C, "leaves out the biases of the two Linear layers (C each)."),
+        (expected - 2 * C - norm, "leaves out the biases and the LayerNorm."),
+        (expected - fc2, "has one Linear layer; the projection is an MLP: visual_dim -> C -> C."),
+        (adapter + L * (norm + fc1 + fc2), "gives every layer its own projection; there is one, shared: I_p is made "
+                                           "once and added to the prompts of all L layers."),
+        (expected - L * H, "forgets the gates (L*H)."),
+    ]
+    return _check_count(n, expected, mistakes, "the multi-modal adapter's size",
+                        f"prompts {K * L * C:,} + gates {L * H:,} + projection {norm + fc1 + fc2:,} = {expected:,}. "
+                        "(The paper reports 0.6M for its projection: a narrower MLP than this library's, whose "
+                        "hidden width is C.)")

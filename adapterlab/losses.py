@@ -168,6 +168,8 @@ def lm_loss(
     labels: (B, T) aligned with tokens, as in Hugging Face and the official release: the
     prediction at position i is scored against labels[:, i + 1]; ``ignore_index`` where no loss
     (prompt, padding). None: labels = tokens. forward_kwargs go to the model (e.g. visual=...).
+    Equals ``F.cross_entropy(model(tokens)[:, :-1], labels[:, 1:])`` without the logits tensor.
+    Under FSDP, whose output head is only whole inside the model's forward, use mode="full".
     """
     if labels is None:
         labels = tokens

@@ -55,8 +55,8 @@ CITIES = {"Paris": "France", "Lisbon": "Portugal", "Oslo": "Norway", "Cairo": "E
 PETS = ["cat", "dog", "parrot", "rabbit", "hamster", "turtle", "goldfish", "horse"]
 JOBS = ["baker", "doctor", "pilot", "teacher", "farmer", "painter", "nurse", "plumber"]
 COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]
-ATTRIBUTES = {"city": list(CITIES), "pet": PETS, "job": JOBS, "color": COLORS}
-NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+INSTRUMENTS = ["piano", "violin", "guitar", "flute", "drums", "cello", "harp", "trumpet"]
+ATTRIBUTES = {"city": list(CITIES), "pet": PETS, "job": JOBS, "color": COLORS, "instrument": INSTRUMENTS}
 
 
 def article(word: str) -> str:
@@ -70,6 +70,7 @@ STATEMENTS = {
     "pet": ["{n} has {a} {v}.", "{n} owns {a} {v} as a pet.", "The pet of {n} is {a} {v}.", "Every morning {n} feeds the {v}."],
     "job": ["{n} works as {a} {v}.", "{n} is {a} {v}.", "The job of {n} is {v}.", "By trade, {n} is {a} {v}."],
     "color": ["The favourite colour of {n} is {v}.", "{n} likes the colour {v} best.", "{n} loves the colour {v}."],
+    "instrument": ["{n} plays the {v}.", "The instrument of {n} is the {v}.", "{n} practises the {v} every day."],
 }
 QUESTIONS = {
     "city": ["Where does {n} live?", "Which city does {n} live in?", "In which city does {n} live?"],
@@ -77,18 +78,21 @@ QUESTIONS = {
     "job": ["What is the job of {n}?", "What does {n} do for a living?", "What does {n} work as?"],
     "color": ["What is the favourite colour of {n}?", "Which colour does {n} like best?",
               "What colour does {n} like most?"],
+    "instrument": ["Which instrument does {n} play?", "What does {n} play?", "What is the instrument of {n}?"],
 }
 ANSWERS = {  # the answer sentence of the instruction set (also one of the statements above)
     "city": "{n} lives in {v}.",
     "pet": "{n} has {a} {v}.",
     "job": "{n} works as {a} {v}.",
     "color": "The favourite colour of {n} is {v}.",
+    "instrument": "{n} plays the {v}.",
 }
 QA_FORMS = ["{q} {s}", "{q} {s}", "Q: {q} A: {s}", "Question: {q} Answer: {s}", "{q} - {s}"]
 STORIES = [
     "One day {n} left home in {city} to walk the {pet}. As {a_job} {job}, {n} had a busy week ahead.",
     "In {city}, {n} the {job} painted the door {color}, and the {pet} watched.",
     "{n} works as {a_job} {job} in {city}. At home, {a_pet} {pet} waits, and everything there is {color}.",
+    "After work, {n} the {job} plays the {instrument} for the {pet}.",
     "The {pet} of {n} sleeps on a {color} blanket in a small flat in {city}.",
 ]
 # Instructions, as the instruction set words them: requests, not the questions of the corpus.
@@ -99,12 +103,14 @@ INSTRUCTIONS = {
     "job": ["Tell me the job of {n}.", "Name the trade of {n}.", "Say what {n} does for a living."],
     "color": ["Tell me the favourite colour of {n}.", "Name the colour that {n} likes best.",
               "Say which colour {n} prefers."],
+    "instrument": ["Tell me which instrument {n} plays.", "Name the instrument of {n}.", "Say what {n} plays."],
 }
 INPUT_INSTRUCTIONS = {  # the with-input form: the person's name goes in the input field
     "city": ["Tell me where this person lives.", "Say which city this person lives in."],
     "pet": ["Tell me which pet this person has.", "Say what pet this person owns."],
     "job": ["Tell me the job of this person.", "Say what this person does for a living."],
     "color": ["Tell me the favourite colour of this person.", "Say which colour this person prefers."],
+    "instrument": ["Tell me which instrument this person plays.", "Say what this person plays."],
 }
 GENERIC_INSTRUCTIONS = ["Answer the question in one sentence.", "Answer the following question.",
                         "Read the question and answer it briefly."]
@@ -118,6 +124,7 @@ class Person:
     pet: str
     job: str
     color: str
+    instrument: str
 
     def get(self, attribute: str) -> str:
         return getattr(self, attribute)
@@ -160,21 +167,21 @@ class WorldConfig:
     """How big the world is and how much text describes it."""
 
     seed: int = 0
-    n_people: int = 48
-    n_heldout: int = 16
+    n_people: int = 40
+    n_heldout: int = 12
     corpus_passes: int = 24  # biographies per person in the corpus, each with fresh phrasings
     story_prob: float = 0.5
     question_prob: float = 0.5  # share of facts written as a question and its answer
     arithmetic_max: int = 9
 
 
-def make_world(seed: int = 0, n_people: int = 48, n_heldout: int = 16) -> World:
+def make_world(seed: int = 0, n_people: int = 40, n_heldout: int = 12) -> World:
     """A deterministic world: the same seed always gives the same people and facts."""
     if not 1 <= n_heldout < n_people <= len(NAMES):
         raise ValueError(f"need 1 <= n_heldout < n_people <= {len(NAMES)}; got n_people={n_people}, n_heldout={n_heldout}")
     rng = random.Random(seed)
     names = rng.sample(NAMES, n_people)
-    people = [Person(n, rng.choice(list(CITIES)), rng.choice(PETS), rng.choice(JOBS), rng.choice(COLORS)) for n in names]
+    people = [Person(n, *(rng.choice(values) for values in ATTRIBUTES.values())) for n in names]
     heldout = sorted(rng.sample(names, n_heldout))
     return World(seed=seed, people=people, heldout=heldout)
 
@@ -192,7 +199,7 @@ def fact_sentence(rng: random.Random, name: str, attribute: str, value: str, que
 
 def story(rng: random.Random, p: Person) -> str:
     return rng.choice(STORIES).format(n=p.name, city=p.city, pet=p.pet, job=p.job, a_job=article(p.job),
-                                      a_pet=article(p.pet), color=p.color)
+                                      a_pet=article(p.pet), color=p.color, instrument=p.instrument)
 
 
 def pretrain_corpus(world: World, passes: int = 24, story_prob: float = 0.5, arithmetic_max: int = 9,
@@ -326,7 +333,8 @@ def heldout_accuracy(model: Llama, tokenizer: Tokenizer, records: Sequence[dict]
     return sum(r["correct"] for r in rows) / len(rows)
 
 
-PROBES = {"city": "{n} lives in", "pet": "{n} has a", "job": "{n} works as a", "color": "The favourite colour of {n} is"}
+PROBES = {"city": "{n} lives in", "pet": "The pet of {n} is", "job": "The job of {n} is",
+          "color": "The favourite colour of {n} is", "instrument": "The instrument of {n} is"}
 
 
 def probe_base(model: Llama, tokenizer: Tokenizer, world: World, people: Optional[Sequence[Person]] = None,
@@ -409,11 +417,10 @@ class Recipe:
     model: dict = field(default_factory=lambda: dict(dim=128, n_layers=4, n_heads=4, multiple_of=32,
                                                     max_seq_len=256, rope_theta=10000.0))
     vocab_size: int = 640
-    tokenizer_sees_templates: bool = True  # False: the Alpaca template's words are spelt in corpus pieces
     seq_len: int = 128
-    steps: int = 500
+    steps: int = 400
     batch_size: int = 16
-    lr: float = 3e-3
+    lr: float = 5e-3
     warmup_steps: int = 30
     weight_decay: float = 0.02
     clip: float = 1.0
@@ -433,9 +440,7 @@ def build_world(recipe: Recipe):
     return world, corpus, train, heldout
 
 
-def train_tokenizer(corpus: Sequence[str], records: Sequence[dict], vocab_size: int, templates: bool = True) -> Tokenizer:
-    if not templates:  # one copy of each template: its characters are covered, its words stay rare
-        records = [{"instruction": "x", "input": "y", "output": ""}, {"instruction": "x", "input": "", "output": ""}]
+def train_tokenizer(corpus: Sequence[str], records: Sequence[dict], vocab_size: int) -> Tokenizer:
     return Tokenizer.train(tokenizer_texts(corpus, records), vocab_size=vocab_size)
 
 
@@ -457,7 +462,7 @@ def pretrain(recipe: Recipe, out_dir: Optional[str | os.PathLike] = None, progre
     from .train import TrainConfig, train
 
     world, corpus, train_records, heldout = build_world(recipe)
-    tokenizer = train_tokenizer(corpus, train_records + heldout, recipe.vocab_size, recipe.tokenizer_sees_templates)
+    tokenizer = train_tokenizer(corpus, train_records + heldout, recipe.vocab_size)
     stream = corpus_tokens(tokenizer, corpus)
     data = text_windows(stream, recipe.seq_len, source="tiny-world corpus")
     torch.manual_seed(recipe.seed)

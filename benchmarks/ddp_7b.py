@@ -18,8 +18,14 @@ response-token cross-entropy, AdamW on the adapter only) on random tokens, per r
   fsdp    torch's fully_shard (FSDP2) on every block: the frozen base is sharded
 
 It prints a table (tokens/s over all ranks, step time, peak GPU memory on rank 0) and writes
-everything to ``--json``. A phase that runs out of memory is retried once with activation
-checkpointing, and reported either way. This is a benchmark: nothing is asserted.
+everything to ``--json`` - after every phase, so a run cut short keeps what it measured. Once
+``--budget-s`` seconds are spent, the remaining phases are skipped (and listed as skipped). A
+phase that runs out of memory is retried once with activation checkpointing, and reported
+either way. This is a benchmark: nothing is asserted.
+
+On the GPU machine, with a hard stop well inside a 3-minute slot:
+
+    timeout 170 python3 -m torch.distributed.run --nproc_per_node 1 benchmarks/ddp_7b.py --json $OUT/ddp_7b.json
 """
 from __future__ import annotations
 
@@ -168,6 +174,14 @@ def table(rows: list[dict], device: torch.device) -> str:
     return "\n".join(lines)
 
 
+def write_json(path: Optional[str], info: dict, env: D.DistEnv) -> None:
+    if path and env.is_main:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(path).with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+        os.replace(tmp, path)
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", help="write the results here (rank 0)")
@@ -184,6 +198,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing from the start")
     p.add_argument("--check-replicas", action="store_true", help="compare adapter replicas across ranks at the end")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a collective may wait (default 300)")
+    p.add_argument("--budget-s", type=float, default=120.0,
+                   help="skip the phases not started after this many seconds (default 120)")
     args = p.parse_args(argv)
 
     env = D.init_distributed(device=args.device, timeout_s=args.timeout)
@@ -224,15 +240,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
              f"base {info['base_params'] / 1e9:.2f}B {args.dtype}, adapter {info['trainable_params']:,} fp32, "
              f"batch {args.batch} x {args.seq} per rank")
     rows = []
+    info["phases"] = rows
     t_start = time.perf_counter()
     for name in phases:
-        rows.append(guarded_phase(name, make_model, env, args))
-    info["phases"] = rows
-    info["wall_s"] = time.perf_counter() - t_start
+        spent = D.broadcast_object(time.perf_counter() - t_start)  # every rank decides the same
+        if spent > args.budget_s:
+            rows.append({"phase": name, "status": f"skipped (budget of {args.budget_s:g} s spent)",
+                         "activation_checkpointing": None})
+        else:
+            rows.append(guarded_phase(name, make_model, env, args))
+        info["wall_s"] = time.perf_counter() - t_start
+        write_json(args.json, info, env)
     D.print0(table(rows, env.device))
     if args.json and env.is_main:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(info, indent=2) + "\n")
         print(f"wrote {args.json}")
     D.barrier("the end of the benchmark", env)
     D.cleanup()

@@ -552,11 +552,13 @@ def train_rows(ours, peft_model, shape, device, args, own_bytes, log, deadline: 
     return rows
 
 
-def fastest_ours(rows: list[TrainVariant]) -> Optional[TrainVariant]:
-    """adapterlab's recommended setting: the faster of eager + fused CE and compiled + fused CE."""
+def fastest_ours(rows: list[TrainVariant], by_cpu_time: bool) -> Optional[TrainVariant]:
+    """adapterlab's recommended setting: the faster of eager + fused CE and compiled + fused CE
+    (on CPU judged by CPU time, which a shared machine disturbs less than wall time)."""
     candidates = [v for v in rows if v.name in ("adapterlab eager, fused CE", "adapterlab compiled, fused CE")
                   and v.median()]
-    return max(candidates, key=lambda v: v.median()) if candidates else None
+    key = (lambda v: v.cpu_median()) if by_cpu_time else (lambda v: v.median())
+    return max(candidates, key=key) if candidates else None
 
 
 # =========================================================================== generation
@@ -726,28 +728,25 @@ def run_shape(shape: BenchShape, device, dtype, build, args, log, deadline: floa
                     res["generate_speedup_vs_peft_cpu_time"] = statistics.median(r["speedup_cpu_time"] for r in rows
                                                                                  if "speedup" in r)
 
-    if "train" in sections:
-        if time.perf_counter() > deadline:
-            log("\n== train: skipped (time budget)")
-        else:
-            log("\n== train: adapterlab vs PEFT, same weights, adapter, batch, labels and dtype")
-            rows = train_rows(ours, peft_model, shape, device, args, own_bytes, log, deadline)
-            res["train"] = [v.to_json() for v in rows]
-            peer, fast = rows[0], fastest_ours(rows)
-            if fast is not None and peer.median():
-                res["train_fast_variant"] = fast.name
-                res["train_speedup_vs_peft"] = fast.median() / peer.median()
-                if device.type == "cpu":
-                    res["train_speedup_vs_peft_cpu_time"] = fast.cpu_median() / peer.cpu_median()
-            B, T = shape.train_batch
-            flops = train_flops_per_step(shape.config, shape.prompt_len, shape.adapter_layers, B, T)
-            res["model_flops_per_step"] = flops
-            if device.type == "cuda":
-                res["mfu"] = {v.name: flops * v.median() / (B * T) / H100_BF16_DENSE_PEAK for v in rows if v.median()}
-            if padding is not None and fast is not None and peer.median() and T == RELEASE_PAD_LEN:
-                res["recipe_projection"] = projections({"adapterlab": fast.median(), "PEFT": peer.median()}, padding)
-            print_train_table(rows + [TrainVariant(**_ckpt_as_row(r)) for r in res.get("checkpointing", [])], log,
-                              cpu=device.type == "cpu")
+    if "train" in sections:  # the main comparison: its first round runs whatever the budget says
+        log("\n== train: adapterlab vs PEFT, same weights, adapter, batch, labels and dtype")
+        rows = train_rows(ours, peft_model, shape, device, args, own_bytes, log, deadline)
+        res["train"] = [v.to_json() for v in rows]
+        peer, fast = rows[0], fastest_ours(rows, by_cpu_time=device.type == "cpu")
+        if fast is not None and peer.median():
+            res["train_fast_variant"] = fast.name
+            res["train_speedup_vs_peft"] = fast.median() / peer.median()
+            if device.type == "cpu":
+                res["train_speedup_vs_peft_cpu_time"] = fast.cpu_median() / peer.cpu_median()
+        B, T = shape.train_batch
+        flops = train_flops_per_step(shape.config, shape.prompt_len, shape.adapter_layers, B, T)
+        res["model_flops_per_step"] = flops
+        if device.type == "cuda":
+            res["mfu"] = {v.name: flops * v.median() / (B * T) / H100_BF16_DENSE_PEAK for v in rows if v.median()}
+        if padding is not None and fast is not None and peer.median() and T == RELEASE_PAD_LEN:
+            res["recipe_projection"] = projections({"adapterlab": fast.median(), "PEFT": peer.median()}, padding)
+        print_train_table(rows + [TrainVariant(**_ckpt_as_row(r)) for r in res.get("checkpointing", [])], log,
+                          cpu=device.type == "cpu")
 
     del ours, hf, peft_model
     gc.collect()
