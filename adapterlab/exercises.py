@@ -602,29 +602,34 @@ def check_hf_to_meta_rows(fn: Optional[Callable]) -> CheckResult:
 # --------------------------------------------------------------------------- notebook 9: multi-modal
 def check_multimodal_param_count(answer, visual_dim: int = 1024, prompt_len: int = 10, layers: int = 30,
                                  dim: int = 4096, n_heads: int = 32) -> CheckResult:
-    """Exercise: trainable values of the multi-modal adapter = prompts + gates + VisualProjection
-    (LayerNorm(visual_dim) with weight and bias, Linear(visual_dim -> dim), Linear(dim -> dim), with biases)."""
+    """Exercise: trainable values of the multi-modal adapter = prompts + gates + the projection
+    ``adapterlab.vision.VisualProjection(visual_dim, dim)`` (count it from ``print(VisualProjection(...))``)."""
+    from .vision import VisualProjection
+
     if _is_blank(answer):
         return _missing("the number of trainable values (an integer)")
     n, err = _as_int(answer, "the number of trainable values")
     if err is not None:
         return err
-    K, L, C, H, V = prompt_len, layers, dim, n_heads, visual_dim
+    K, L, C, H = prompt_len, layers, dim, n_heads
+    with torch.device("meta"):  # the library's projection, counted without allocating it
+        projection = VisualProjection(visual_dim, dim)
+    proj = sum(p.numel() for p in projection.parameters())
     adapter = K * L * C + L * H
-    norm, fc1, fc2 = 2 * V, V * C + C, C * C + C
-    expected = adapter + norm + fc1 + fc2
+    expected = adapter + proj
     mistakes = [
         (adapter, "counts the text adapter only; the multi-modal one adds the projection visual_proj."),
-        (norm + fc1 + fc2, "counts the projection only; the prompts and gates still train."),
-        (expected - norm, "leaves out the LayerNorm's weight and bias (2 x visual_dim)."),
-        (expected - 2 * C, "leaves out the biases of the two Linear layers (C each)."),
-        (expected - 2 * C - norm, "leaves out the biases and the LayerNorm."),
-        (expected - fc2, "has one Linear layer; the projection is an MLP: visual_dim -> C -> C."),
-        (adapter + L * (norm + fc1 + fc2), "gives every layer its own projection; there is one, shared: I_p is made "
-                                           "once and added to the prompts of all L layers."),
+        (proj, "counts the projection only; the prompts and gates still train."),
+        (adapter + L * proj, "gives every layer its own projection; there is one, shared: I_p is made once and "
+                             "added to the prompts of all L layers."),
         (expected - L * H, "forgets the gates (L*H)."),
+        (expected - sum(p.numel() for name, p in projection.named_parameters() if name.endswith("bias")),
+         "leaves out the biases (of the Linear layers and the LayerNorms)."),
     ]
+    for name, module in projection.named_children():
+        count = sum(p.numel() for p in module.parameters())
+        mistakes.append((expected - count, f"leaves out visual_proj.{name} ({type(module).__name__}, {count:,} values)."))
     return _check_count(n, expected, mistakes, "the multi-modal adapter's size",
-                        f"prompts {K * L * C:,} + gates {L * H:,} + projection {norm + fc1 + fc2:,} = {expected:,}. "
+                        f"prompts {K * L * C:,} + gates {L * H:,} + projection {proj:,} = {expected:,}. "
                         "(The paper reports 0.6M for its projection: a narrower MLP than this library's, whose "
                         "hidden width is C.)")

@@ -126,9 +126,9 @@ OPTIONS = {  # the fixed option lists: every attribute has exactly four values
 def scene_answer(scene: Scene, kind: str) -> tuple[str, str]:
     """(the answer word, the solution sentence) of one question kind about one scene."""
     if kind == "colour":
-        return scene.colour, f"The shapes are {scene.colour}."
+        return scene.colour, f"The colour is {scene.colour}."
     if kind == "shape":
-        return scene.shape, f"Each shape is a {scene.shape}."
+        return scene.shape, f"The shape is a {scene.shape}."
     if kind == "count":
         word = NUMBER_WORDS[scene.count]
         return word, f"The number of shapes is {word}."
@@ -308,12 +308,12 @@ class SceneData:
     test: list[Example]  # evaluation (image indices into test_images)
 
 
-def pretrain_corpus(scenes: Sequence[Scene], facts: Sequence[Fact], quiz_facts: Sequence[Fact],
-                    rng: np.random.Generator) -> list[str]:
+def pretrain_corpus(scenes: Sequence[Scene], facts: Sequence[Fact], rng: np.random.Generator) -> list[str]:
     """Text the base reads: scene descriptions, quizzes with a text context, facts, fact quizzes.
 
     Like web text for LLaMA: it states what scenes look like and how quizzes are answered, but
-    never shows a picture. Every fact is stated; only ``quiz_facts`` also appear as quizzes.
+    never shows a picture. Every fact is stated and asked in a quiz (the base knows them all;
+    the adapter trains on half of them and is tested on the other half).
     """
     docs = []
     for scene in scenes:
@@ -323,10 +323,9 @@ def pretrain_corpus(scenes: Sequence[Scene], facts: Sequence[Fact], quiz_facts: 
             ex = scene_question(scene, KINDS[rng.integers(len(KINDS))], rng, "text", None)
             docs.append(ex.prompt + ex.response)
     for fact in facts:
-        docs += [fact.solution] * 6 + [f"Question: {fact.question}\nAnswer: {fact.solution}"] * 2
-    for fact in quiz_facts:
         ex = knowledge_question(fact)
-        docs += [ex.prompt + ex.response] * 4
+        docs += [fact.solution] * 6 + [f"Question: {fact.question}\nAnswer: {fact.solution}"] * 2
+        docs += [ex.prompt + ex.response] * 6
     order = rng.permutation(len(docs))
     return [docs[i] for i in order]
 
@@ -340,7 +339,7 @@ def make_data(config: MultimodalConfig) -> SceneData:
     order = rng.permutation(len(facts))
     train_facts = [facts[i] for i in sorted(order[: len(facts) // 2])]
     test_facts = [facts[i] for i in sorted(order[len(facts) // 2 :])]
-    corpus = pretrain_corpus(train_scenes, facts, train_facts, rng)
+    corpus = pretrain_corpus(train_scenes, facts, rng)
 
     train: list[Example] = []
     for i in rng.integers(len(train_scenes), size=config.image_questions):

@@ -3,21 +3,25 @@
 No weights or data sets can be downloaded here, and a tiny model pretrained on real web text
 knows nothing useful. So we make a world small enough to learn on a laptop CPU in minutes:
 
-* people, each with a city, a pet, a job and a favourite colour; places (city -> country);
-  simple arithmetic; short stories that mention several facts at once;
+* people, each with a city, a pet, a job, a favourite colour and an instrument; places
+  (city -> country); simple sums; short stories that mention several facts at once;
 * a pretraining corpus that states every fact in many phrasings, *including question-like
   text* ("Where does Mara live? Mara lives in Oslo."), as web text does for LLaMA;
-* an instruction set in the Alpaca format about *some* of the people, and a held-out set
-  about the others, whose facts appear only in the pretraining corpus.
+* an instruction set in the Alpaca format about *some* of the people, worded as requests
+  ("Tell me where Mara lives.", or the name in the input field), and a held-out set in the
+  same style about the other people, whose facts appear only in the pretraining corpus.
 
-The base model never sees the Alpaca template, so before tuning it does not answer; an
-adapter trained on the instruction set makes it answer, and the held-out accuracy shows that
-the adapter unlocks knowledge the frozen base learned in pretraining (the paper's claim).
+The base never sees the Alpaca template or the requests, so before tuning it mostly does not
+answer; an adapter trained on the instruction set makes it answer, and the held-out accuracy
+shows that the adapter unlocks knowledge the frozen base learned in pretraining (the paper's
+claim). ``instruction_set(world, style="question")`` asks in the corpus's own words instead:
+then the base answers many questions untuned - a good experiment for a notebook.
 
 ``load_base()`` returns the pretrained base, built on first use into a cache folder
 (``$ADAPTERLAB_CACHE``, default ``~/.cache/adapterlab``) under a file lock, so concurrent first
 uses (two notebooks, several torchrun ranks) build it once and never see a half-written folder.
-The folder's name holds a hash of the whole recipe, so a changed recipe builds anew.
+The folder's name holds a hash of the whole recipe (and RECIPE_VERSION), so a changed recipe
+builds anew.
 """
 from __future__ import annotations
 
@@ -277,6 +281,7 @@ def instruction_set(world: World, per_fact: int = 3, input_fraction: float = 0.4
         x, y = rng.randint(0, 9), rng.randint(0, 9)
         train.append({"instruction": f"What is {x} plus {y}?", "input": "", "output": f"{x} plus {y} is {x + y}."})
     rng.shuffle(train)
+    rng = random.Random((world.seed if seed is None else seed) + 2)  # the held-out set does not depend on per_fact
     heldout = [question_record(rng, p, a, rng.random() < input_fraction, style)
                for p in world.heldout_people for a in ATTRIBUTES]
     return train, heldout

@@ -24,7 +24,9 @@ from adapterlab.exercises import (
     check_rmsnorm,
     check_step0_gradients,
     check_adapted_layers,
+    check_hf_to_meta_rows,
     check_most_open_layer,
+    check_multimodal_param_count,
     check_target_token_count,
     check_training_state_bytes,
     check_uniform_loss,
@@ -56,6 +58,7 @@ def assert_wrong(result: CheckResult, *phrases: str) -> None:
 @pytest.mark.parametrize("checker", [
     check_rmsnorm, check_llama_param_count, check_kv_cache_bytes, check_zero_init_attention,
     check_adapter_param_count, check_step0_gradients, check_uniform_loss, check_adapted_layers,
+    check_hf_to_meta_rows, check_multimodal_param_count,
 ])
 @pytest.mark.parametrize("blank", [None, ...])
 def test_blank_answer_asks_for_one_and_does_not_raise(checker, blank):
@@ -342,6 +345,49 @@ def test_training_state_bytes_matches_adamw():
     assert_wrong(check_training_state_bytes(8 * n, n_params=n), "two moment")
     assert_wrong(check_training_state_bytes(12 * n, n_params=n), "one tensor short")
     assert_wrong(check_training_state_bytes(8 * n + 1, n_params=n), "")
+
+
+# --------------------------------------------------------------------------- checkpoints and multi-modal
+def test_hf_to_meta_rows_agrees_with_the_rotary_math():
+    """A correct permutation makes HF's rotate-halves RoPE equal to Meta's interleaved RoPE on the same input."""
+    from adapterlab.model import apply_rope, rope_angles
+
+    def independent(w, n_heads):  # written with an explicit index list
+        d = w.shape[0] // n_heads
+        order = [h * d + c * (d // 2) + i for h in range(n_heads) for i in range(d // 2) for c in range(2)]
+        return w[order]
+
+    n_heads, d, C, T = 2, 8, 6, 5
+    w_hf = torch.randn(n_heads * d, C)
+    x = torch.randn(1, T, C)
+    cos, sin = rope_angles(d, torch.arange(T), 10000.0)
+    q_meta = apply_rope((x @ independent(w_hf, n_heads).T).view(1, T, n_heads, d).transpose(1, 2), cos, sin)
+    q_hf = (x @ w_hf.T).view(1, T, n_heads, d).transpose(1, 2)  # rotate halves, as transformers does
+    c2, s2 = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+    rotate_half = torch.cat([-q_hf[..., d // 2:], q_hf[..., : d // 2]], -1)
+    q_hf = q_hf * c2 + rotate_half * s2
+    # the same features, only in another order within each head
+    assert torch.allclose(q_meta, independent(q_hf.transpose(1, 2).reshape(T, n_heads * d).T, n_heads).T
+                          .reshape(1, T, n_heads, d).transpose(1, 2), atol=1e-5)
+    assert check_hf_to_meta_rows(independent)
+    assert_wrong(check_hf_to_meta_rows(lambda w, n: w), "unchanged")
+    inverse = lambda w, n: w.reshape(n, w.shape[0] // n // 2, 2, -1).transpose(1, 2).reshape(w.shape)  # noqa: E731
+    assert_wrong(check_hf_to_meta_rows(inverse), "opposite direction")
+
+
+def test_multimodal_param_count_matches_an_adapted_model():
+    C, H, N, L, K, V = 64, 4, 4, 3, 5, 24
+    model = Llama(LlamaConfig(dim=C, n_layers=N, n_heads=H, vocab_size=50, multiple_of=16))
+    add_adapter(model, AdapterConfig(prompt_len=K, layers=L, visual_dim=V))
+    truth = count_trainable(model)
+    assert check_multimodal_param_count(truth, visual_dim=V, prompt_len=K, layers=L, dim=C, n_heads=H)
+    assert_wrong(check_multimodal_param_count(K * L * C + L * H, visual_dim=V, prompt_len=K, layers=L, dim=C,
+                                              n_heads=H), "text adapter only")
+    from adapterlab.vision import VisualProjection
+
+    with torch.device("meta"):
+        projection = sum(p.numel() for p in VisualProjection(1024, 4096).parameters())
+    assert check_multimodal_param_count(1_228_800 + 960 + projection)  # the 7B default of the exercise
 
 
 # --------------------------------------------------------------------------- the notebooks themselves
