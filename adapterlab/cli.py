@@ -69,7 +69,7 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--micro-batch-size", type=int, default=None,
                    help="examples per forward pass; smaller -> gradient accumulation, same result")
     g.add_argument("--lr", type=float, default=None, help="learning rate (default: --blr * batch / 256)")
-    g.add_argument("--blr", type=float, default=9e-3, help="base learning rate (release: 9e-3)")
+    g.add_argument("--blr", type=float, default=None, help="base learning rate (default: the release's 9e-3)")
     warm = g.add_mutually_exclusive_group()
     warm.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up (release: 2 epochs)")
     warm.add_argument("--warmup-steps", type=int, default=None)
@@ -131,10 +131,12 @@ def train_config_from(args: argparse.Namespace, out_dir: Optional[str], tiny: bo
             warmup_steps = d["warmup_steps"]
         else:
             warmup_epochs = 2.0 if epochs is not None else 0.0
-    lr = args.lr if args.lr is not None else (d["lr"] if tiny and args.blr == 9e-3 else None)
+    lr = args.lr
+    if lr is None and args.blr is None and tiny:
+        lr = d["lr"]
     return TrainConfig(
         steps=steps, epochs=epochs, batch_size=args.batch_size or d.get("batch_size", 64),
-        micro_batch_size=args.micro_batch_size, base_lr=args.blr, lr=lr,
+        micro_batch_size=args.micro_batch_size, base_lr=args.blr if args.blr is not None else 9e-3, lr=lr,
         warmup_steps=warmup_steps, warmup_epochs=warmup_epochs or 0.0, weight_decay=args.weight_decay,
         clip=args.clip, seed=args.seed, length_group=args.length_group or d.get("length_group", 8), log_every=args.log_every or d.get("log_every", 10),
         eval_every=args.eval_every, ckpt_every=args.ckpt_every or d.get("ckpt_every", 50), out_dir=out_dir,
@@ -385,6 +387,12 @@ register(Command("demo", "the whole story on the embedded tiny world, in a few m
                  add_demo_arguments, run_demo))
 
 
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice). The tiny world's small matrices gain "
+                        "little from several threads, and on a busy machine --threads 1 can be several times faster")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adapterlab",
@@ -394,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     for cmd in COMMANDS.values():
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
         cmd.add_arguments(p)
+        if not any(a.dest == "threads" for a in p._actions):
+            add_threads_argument(p)
         p.set_defaults(run=cmd.run)
     return parser
 
@@ -403,6 +413,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .train import TrainingDiverged
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return args.run(args)
     except (DataError, TrainingDiverged) as e:

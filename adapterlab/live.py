@@ -180,7 +180,7 @@ def render_png(records: Sequence[dict], path: Optional[str | os.PathLike] = None
     data = buf.getvalue()
     if path is not None:
         path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")  # (not .tmp: a starting run deletes those)
         tmp.write_bytes(data)
         os.replace(tmp, path)  # an image viewer never sees half a PNG
     return data

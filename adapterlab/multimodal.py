@@ -317,7 +317,10 @@ def pretrain_corpus(scenes: Sequence[Scene], facts: Sequence[Fact], rng: np.rand
     """
     docs = []
     for scene in scenes:
-        docs.append(describe(scene, rng))
+        # a description, then what it says, attribute by attribute (reading text: where the base
+        # learns to find a colour, shape, number or corner in what it has just read)
+        statements = [scene_answer(scene, kind)[1] for kind in KINDS]
+        docs.append(" ".join([describe(scene, rng)] + [statements[i] for i in rng.permutation(len(KINDS))]))
         docs.append(captions(scene)[rng.integers(5)].capitalize() + ".")
         for _ in range(2):
             ex = scene_question(scene, KINDS[rng.integers(len(KINDS))], rng, "text", None)

@@ -419,8 +419,8 @@ class Recipe:
     """Everything that decides the pretrained base; its hash names the cache folder."""
 
     world: WorldConfig = field(default_factory=WorldConfig)
-    model: dict = field(default_factory=lambda: dict(dim=128, n_layers=4, n_heads=4, multiple_of=32,
-                                                    max_seq_len=256, rope_theta=10000.0))
+    model: dict = field(default_factory=lambda: dict(dim=192, n_layers=4, n_heads=6, multiple_of=32,
+                                                    max_seq_len=256, rope_theta=10000.0))  # about 2M parameters
     vocab_size: int = 640
     seq_len: int = 128
     steps: int = 400

@@ -18,6 +18,7 @@ from adapterlab import AdapterConfig, KVCache, Llama, LlamaConfig, add_adapter
 from adapterlab.adapter import count_trainable, zero_init_attention_literal
 from adapterlab.exercises import (
     CheckResult,
+    check_accumulation_steps,
     check_adapter_param_count,
     check_kv_cache_bytes,
     check_llama_param_count,
@@ -58,7 +59,7 @@ def assert_wrong(result: CheckResult, *phrases: str) -> None:
 @pytest.mark.parametrize("checker", [
     check_rmsnorm, check_llama_param_count, check_kv_cache_bytes, check_zero_init_attention,
     check_adapter_param_count, check_step0_gradients, check_uniform_loss, check_adapted_layers,
-    check_hf_to_meta_rows, check_multimodal_param_count,
+    check_hf_to_meta_rows, check_multimodal_param_count, check_accumulation_steps,
 ])
 @pytest.mark.parametrize("blank", [None, ...])
 def test_blank_answer_asks_for_one_and_does_not_raise(checker, blank):
@@ -388,6 +389,17 @@ def test_multimodal_param_count_matches_an_adapted_model():
     with torch.device("meta"):
         projection = sum(p.numel() for p in VisualProjection(1024, 4096).parameters())
     assert check_multimodal_param_count(1_228_800 + 960 + projection)  # the 7B default of the exercise
+
+
+# --------------------------------------------------------------------------- distributed
+def test_accumulation_steps_match_the_distributed_batch_rules():
+    from adapterlab.distributed import check_batch_sizes
+
+    for global_batch, world, micro in ((64, 8, 4), (64, 1, 8), (32, 2, 16), (64, 8, 3)):
+        _, micro_batches = check_batch_sizes(global_batch, world, micro_batch=micro)  # what the loop does
+        assert check_accumulation_steps(micro_batches, global_batch, world, micro), (global_batch, world, micro)
+    assert_wrong(check_accumulation_steps(16), "share")
+    assert_wrong(check_accumulation_steps(3), "not it")
 
 
 # --------------------------------------------------------------------------- the notebooks themselves
