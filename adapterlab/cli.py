@@ -144,6 +144,12 @@ def train_config_from(args: argparse.Namespace, out_dir: Optional[str], tiny: bo
     )
 
 
+def _uses_tiny_world(args: argparse.Namespace) -> bool:
+    if args.command in ("demo", "pretrain"):
+        return True
+    return getattr(args, "base", None) == "tinyworld"
+
+
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -389,8 +395,9 @@ register(Command("demo", "the whole story on the embedded tiny world, in a few m
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's choice). The tiny world's small matrices gain "
-                        "little from several threads, and on a busy machine --threads 1 can be several times faster")
+                   help="CPU threads for torch. Default: 1 for the tiny world ($ADAPTERLAB_THREADS overrides; its "
+                        "small matrices gain little from more, and a busy machine makes more threads much slower), "
+                        "torch's own choice otherwise")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -413,12 +420,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .train import TrainingDiverged
 
     args = build_parser().parse_args(argv)
-    if getattr(args, "threads", None):
-        import torch
+    from .tinyworld import cpu_threads, default_threads
 
-        torch.set_num_threads(args.threads)
+    threads = getattr(args, "threads", None)
+    if threads is None and _uses_tiny_world(args):
+        threads = default_threads()
     try:
-        return args.run(args)
+        with cpu_threads(threads):
+            return args.run(args)
     except (DataError, TrainingDiverged) as e:
         return _fail(str(e))
     except KeyboardInterrupt:

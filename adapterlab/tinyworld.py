@@ -487,6 +487,28 @@ def pretrain(recipe: Recipe, out_dir: Optional[str | os.PathLike] = None, progre
 
 
 # --------------------------------------------------------------------------- the cache
+def default_threads() -> int:
+    """CPU threads for the tiny world's own work: $ADAPTERLAB_THREADS, else 1.
+
+    Its matrices are small (192 wide): a second thread gains little on an idle machine, and on a
+    busy one (other processes, a notebook beside a test run) torch's thread pool made a training
+    step 3-8 times *slower* than one thread in our measurements. 0 means torch's own choice.
+    """
+    return int(os.environ.get("ADAPTERLAB_THREADS", "1"))
+
+
+@contextlib.contextmanager
+def cpu_threads(n: Optional[int]):
+    """Run the block with torch using ``n`` CPU threads (None or 0: leave torch's setting)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("ADAPTERLAB_CACHE") or Path.home() / ".cache" / "adapterlab")
 
@@ -558,7 +580,8 @@ def build_base(recipe: Optional[Recipe] = None, progress: bool = True, force: bo
         if progress:
             print(f"Building the tiny-world base model (first use only, about 2 minutes on 2 CPU cores) into {final}")
         t0 = time.perf_counter()
-        model, tokenizer, metrics = pretrain(recipe, out_dir=None, progress=progress)
+        with cpu_threads(default_threads()):
+            model, tokenizer, metrics = pretrain(recipe, out_dir=None, progress=progress)
         info = {"recipe": asdict(recipe), "recipe_version": RECIPE_VERSION, "key": final.name,
                 "final_loss": metrics["final_loss"], "loss_history": metrics["loss_history"],
                 "pretrain_seconds": round(time.perf_counter() - t0, 1), "corpus_tokens": metrics["corpus_tokens"],
@@ -588,5 +611,5 @@ __all__ = [
     "World", "Person", "WorldConfig", "Recipe", "make_world", "pretrain_corpus", "instruction_set",
     "heldout_accuracy", "evaluate", "probe_base", "answer_questions", "answer_is_correct", "load_base", "build_base",
     "base_dir", "save_base", "read_base", "pretrain", "train_tokenizer", "corpus_tokens", "load_world",
-    "cache_root", "ATTRIBUTES",
+    "cache_root", "ATTRIBUTES", "cpu_threads", "default_threads",
 ]

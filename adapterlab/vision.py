@@ -129,6 +129,10 @@ class SceneEncoder(nn.Module):
             c_in = w
         self.stages = nn.ModuleList(stages)
         self.visual_dim = 2 * sum(config.widths)
+        # per-feature standardisation, set from the training pictures when pretraining ends
+        # (every attribute then reaches the projection at the same scale)
+        self.register_buffer("feature_mean", torch.zeros(self.visual_dim))
+        self.register_buffer("feature_std", torch.ones(self.visual_dim))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = check_images(images, self.config.image_size).to(self.stages[0][0].weight.device)
@@ -140,7 +144,7 @@ class SceneEncoder(nn.Module):
         for stage in self.stages:
             x = stage(x)  # (B, w, H/2^s, W/2^s)
             feats += [x.mean(dim=(2, 3)), x.amax(dim=(2, 3))]  # global features of this scale: (B, w) each
-        return torch.cat(feats, dim=1)  # (B, visual_dim)
+        return (torch.cat(feats, dim=1) - self.feature_mean) / self.feature_std  # (B, visual_dim)
 
 
 class AttributeHeads(nn.Module):
@@ -201,6 +205,9 @@ def pretrain_scene_encoder(
     encoder.eval().requires_grad_(False)
     with torch.no_grad():
         preds = [lg.argmax(-1) for lg in heads(encoder(images[n_train:]))]
+        feats = encode_images(encoder, images[:n_train])
+        encoder.feature_mean.copy_(feats.mean(0))
+        encoder.feature_std.copy_(feats.std(0).clamp(min=1e-5))
     names = ("shape", "colour", "count", "corner")
     acc = {n: (p == labels[n_train:, j]).float().mean().item() for j, (n, p) in enumerate(zip(names, preds))}
     return encoder, {"heldout_accuracy": acc, "steps": steps}
