@@ -206,11 +206,11 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     add_training_arguments(p)
 
 
-def finetune(args: argparse.Namespace, quiet: bool = False) -> dict:
-    """The body of ``adapterlab finetune``; returns the metrics (also written to --out/metrics.json)."""
+def finetune(args: argparse.Namespace, quiet: bool = False):
+    """The body of ``adapterlab finetune`` -> (model with its trained adapter, metrics written to --out)."""
     from .adapter import add_adapter
     from .checkpoints import save_adapter
-    from .data import DataError, instruction_dataset, load_instruction_data
+    from .data import instruction_dataset, load_instruction_data
     from .train import write_metrics, train
 
     tiny = args.data == "tinyworld" and args.base == "tinyworld"
@@ -241,14 +241,13 @@ def finetune(args: argparse.Namespace, quiet: bool = False) -> dict:
         extra["heldout_accuracy"] = metrics["eval"]["heldout_accuracy"]
     write_metrics(args.out, extra)
     metrics.update(extra)
-    metrics["model"] = model
-    return metrics
+    return model, metrics
 
 
 def run_finetune(args: argparse.Namespace) -> int:
     from .gates import format_summary, summarize
 
-    m = finetune(args)
+    _, m = finetune(args)
     print(f"trained {m['trainable_params']:,} adapter parameters ({100 * m['trainable_fraction']:.3f}% of the base) "
           f"for {m['steps']} steps in {m['train_seconds']:.0f} s; final loss {m['final_loss']:.4f}")
     if "heldout_accuracy" in m:
@@ -346,8 +345,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     print(f"\n== 3. LLaMA-Adapter: zero-init gated prompts on the frozen base, {len(train_records)} instruction records")
     t_ft = time.perf_counter()
-    m = finetune(args, quiet=True)
-    model = m.pop("model")
+    model, m = finetune(args, quiet=True)
     after = tinyworld.evaluate(model, tokenizer, heldout)
     acc_after = sum(r["correct"] for r in after) / len(after)
     print(f"   {m['trainable_params']:,} trainable parameters = {100 * m['trainable_fraction']:.2f}% of the base; "

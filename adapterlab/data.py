@@ -7,7 +7,9 @@ An Alpaca file is a JSON list of records ``{"instruction": str, "input": str, "o
     labels = [-100] * (1 + len(prompt))  + encode(output) + [EOS]
 
 so the loss is computed on the response only (PAPER.md, "Alpaca data format"); -100 is the
-label torch's cross-entropy ignores (not token 0, which is a real token, <unk>).
+label torch's cross-entropy ignores (not token 0, which is a real token, <unk>). Prompt and
+response are encoded separately, so the boundary between them is exact and generation (which
+encodes the prompt alone and continues it) sees the same tokens as training.
 
 Batches are grouped by length instead of padding every example to 512 tokens as the release
 does: examples of similar length share a batch, so little compute goes to padding.
@@ -15,7 +17,6 @@ does: examples of similar length share a batch, so little compute goes to paddin
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,9 +133,9 @@ def encode_example(tokenizer, record: dict, max_seq_len: int) -> tuple[list[int]
 
 @dataclass
 class TokenDataset:
-    """Examples as (tokens, labels) lists; ``labels[t]`` is the target of position t's *input* token.
-
-    The loop shifts: position t predicts labels[t + 1] (see :func:`adapterlab.train.loss_sum`).
+    """Examples as (tokens, labels) lists of equal length; labels are the tokens, with
+    IGNORE_INDEX where no loss is taken. Position t predicts labels[t + 1]
+    (see :func:`adapterlab.train.loss_sum`).
     """
 
     tokens: list[list[int]]

@@ -28,7 +28,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -395,7 +395,7 @@ def train(
     for cb in callbacks:
         _call(cb, "on_end", metrics)
     if out_dir is not None and is_main:
-        write_metrics(out_dir, metrics)
+        write_metrics(out_dir, metrics, update=False)  # a new file: nothing left from an older run
     return metrics
 
 

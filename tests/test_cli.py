@@ -2,7 +2,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -73,6 +72,18 @@ def test_finetune_writes_a_complete_run_and_resumes(small_base, tmp_path, capsys
     assert main(["generate", "--base", str(small_base / "base"), "--adapter", str(out), "--instruction",
                  "Tell me where Ada lives.", "--greedy", "--max-new-tokens", "4"]) == 0
     assert ">>> Tell me where Ada lives." in capsys.readouterr().out
+
+
+def test_pretrain_writes_a_meta_folder_that_load_llama_reads(tmp_path, capsys):
+    from adapterlab.checkpoints import load_llama
+
+    out = tmp_path / "base"
+    assert main(["pretrain", "--out", str(out), "--steps", "2", "--no-progress"]) == 0
+    assert {"params.json", "consolidated.00.pth", "tokenizer.model", "metrics.json"} <= {p.name for p in out.iterdir()}
+    model = load_llama(out, device="cpu")
+    assert model.config.dim == tw.Recipe().model["dim"] and model.tokenizer.n_words == tw.Recipe().vocab_size
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+    assert "wrote the base" in capsys.readouterr().out
 
 
 def test_bad_data_file_is_a_clear_error_not_a_traceback(small_base, tmp_path, capsys):

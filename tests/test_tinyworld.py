@@ -32,7 +32,7 @@ def test_world_and_corpus_are_deterministic():
     assert tw.pretrain_corpus(w, passes=3) == tw.pretrain_corpus(w, passes=3)
     assert tw.instruction_set(w) == tw.instruction_set(w)
     names = [p.name for p in w.people]
-    assert len(set(names)) == len(names) == 48 and len(w.heldout) == 16
+    assert len(set(names)) == len(names) == 40 and len(w.heldout) == 12
 
 
 def test_heldout_people_are_only_in_the_pretraining_corpus():
@@ -43,7 +43,7 @@ def test_heldout_people_are_only_in_the_pretraining_corpus():
         pattern = re.compile(rf"\b{name}\b")
         assert not any(pattern.search(r["instruction"] + " " + r["input"] + " " + r["output"]) for r in train), name
         assert pattern.search(corpus)
-    assert {r["name"] for r in heldout} == set(w.heldout) and len(heldout) == 4 * len(w.heldout)
+    assert {r["name"] for r in heldout} == set(w.heldout) and len(heldout) == len(tw.ATTRIBUTES) * len(w.heldout)
     for r in heldout:  # every held-out fact is stated in the corpus, and as an answer to a question
         p = w.person(r["name"])
         assert tw.ANSWERS[r["attribute"]].format(n=p.name, v=r["answer"], a=tw.article(r["answer"])) in corpus
