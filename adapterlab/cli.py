@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-# Defaults for the embedded tiny world (its 460 records; see the report of `adapterlab demo`).
-TINY_DEFAULTS = dict(steps=300, batch_size=32, lr=5e-2, warmup_steps=10, adapter_layers=4, prompt_len=10,
-                     max_seq_len=256, log_every=10, ckpt_every=50, length_group=4)
+from .tinyworld import ADAPTER_SETTINGS, TUNING_SETTINGS
+
+# Defaults for the embedded tiny world (adapterlab.tinyworld.TUNING_SETTINGS / ADAPTER_SETTINGS).
+TINY_DEFAULTS = dict(**TUNING_SETTINGS, adapter_layers=ADAPTER_SETTINGS["layers"],
+                     prompt_len=ADAPTER_SETTINGS["prompt_len"], max_seq_len=256, ckpt_every=50)
 
 
 @dataclass
@@ -113,7 +115,7 @@ def adapter_config_from(args: argparse.Namespace, n_layers: int):
     layers = args.adapter_layers if args.adapter_layers is not None else min(30, n_layers)
     if not 1 <= layers <= n_layers:
         raise SystemExit(f"error: --adapter-layers {layers}: the base has {n_layers} layers; choose 1..{n_layers}")
-    return AdapterConfig(prompt_len=args.prompt_len or 10, layers=layers, gate=args.gate,
+    return AdapterConfig(prompt_len=args.prompt_len or ADAPTER_SETTINGS["prompt_len"], layers=layers, gate=args.gate,
                          gate_activation=args.gate_activation, init=args.init)
 
 
