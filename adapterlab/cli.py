@@ -8,7 +8,9 @@ to an existing one, extend its ``add_*_arguments`` function (the shared training
     adapterlab demo --out runs/demo
     adapterlab finetune --base tinyworld --data tinyworld --out runs/ft --steps 200
     adapterlab finetune --base /models/llama-7b --data alpaca_data.json --out runs/alpaca --epochs 5
+    torchrun --nproc_per_node 8 -m adapterlab finetune --base /models/llama-7b --data alpaca_data.json --out runs/alpaca
     adapterlab gates runs/ft
+    adapterlab gates --follow runs/alpaca
     adapterlab generate --base tinyworld --adapter runs/ft --instruction "Where does Mara live?"
 """
 from __future__ import annotations
@@ -206,18 +208,42 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder: metrics.json, gates.jsonl, gates.png, adapter, checkpoint")
     add_adapter_arguments(p)
     add_training_arguments(p)
+    add_distributed_arguments(p)
+
+
+def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("several processes (torchrun --nproc_per_node N -m adapterlab finetune ...)")
+    g.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
+                   help="ddp: every rank holds the base; fsdp: shard the frozen base across ranks (bases that do "
+                        "not fit one GPU). Ignored in a single process")
+    g.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                   help="a rank waiting longer than this for the others stops with an error (default 600)")
+    g.add_argument("--check-replicas", action="store_true",
+                   help="debug: check after every step that every rank holds the same adapter")
 
 
 def finetune(args: argparse.Namespace, quiet: bool = False):
-    """The body of ``adapterlab finetune`` -> (model with its trained adapter, metrics written to --out)."""
+    """The body of ``adapterlab finetune`` -> (model with its trained adapter, metrics written to --out).
+
+    Under torchrun every rank runs this: the same base, adapter and data; rank 0 alone prints
+    and writes files.
+    """
+    from . import distributed
     from .adapter import add_adapter
     from .checkpoints import save_adapter
     from .data import instruction_dataset, load_instruction_data
     from .train import write_metrics, train
 
+    env = distributed.init_distributed(args.device, getattr(args, "dist_timeout", None))
+    strategy = getattr(args, "strategy", "ddp") if env.distributed else "none"
+    quiet = quiet or not env.is_main
+    if env.distributed and not quiet:
+        print(f"{env.world_size} processes ({env.backend}, {strategy}), global batch split over them")
     tiny = args.data == "tinyworld" and args.base == "tinyworld"
     records = load_instruction_data(args.data)  # validated before anything is trained
-    model = load_base_model(args.base, args.device)
+    # FSDP: read the base into (shared, memory-mapped) CPU memory; sharding moves each block to its GPU.
+    load_device = "cpu" if strategy == "fsdp" else (str(env.device) if env.distributed else args.device)
+    model = load_base_model(args.base, load_device)
     tokenizer = model.tokenizer
     max_len = args.max_seq_len or (TINY_DEFAULTS["max_seq_len"] if tiny else min(512, model.config.max_seq_len))
     data = instruction_dataset(records, tokenizer, max_len, source=args.data)
@@ -227,6 +253,9 @@ def finetune(args: argparse.Namespace, quiet: bool = False):
         args.adapter_layers = TINY_DEFAULTS["adapter_layers"]
     add_adapter(model, adapter_config_from(args, model.config.n_layers), seed=args.seed)
     config = train_config_from(args, args.out, tiny)
+    config.check_replicas = getattr(args, "check_replicas", False)
+    config.progress = config.progress and env.is_main
+    wrapped = distributed.wrap_model(model, strategy, env.device)
 
     eval_fn = None
     heldout = None
@@ -235,21 +264,26 @@ def finetune(args: argparse.Namespace, quiet: bool = False):
 
         _, _, heldout = load_world()
         eval_fn = lambda m: {"heldout_accuracy": heldout_accuracy(m, tokenizer, heldout)}  # noqa: E731
-    metrics = train(model, data, config, eval_fn=eval_fn)
-    save_adapter(model, args.out)
+    metrics = train(wrapped, data, config, eval_fn=eval_fn, callbacks=getattr(args, "callbacks", ()))
     extra = {"base": args.base, "data": args.data, "base_params": model.num_params() - metrics["trainable_params"],
              "trainable_fraction": metrics["trainable_params"] / max(1, model.num_params() - metrics["trainable_params"])}
     if heldout is not None:
         extra["heldout_accuracy"] = metrics["eval"]["heldout_accuracy"]
-    write_metrics(args.out, extra)
+    if env.is_main:
+        save_adapter(model, args.out)
+        write_metrics(args.out, extra)
+    distributed.barrier("the end of training (rank 0 wrote the files)", env)
     metrics.update(extra)
     return model, metrics
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    from .distributed import is_main
     from .gates import format_summary, summarize
 
     _, m = finetune(args)
+    if not is_main():
+        return 0
     print(f"trained {m['trainable_params']:,} adapter parameters ({100 * m['trainable_fraction']:.3f}% of the base) "
           f"for {m['steps']} steps in {m['train_seconds']:.0f} s; final loss {m['final_loss']:.4f}")
     if "heldout_accuracy" in m:
@@ -294,14 +328,28 @@ def run_generate(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- gates
 def add_gates_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="a run folder (with gates.jsonl) or a gates.jsonl file")
-    p.add_argument("--png", default=None, help="where to draw the plots (default: gates.png beside the log)")
+    p.add_argument("--png", default=None, help="where to draw the plots (default: gates.png beside the log; "
+                                                "with --follow: gates_live.png)")
     p.add_argument("--no-plot", action="store_true", help="print the summary only")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--follow", action="store_true",
+                   help="watch a running job: print each new record and redraw the PNG until the run ends")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between checks with --follow (default 2)")
 
 
 def run_gates(args: argparse.Namespace) -> int:
     from .gates import GATES_NAME, PLOT_NAME, format_summary, read_gates, save_plot, summarize
 
+    if args.follow:
+        from .live import follow_gates
+
+        folder = Path(args.path)
+        if folder.suffix == ".jsonl":
+            folder = folder.parent
+        if not folder.is_dir():
+            print(f"{folder} does not exist yet; waiting for the run to create it")
+        follow_gates(folder, interval=args.interval, png=None if args.no_plot else (args.png or "auto"))
+        return 0
     path = Path(args.path)
     log = path / GATES_NAME if path.is_dir() else path
     if not log.is_file():
@@ -415,11 +463,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, callbacks: Sequence = ()) -> int:
+    """Run one command. ``callbacks`` go to the training loop of finetune (tests, notebooks)."""
     from .data import DataError
-    from .train import TrainingDiverged
+    from .distributed import BatchSizeError, DistributedError, cleanup, rank_and_world
+    from .train import CheckpointMismatch, TrainingDiverged
 
     args = build_parser().parse_args(argv)
+    args.callbacks = list(callbacks)
     from .tinyworld import cpu_threads, default_threads
 
     threads = getattr(args, "threads", None)
@@ -427,9 +478,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         threads = default_threads()
     try:
         with cpu_threads(threads):
-            return args.run(args)
-    except (DataError, TrainingDiverged) as e:
-        return _fail(str(e))
+            code = args.run(args)
+        cleanup()  # leave the process group, if finetune joined one
+        return code
+    except (DataError, TrainingDiverged, BatchSizeError, CheckpointMismatch, DistributedError) as e:
+        rank, world = rank_and_world()
+        return _fail(f"[rank {rank}] {e}" if world > 1 and not str(e).startswith("rank ") else str(e))
     except KeyboardInterrupt:
         print("\ninterrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130

@@ -320,11 +320,11 @@ def pretrain_corpus(scenes: Sequence[Scene], facts: Sequence[Fact], rng: np.rand
         # a description, then what it says, attribute by attribute (reading text: where the base
         # learns to find a colour, shape, number or corner in what it has just read)
         statements = [scene_answer(scene, kind)[1] for kind in KINDS]
-        docs.append(" ".join([describe(scene, rng)] + [statements[i] for i in rng.permutation(len(KINDS))]))
-        docs.append(captions(scene)[rng.integers(5)].capitalize() + ".")
         for _ in range(2):
-            ex = scene_question(scene, KINDS[rng.integers(len(KINDS))], rng, "text", None)
-            docs.append(ex.prompt + ex.response)
+            docs.append(" ".join([describe(scene, rng)] + [statements[i] for i in rng.permutation(len(KINDS))]))
+        docs.append(captions(scene)[rng.integers(5)].capitalize() + ".")
+        ex = scene_question(scene, KINDS[rng.integers(len(KINDS))], rng, "text", None)
+        docs.append(ex.prompt + ex.response)
     for fact in facts:
         ex = knowledge_question(fact)
         docs += [fact.solution] * 6 + [f"Question: {fact.question}\nAnswer: {fact.solution}"] * 2
@@ -512,8 +512,8 @@ def score(examples: Sequence[Example], outputs: Sequence[str]) -> dict:
 def save_prediction_grid(path: str | Path, images: torch.Tensor, rows: Sequence[dict], columns: int = 4) -> Path:
     """One PNG with each picture above its question, both models' answers and the caption.
 
-    rows: dicts with "image" (index into images), "question", "truth", "multimodal",
-    "text_only", "caption" (strings).
+    rows: dicts with "image" (index into images), "question", "truth" (letter), "truth_text",
+    "multimodal", "text_only", "caption" (strings).
     """
     from .gates import _pyplot
 
@@ -527,7 +527,8 @@ def save_prediction_grid(path: str | Path, images: torch.Tensor, rows: Sequence[
         ax.imshow(images[row["image"]].permute(1, 2, 0).numpy(), interpolation="nearest")
         ax.set_title(row["question"], fontsize=9, wrap=True)
         mark = lambda out: "right" if parse_answer(out) == row["truth"] else "wrong"  # noqa: E731
-        text = (f"with the image ({mark(row['multimodal'])}):\n  {row['multimodal']}\n"
+        text = (f"truth: ({row['truth']}) {row.get('truth_text', '')}\n"
+                f"with the image ({mark(row['multimodal'])}):\n  {row['multimodal']}\n"
                 f"text-only ({mark(row['text_only'])}):\n  {row['text_only']}\n"
                 f"caption: {row['caption']}")
         ax.text(0.0, -0.04, text, transform=ax.transAxes, va="top", ha="left", fontsize=8, family="monospace",
@@ -626,6 +627,7 @@ def run_multimodal_demo(out_dir: str | Path = "runs/multimodal", config: Optiona
         i = picked[(j * n_pictures // n_samples, KINDS[j % len(KINDS)])]
         ex = data.test[i]
         samples.append({"image": ex.image, "question": _short_question(ex.prompt), "truth": ex.answer,
+                        "truth_text": scene_answer(data.test_scenes[ex.image], ex.kind)[0],
                         "scene": data.test_scenes[ex.image].to_dict(), "multimodal": mm_out[i],
                         "text_only": to_out[i], "caption": caption_of.get(ex.image, "")})
     save_prediction_grid(out / "samples.png", data.test_images, samples)

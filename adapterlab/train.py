@@ -15,10 +15,11 @@ weights for a baseline. The data order is a pure function of (seed, step), the l
 pure function of step, and the checkpoint holds everything else, so a run resumed after a
 SIGKILL finishes bit-identical to an uninterrupted one on the same machine.
 
-Distributed runs (torchrun): every rank computes the same global batch order and takes its
-share (:func:`rank_and_world`); gradients of a model wrapped for data parallelism are averaged
-across ranks, so the loss of each rank is scaled by the world size to keep the global mean.
-Only rank 0 writes files.
+Distributed runs (torchrun, :mod:`adapterlab.distributed`): every rank computes the same global
+batch order and takes its share; the gradients of the adapter are averaged across ranks (DDP,
+or :func:`~adapterlab.distributed.sync_gradients` for FSDP), so the loss of each rank is scaled
+by the world size to keep the global mean. Only rank 0 writes files. The checkpoint counts the
+position in global steps, so a run resumes at any world size.
 """
 from __future__ import annotations
 
@@ -36,7 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE_INDEX, StepSampler, TokenDataset, collate
+from .data import IGNORE_INDEX, TokenDataset, collate
+from .distributed import (
+    DistributedLengthGroupedSampler, all_reduce_sum, check_replicas, collective_guard, no_sync, rank_and_world,
+    reduced_elements, strategy_of, sync_gradients, unwrap, wrap_model,
+)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
@@ -78,6 +83,7 @@ class TrainConfig:
     record_gates: bool = True
     progress: bool = True
     desc: str = "train"
+    check_replicas: bool = False  # debug: assert identical adapters on every rank after every step
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):
@@ -138,6 +144,10 @@ class TrainingDiverged(RuntimeError):
     """The loss or the gradient became NaN/inf; the last good checkpoint is kept."""
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint to resume from was written for another model, adapter or data order."""
+
+
 class Callback:
     """Base class for callbacks. A plain function ``f(step, info)`` works too (called every step).
 
@@ -161,13 +171,6 @@ def _call(cb: Any, event: str, *args) -> None:
         getattr(cb, event)(*args)
     elif event == "on_step" and callable(cb):
         cb(*args)
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) under torch.distributed, (0, 1) otherwise."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -237,8 +240,9 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # (the run may resume on fewer GPUs)
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -262,17 +266,24 @@ def train(
     ``f(step, info)``; info = {step, total_steps, epoch, loss, lr, grad_norm, tokens, eval, model}.
     With ``out_dir`` set, writes checkpoint.pt, metrics.json and (for a model with an adapter)
     gates.jsonl and gates.png there.
+
+    Under torchrun pass the model wrapped by :func:`adapterlab.distributed.wrap_model` (DDP or
+    FSDP); an unwrapped model in a process group of several ranks is wrapped with DDP here.
+    Callbacks and eval_fn always get the unwrapped model.
     """
     rank, world = rank_and_world()
     is_main = rank == 0
-    device = next(model.parameters()).device
-    schedule = Schedule.resolve(config, len(train_data))
-    named = trainable_parameters(model)
-    if not named:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameter (requires_grad=True); attach an adapter or unfreeze it")
+    if world > 1 and strategy_of(model) == "none":
+        model = wrap_model(model, "ddp")  # the ranks' gradients must be averaged
+    raw = unwrap(model)  # the user's model: names, gates, checkpoints (the same at any world size)
+    named = trainable_parameters(raw)
+    device = named[0][1].device
+    schedule = Schedule.resolve(config, len(train_data))
+    sampler = DistributedLengthGroupedSampler(train_data.lengths, config.batch_size, config.seed, rank, world,
+                                              config.micro_batch_size, group=config.length_group)
     optimizer = make_optimizer(named, config)
-    sampler = StepSampler(train_data.lengths, config.batch_size, config.seed, rank, world, config.micro_batch_size,
-                          group=config.length_group)
     out_dir = Path(config.out_dir) if config.out_dir else None
     if out_dir is not None and is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -281,7 +292,7 @@ def train(
     ckpt_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
 
     callbacks = list(callbacks)
-    if out_dir is not None and config.record_gates and is_main and _has_adapter(model):
+    if out_dir is not None and config.record_gates and is_main and _has_adapter(raw):
         from .gates import GateRecorder
 
         if not any(isinstance(cb, GateRecorder) for cb in callbacks):
@@ -294,19 +305,19 @@ def train(
     resumed = False
     if config.resume and ckpt_path is not None and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path)
-        _restore(model, optimizer, named, ckpt, config, ckpt_path)
+        _restore(raw, optimizer, named, ckpt, config, ckpt_path)
         start_step, train_seconds, history = ckpt["step"], ckpt["train_seconds"], ckpt["history"]
         resumed = True
     elif config.resume and is_main:
         print(f"[{config.desc}] --resume: no checkpoint in {out_dir}, starting from step 0")
 
     state = {"start_step": start_step, "total_steps": schedule.total_steps, "resumed": resumed,
-             "out_dir": out_dir, "model": model, "config": config, "schedule": schedule}
+             "out_dir": out_dir, "model": raw, "config": config, "schedule": schedule}
     for cb in callbacks:
         _call(cb, "on_start", state)
 
     peak = config.peak_lr
-    loss_scale = float(world)  # a data-parallel wrapper averages gradients over ranks
+    loss_scale = float(world)  # gradients are averaged over ranks; the loss is a mean over the global batch
     params = [p for _, p in named]
     tokens_seen = 0
     model.train()
@@ -326,15 +337,19 @@ def train(
                 group["lr"] = lr
 
             step_loss = 0.0
-            for part in sampler.micro_batches(step):
-                tokens, labels = collate([train_data[i] for i in part])
-                tokens, labels = tokens.to(device), labels.to(device)
-                with autocast_for(device):
-                    loss = loss_sum(model, tokens, labels) / n_targets
-                (loss * loss_scale).backward()
-                step_loss += loss.item()
-                tokens_seen += tokens.numel()
-            step_loss = _global_sum(step_loss)
+            micro_batches = sampler.micro_batches(step)
+            with collective_guard(f"training step {step + 1}", hint=_resume_hint(ckpt_path)):
+                for i, part in enumerate(micro_batches):
+                    tokens, labels = collate([train_data[j] for j in part])
+                    tokens, labels = tokens.to(device), labels.to(device)
+                    with no_sync(model, skip=i < len(micro_batches) - 1):  # DDP: all-reduce after the last one
+                        with autocast_for(device):
+                            loss = loss_sum(model, tokens, labels) / n_targets
+                        (loss * loss_scale).backward()
+                    step_loss += loss.item()
+                    tokens_seen += tokens.numel()
+                sync_gradients(model)  # FSDP: average the (unsharded) adapter gradients; DDP did it already
+                step_loss = all_reduce_sum(step_loss)
 
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip if config.clip else float("inf"))
             if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
@@ -342,6 +357,8 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
+            if config.check_replicas:
+                check_replicas(model, done)
             last_loss = step_loss
 
             log_now = done % config.log_every == 0 or done == schedule.total_steps
@@ -349,11 +366,11 @@ def train(
                 history["loss"].append([done, step_loss])
             eval_result = None
             if eval_fn is not None and config.eval_every and done % config.eval_every == 0 and done != schedule.total_steps:
-                eval_result = _run_eval(model, eval_fn, done)
+                eval_result = _run_eval(raw, eval_fn, done)
                 history["eval"].append(eval_result)
             info = {"step": done, "total_steps": schedule.total_steps, "epoch": done / schedule.steps_per_epoch,
                     "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens_seen,
-                    "eval": eval_result, "model": model, "log": log_now}
+                    "eval": eval_result, "model": raw, "log": log_now}
             for cb in callbacks:
                 _call(cb, "on_step", done, info)
             if bar is not None:
@@ -365,14 +382,14 @@ def train(
                 (config.ckpt_every and done % config.ckpt_every == 0) or done == schedule.total_steps
             ):
                 elapsed = train_seconds + time.perf_counter() - t0
-                _save(ckpt_path, model, optimizer, named, config, done, schedule, elapsed, history)
+                _save(ckpt_path, optimizer, named, config, done, schedule, elapsed, history, sampler, world)
     finally:
         if bar is not None:
             bar.close()
     train_seconds += time.perf_counter() - t0
 
     if eval_fn is not None and (not history["eval"] or history["eval"][-1]["step"] != schedule.total_steps):
-        history["eval"].append(_run_eval(model, eval_fn, schedule.total_steps))
+        history["eval"].append(_run_eval(raw, eval_fn, schedule.total_steps))
     metrics = {
         "steps": schedule.total_steps,
         "epochs": schedule.total_steps / schedule.steps_per_epoch,
@@ -384,7 +401,10 @@ def train(
         "eval_history": history["eval"],
         "train_seconds": round(train_seconds, 2),
         "trainable_params": sum(p.numel() for p in params),
-        "total_params": sum(p.numel() for p in model.parameters()),
+        "total_params": sum(p.numel() for p in raw.parameters()),
+        "world_size": world,
+        "strategy": strategy_of(model),
+        "all_reduced_elements": reduced_elements(model)["elements"] if world > 1 else 0,
         "examples": len(train_data),
         "truncated_examples": train_data.n_truncated,
         "resumed_from_step": start_step if resumed else None,
@@ -426,15 +446,6 @@ def _has_adapter(model: nn.Module) -> bool:
     return layers is not None and any(getattr(l.attention, "adapter", None) is not None for l in layers)
 
 
-def _global_sum(x: float) -> float:
-    rank, world = rank_and_world()
-    if world == 1:
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
-    torch.distributed.all_reduce(t)
-    return float(t.item())
-
-
 def _run_eval(model: nn.Module, eval_fn: Callable, step: int) -> dict:
     was_training = model.training
     model.eval()
@@ -453,14 +464,23 @@ def _diverged_message(step: int, loss: float, grad_norm: float, lr: float, ckpt:
             f"The update was not applied. {where} Try a lower learning rate (--lr/--blr) or gradient clipping.")
 
 
-def _save(path: Path, model, optimizer, named, config: TrainConfig, step: int, schedule: Schedule,
-          train_seconds: float, history: dict) -> None:
+def _resume_hint(ckpt: Optional[Path]) -> str:
+    if ckpt is not None and ckpt.is_file():
+        return f"The last checkpoint {ckpt} is intact: rerun with --resume (any number of processes)."
+    return ""
+
+
+def _save(path: Path, optimizer, named, config: TrainConfig, step: int, schedule: Schedule,
+          train_seconds: float, history: dict, sampler: DistributedLengthGroupedSampler, world: int) -> None:
+    """Everything a resumed run needs, nothing that depends on the number of processes (the data
+    position is the global step; ``world_size`` is recorded for information only)."""
     atomic_torch_save({
         "step": step,
         "trainable": {n: p.detach().cpu().clone() for n, p in named},
         "optimizer": optimizer.state_dict(),
         "scheduler": {"step": step, "total_steps": schedule.total_steps, "warmup_steps": schedule.warmup_steps},
-        "data_position": {"epoch": step // schedule.steps_per_epoch, "batch": step % schedule.steps_per_epoch},
+        "data_position": sampler.position(step),
+        "world_size": world,
         "rng": _rng_state(),
         "config": {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))},
         "train_seconds": train_seconds,
@@ -473,20 +493,21 @@ def _restore(model, optimizer, named, ckpt: dict, config: TrainConfig, path: Pat
     names = [n for n, _ in named]
     if set(saved) != set(names):
         missing, extra = sorted(set(names) - set(saved)), sorted(set(saved) - set(names))
-        raise ValueError(
+        raise CheckpointMismatch(
             f"{path} was written for a different model or adapter: trainable tensors missing from it: "
             f"{missing[:4]}{'...' if len(missing) > 4 else ''}, unexpected in it: {extra[:4]}{'...' if len(extra) > 4 else ''}. "
             "Resume with the same --base/--adapter-layers/--prompt-len, or use a new --out folder."
         )
     for n, p in named:
         if saved[n].shape != p.shape:
-            raise ValueError(f"{path}: tensor {n} has shape {tuple(saved[n].shape)}, the model has {tuple(p.shape)}; "
+            raise CheckpointMismatch(f"{path}: tensor {n} has shape {tuple(saved[n].shape)}, the model has {tuple(p.shape)}; "
                              "resume with the same model and adapter settings, or use a new --out folder")
     for key in ("batch_size", "seed"):
         if ckpt["config"].get(key) != getattr(config, key):
-            raise ValueError(f"{path} was written with {key}={ckpt['config'].get(key)}, this run has "
+            raise CheckpointMismatch(f"{path} was written with {key}={ckpt['config'].get(key)}, this run has "
                              f"{key}={getattr(config, key)}; resume with the same value (the data order depends on it)")
-    changed = [k for k in ("steps", "epochs", "lr", "base_lr", "warmup_steps", "warmup_epochs", "micro_batch_size")
+    # micro_batch_size (like the number of processes) only changes how a global batch is cut: same run
+    changed = [k for k in ("steps", "epochs", "lr", "base_lr", "warmup_steps", "warmup_epochs")
                if ckpt["config"].get(k) != getattr(config, k)]
     if changed:
         warnings.warn(f"resuming {path} with changed settings {changed}: the run will differ from an uninterrupted one")
@@ -498,7 +519,8 @@ def _restore(model, optimizer, named, ckpt: dict, config: TrainConfig, path: Pat
 
 
 __all__ = [
-    "TrainConfig", "Schedule", "lr_at", "train", "Callback", "TrainingDiverged", "loss_sum", "make_optimizer",
+    "TrainConfig", "Schedule", "lr_at", "train", "Callback", "TrainingDiverged", "CheckpointMismatch", "loss_sum",
+    "make_optimizer",
     "load_checkpoint", "write_metrics", "atomic_write_text", "atomic_write_bytes", "atomic_torch_save",
     "rank_and_world", "trainable_parameters", "autocast_for",
 ]
