@@ -5,28 +5,28 @@ Tasks, in the style of ScienceQA (multiple choice, three context categories) and
     Question: What colour are the shapes in the picture?
     Context: N/A
     Options: (A) red (B) green (C) blue (D) yellow
-    Answer: The shapes are blue. The answer is (C).
+    Answer: The colour is blue. The answer is (C).
 
 - context "image": the answer is in the picture only (the text context is "N/A");
 - context "text":  the answer is in the text context (a description of a scene, no picture);
 - context "none":  general knowledge that the base model read in pretraining (colours of
-  things, corners of shapes, small sums); evaluated on facts the adapter never trained on.
+  things, corners of shapes, small sums); tested on facts the adapter never trained on.
 - captions: "Caption the picture." -> "three red circles in the top left corner", scored with
   corpus BLEU-4 against five reference captions per picture, as COCO does.
 
 The response is a one-sentence solution, then the answer - ScienceQA's chain-of-thought
 format (solution, then "The answer is (X)."), answered by greedy decoding as in the paper.
 
-Two simplifications keep the tiny base able to do this after one minute of pretraining
-(measured, see the report in docs): each attribute has exactly four values and the options
-list them in a fixed order, so the letter is a lookup of the solution's word. With shuffled
-options the letter needs in-context matching ("which option says blue?"), a skill that a
-~1M-parameter base did not acquire within 3,000 pretraining steps (still at chance).
+One simplification keeps a tiny base able to do this after about a minute of pretraining:
+each attribute has exactly four values and the options list them in a fixed order, so the
+letter is a lookup of the solution's word. With shuffled options the letter needs in-context
+matching ("which option says blue?"), which a ~1M-parameter base had not learned after
+3,000 pretraining steps (accuracy still at chance, measured while building this module).
 
 The frozen base is a small LLaMA pretrained by :func:`pretrain_scene_base` on text about the
-scenes (descriptions, quizzes with a text context, facts) - the "LLaMA that already reads";
-the adapter must bring the pictures in. The tiny-world base (:mod:`adapterlab.tinyworld`)
-has never read about shapes or corners, so it is not used here.
+scenes (descriptions, reading exercises, quizzes with a text context, facts): the "LLaMA that
+already reads", to which the adapter must bring the pictures. The tiny-world base
+(:mod:`adapterlab.tinyworld`) has never read about shapes, colours of shapes or corners.
 
 The multi-modal forward (Sec. 3.3):
 
@@ -272,18 +272,18 @@ class MultimodalConfig:
     dim: int = 128
     n_layers: int = 4
     n_heads: int = 4
-    pretrain_steps: int = 400
+    pretrain_steps: int = 800
     pretrain_batch_size: int = 16
     pretrain_seq_len: int = 128
-    pretrain_lr: float = 3e-3
+    pretrain_lr: float = 6e-3
     # the visual encoder, pretrained on the scenes' attributes, then frozen
     encoder_steps: int = 400
     # the adapter (the multi-modal one and the text-only one get the same budget)
     prompt_len: int = 10
     adapter_layers: int = 4
-    steps: int = 300
+    steps: int = 500
     batch_size: int = 32
-    lr: float = 1e-2
+    lr: float = 3e-2
     image_questions: int = 3000
     text_questions: int = 1000
     caption_examples: int = 1500
@@ -309,16 +309,18 @@ class SceneData:
 
 
 def pretrain_corpus(scenes: Sequence[Scene], facts: Sequence[Fact], rng: np.random.Generator) -> list[str]:
-    """Text the base reads: scene descriptions, quizzes with a text context, facts, fact quizzes.
+    """Text the base reads: reading exercises, captions, quizzes with a text context, facts.
 
     Like web text for LLaMA: it states what scenes look like and how quizzes are answered, but
     never shows a picture. Every fact is stated and asked in a quiz (the base knows them all;
     the adapter trains on half of them and is tested on the other half).
+
+    The reading exercises (a description, then its colour, shape, number and corner, one
+    sentence each) matter: with descriptions and quizzes alone the base learned to repeat the
+    number it had read but, after 600 steps, still guessed colours and shapes at chance.
     """
     docs = []
     for scene in scenes:
-        # a description, then what it says, attribute by attribute (reading text: where the base
-        # learns to find a colour, shape, number or corner in what it has just read)
         statements = [scene_answer(scene, kind)[1] for kind in KINDS]
         for _ in range(2):
             docs.append(" ".join([describe(scene, rng)] + [statements[i] for i in rng.permutation(len(KINDS))]))

@@ -111,7 +111,7 @@ def test_scene_encoder_features_and_input_types():
     enc = SceneEncoder()
     _, images = make_scenes(3, seed=4)
     f_uint8 = enc(images)
-    assert f_uint8.shape == (3, enc.visual_dim) == (3, 2 * (16 + 32 + 64))  # mean and max per stage
+    assert f_uint8.shape == (3, enc.visual_dim) == (3, 2 * (16 + 32 + 64) + 16)  # mean, max per stage + read-out
     assert torch.allclose(enc(images.float() / 255), f_uint8)
     assert torch.allclose(encode_images(enc, images, batch_size=2), f_uint8)
     # position reaches the pooled features (coordinate channels): mirrored pictures differ
