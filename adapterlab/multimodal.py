@@ -266,7 +266,7 @@ class MultimodalConfig:
 
     seed: int = 0
     train_scenes: int = 3000  # pictures for the encoder, the pretraining text and the adapter
-    test_scenes: int = 200  # new pictures for evaluation (every question kind on each)
+    test_scenes: int = 150  # new pictures for evaluation (every question kind on each)
     # the base LLaMA, pretrained on text about scenes
     vocab_size: int = 320
     dim: int = 128
@@ -281,7 +281,7 @@ class MultimodalConfig:
     # the adapter (the multi-modal one and the text-only one get the same budget)
     prompt_len: int = 10
     adapter_layers: int = 4
-    steps: int = 500
+    steps: int = 600
     batch_size: int = 32
     lr: float = 3e-2
     image_questions: int = 3000
