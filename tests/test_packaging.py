@@ -30,5 +30,5 @@ def test_environment_yml_matches_pyproject():
 def test_readme_test_command_is_what_ci_runs():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    cmd = "python -m pytest tests --nbval-lax notebooks"
+    cmd = "python -m pytest tests --nbval-lax --nbval-current-env notebooks"
     assert cmd in readme and cmd in ci
