@@ -396,6 +396,57 @@ def pretrain_scene_base(corpus: Sequence[str], config: MultimodalConfig, progres
     return model, tokenizer, metrics
 
 
+BASE_VERSION = 1  # bump when the corpus or the pretraining code changes what gets built
+BASE_FIELDS = ("seed", "train_scenes", "vocab_size", "dim", "n_layers", "n_heads", "pretrain_steps",
+               "pretrain_batch_size", "pretrain_seq_len", "pretrain_lr")
+
+
+def scene_base_dir(config: MultimodalConfig, corpus: Sequence[str]) -> Path:
+    """The cache folder of a config's base: ``<cache>/scenes-<hash of the base settings and corpus>``."""
+    import hashlib
+
+    from .tinyworld import cache_root
+
+    blob = json.dumps({"config": {k: getattr(config, k) for k in BASE_FIELDS}, "version": BASE_VERSION,
+                       "corpus": hashlib.sha256("\n".join(corpus).encode()).hexdigest()}, sort_keys=True)
+    return cache_root() / f"scenes-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def load_scene_base(corpus: Sequence[str], config: MultimodalConfig, progress: bool = True, cache: bool = True):
+    """The pretrained base for a config: from the cache folder when it is there, else pretrained
+    (and, with cache=True, saved there atomically; concurrent callers wait for one build).
+    Returns (model, tokenizer, info) with info["cached"] telling which happened."""
+    import fcntl
+    import os
+    import shutil
+
+    from .tinyworld import read_base, save_base
+
+    if not cache:
+        model, tokenizer, metrics = pretrain_scene_base(corpus, config, progress)
+        return model, tokenizer, {"cached": False, "final_loss": metrics["final_loss"], "steps": metrics["steps"]}
+    folder = scene_base_dir(config, corpus)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same base: wait for it
+        try:
+            if not (folder / "params.json").is_file():
+                model, tokenizer, metrics = pretrain_scene_base(corpus, config, progress)
+                tmp = folder.with_name(f".{folder.name}.{os.getpid()}.building")
+                shutil.rmtree(tmp, ignore_errors=True)
+                save_base(model, tokenizer, tmp, extra={"final_loss": metrics["final_loss"], "steps": metrics["steps"],
+                                                        "config": config.to_dict(), "version": BASE_VERSION})
+                os.replace(tmp, folder)  # readers see no folder or a complete one
+                return model, tokenizer, {"cached": False, "final_loss": metrics["final_loss"],
+                                          "steps": metrics["steps"], "folder": str(folder)}
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    model = read_base(folder)
+    info = json.loads((folder / "tinyworld.json").read_text())
+    return model, model.tokenizer, {"cached": True, "final_loss": info["final_loss"], "steps": info["steps"],
+                                    "folder": str(folder)}
+
+
 # --------------------------------------------------------------------------- images into the model
 def image_tokens(model: nn.Module, features: Optional[torch.Tensor], image_ids: torch.Tensor) -> Optional[torch.Tensor]:
     """I_p = visual_proj(features[image_ids]) per example; 0 where image_ids < 0 (no picture).
@@ -550,7 +601,7 @@ def _short_question(prompt: str) -> str:
 
 # --------------------------------------------------------------------------- the demo
 def run_multimodal_demo(out_dir: str | Path = "runs/multimodal", config: Optional[MultimodalConfig] = None,
-                        progress: bool = True, verbose: bool = True, n_samples: int = 8) -> dict:
+                        progress: bool = True, verbose: bool = True, n_samples: int = 8, cache: bool = True) -> dict:
     """The whole multi-modal story on the embedded scenes; returns the metrics written to metrics.json.
 
     1. render the pictures, write the texts; 2. pretrain the base LLaMA on scene text;
@@ -559,6 +610,9 @@ def run_multimodal_demo(out_dir: str | Path = "runs/multimodal", config: Optiona
     held-out questions greedily and caption the held-out pictures; 6. write metrics.json,
     gates.jsonl / gates.png (multi-modal run; text_only/ holds the text-only run's),
     samples.png (pictures with both models' answers) and samples.json.
+
+    cache: keep the pretrained base in the user cache (``$ADAPTERLAB_CACHE`` or
+    ~/.cache/adapterlab, as the tiny-world base) and reuse it next time.
     """
     import copy
 
@@ -581,10 +635,11 @@ def run_multimodal_demo(out_dir: str | Path = "runs/multimodal", config: Optiona
 
     say("== 2. The frozen base: a small LLaMA pretrained on text about scenes (it never sees a picture)")
     t = time.perf_counter()
-    base, tokenizer, pre_metrics = pretrain_scene_base(data.corpus, config, progress)
+    base, tokenizer, pre_metrics = load_scene_base(data.corpus, config, progress, cache)
     timings["pretrain_seconds"] = round(time.perf_counter() - t, 2)
+    how = f"loaded from {pre_metrics['folder']}" if pre_metrics["cached"] else "pretrained now"
     say(f"   {base.num_params():,} parameters, loss {pre_metrics['final_loss']:.3f} after "
-        f"{pre_metrics['steps']} steps ({timings['pretrain_seconds']:.0f} s)")
+        f"{pre_metrics['steps']} steps ({how}, {timings['pretrain_seconds']:.0f} s)")
 
     say("== 3. The frozen visual encoder: a small CNN pretrained on the pictures' attributes")
     t = time.perf_counter()
@@ -653,6 +708,7 @@ def run_multimodal_demo(out_dir: str | Path = "runs/multimodal", config: Optiona
         "encoder": {"visual_dim": encoder.visual_dim, "params": sum(p.numel() for p in encoder.parameters()),
                     **enc_info},
         "pretrain_final_loss": pre_metrics["final_loss"],
+        "base_from_cache": pre_metrics["cached"],
         "adapter_final_loss": mm["final_loss"],
         "text_only_final_loss": to["final_loss"],
         **timings,

@@ -146,7 +146,7 @@ def test_demo_writes_every_output(tmp_path):
                            pretrain_steps=3, pretrain_batch_size=4, pretrain_seq_len=64, encoder_steps=2,
                            adapter_layers=2, steps=3, batch_size=8, image_questions=40, text_questions=10,
                            caption_examples=10, max_new_tokens=6)
-    metrics = run_multimodal_demo(tmp_path, cfg, progress=False, verbose=False, n_samples=4)
+    metrics = run_multimodal_demo(tmp_path, cfg, progress=False, verbose=False, n_samples=4, cache=False)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("accuracy", "accuracy_by_context", "text_only_accuracy", "text_only_accuracy_by_context",
                 "captions", "trainable_params", "projection_params", "demo_seconds"):
@@ -159,3 +159,22 @@ def test_demo_writes_every_output(tmp_path):
     first = json.loads((tmp_path / "gates.jsonl").read_text().splitlines()[0])
     assert first["step"] == 0 and all(g == 0 for row in first["gates"] for g in row)  # zero-init
     assert len(json.loads((tmp_path / "samples.json").read_text())) == 4
+
+
+def test_scene_base_is_cached_and_reloaded_exactly(tmp_path, monkeypatch):
+    from adapterlab.multimodal import load_scene_base, pretrain_corpus
+
+    monkeypatch.setenv("ADAPTERLAB_CACHE", str(tmp_path))
+    cfg = MultimodalConfig(train_scenes=60, dim=32, n_layers=2, n_heads=2, vocab_size=200, pretrain_steps=2,
+                           pretrain_batch_size=4, pretrain_seq_len=64)
+    from adapterlab.scenes import make_scenes
+
+    scenes, _ = make_scenes(60, seed=1)
+    corpus = pretrain_corpus(scenes, knowledge_facts(), np.random.default_rng(0))
+    built, tok1, info1 = load_scene_base(corpus, cfg, progress=False)
+    loaded, tok2, info2 = load_scene_base(corpus, cfg, progress=False)
+    assert (info1["cached"], info2["cached"]) == (False, True) and info1["folder"] == info2["folder"]
+    assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), loaded.state_dict().values()))
+    assert tok1.encode("The colour is red.") == tok2.encode("The colour is red.")
+    other = load_scene_base(corpus, MultimodalConfig(**{**cfg.to_dict(), "pretrain_steps": 3}), progress=False)[2]
+    assert other["folder"] != info1["folder"] and not other["cached"]  # a different recipe, a different folder
