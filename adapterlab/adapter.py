@@ -46,6 +46,7 @@ class AdapterConfig:
     gate_activation: "tanh" (paper) or "identity" (PEFT).
     init: "zero" (paper: gates start at 0) or "random" (ablation: gates start at N(0, 1) draws).
     visual_dim: width of the visual features for the multi-modal adapter (None: text only).
+    visual_hidden: hidden width of the multi-modal adapter's projection MLP (Sec. 3.3).
     """
 
     prompt_len: int = 10
@@ -54,6 +55,7 @@ class AdapterConfig:
     gate_activation: str = "tanh"
     init: str = "zero"
     visual_dim: Optional[int] = None
+    visual_hidden: int = 128
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt_len, int) or self.prompt_len < 1:
@@ -179,7 +181,7 @@ def add_adapter(model: Llama, config: AdapterConfig, seed: Optional[int] = 0) ->
     if config.visual_dim is not None:
         from .vision import VisualProjection
 
-        model.visual_proj = VisualProjection(config.visual_dim, model.config.dim).to(device)
+        model.visual_proj = VisualProjection(config.visual_dim, model.config.dim, config.visual_hidden).to(device)
     return model
 
 

@@ -541,12 +541,12 @@ def _read_ours(model: Llama, weights: Path, info: dict) -> tuple[AdapterConfig, 
 
 def _attach_or_fill(model: Llama, config: AdapterConfig, tensors: dict[str, torch.Tensor], source: str) -> None:
     def shape_of(c: AdapterConfig) -> tuple:
-        return (c.prompt_len, c.layers, c.gate, c.gate_activation, c.visual_dim)
+        return (c.prompt_len, c.layers, c.gate, c.gate_activation, c.visual_dim, c.visual_hidden)
 
     if adapted_layers(model):
         current = getattr(model, "adapter_config", None)
         if current is None or shape_of(current) != shape_of(config):
-            fields = "(prompt_len, layers, gate, gate_activation, visual_dim)"
+            fields = "(prompt_len, layers, gate, gate_activation, visual_dim, visual_hidden)"
             raise ValueError(
                 f"{source}: the model already carries an adapter {fields}={shape_of(current) if current else None} "
                 f"but the file holds {shape_of(config)}. Call adapterlab.remove_adapter(model) first, "

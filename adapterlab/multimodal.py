@@ -272,7 +272,7 @@ class MultimodalConfig:
     dim: int = 128
     n_layers: int = 4
     n_heads: int = 4
-    pretrain_steps: int = 800
+    pretrain_steps: int = 1000
     pretrain_batch_size: int = 16
     pretrain_seq_len: int = 128
     pretrain_lr: float = 6e-3
@@ -324,13 +324,14 @@ def pretrain_corpus(scenes: Sequence[Scene], facts: Sequence[Fact], rng: np.rand
         statements = [scene_answer(scene, kind)[1] for kind in KINDS]
         for _ in range(2):
             docs.append(" ".join([describe(scene, rng)] + [statements[i] for i in rng.permutation(len(KINDS))]))
+        docs.append(f"{scene.noun_phrase().capitalize()}. {statements[0]} {statements[1]}")  # short: colour, shape
         docs.append(captions(scene)[rng.integers(5)].capitalize() + ".")
         ex = scene_question(scene, KINDS[rng.integers(len(KINDS))], rng, "text", None)
         docs.append(ex.prompt + ex.response)
     for fact in facts:
         ex = knowledge_question(fact)
-        docs += [fact.solution] * 6 + [f"Question: {fact.question}\nAnswer: {fact.solution}"] * 2
-        docs += [ex.prompt + ex.response] * 6
+        docs += [fact.solution] * 10 + [f"Question: {fact.question}\nAnswer: {fact.solution}"] * 4
+        docs += [ex.prompt + ex.response] * 8
     order = rng.permutation(len(docs))
     return [docs[i] for i in order]
 
@@ -456,8 +457,10 @@ def image_tokens(model: nn.Module, features: Optional[torch.Tensor], image_ids: 
     """
     if features is None:
         return None
-    has_image = (image_ids >= 0).to(features.dtype)[:, None]  # (B, 1)
-    feats = features[image_ids.clamp(min=0)]  # (B, visual_dim)
+    image_ids = image_ids.to(features.device)
+    device = model.visual_proj.fc1.weight.device
+    has_image = (image_ids >= 0).to(device=device, dtype=features.dtype)[:, None]  # (B, 1)
+    feats = features[image_ids.clamp(min=0)].to(device)  # (B, visual_dim)
     return model.visual_proj(feats) * has_image  # (B, dim)
 
 

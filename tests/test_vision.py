@@ -30,22 +30,33 @@ def tokens(B=2, T=9, seed=3):
 
 # ---------------------------------------------------------------------------- the projection
 def test_projection_shapes_and_parameter_count():
-    proj = VisualProjection(112, DIM)
+    proj = VisualProjection(112, DIM, hidden=32)
     out = proj(torch.randn(5, 112))
     assert out.shape == (5, DIM)
-    # LayerNorm (2 * 112) + fc1 (112 * 64 + 64) + fc2 (64 * 64 + 64) + LayerNorm (2 * 64)
-    assert sum(p.numel() for p in proj.parameters()) == 2 * 112 + 112 * DIM + DIM + DIM * DIM + DIM + 2 * DIM == 11744
+    # LayerNorm (2 * 112) + fc1 (112 * 32 + 32) + fc2 (32 * 64 + 64) + LayerNorm (2 * 64)
+    assert sum(p.numel() for p in proj.parameters()) == 2 * 112 + 112 * 32 + 32 + 32 * DIM + DIM + 2 * DIM == 6080
     with pytest.raises(ValueError, match=r"\(batch, 112\)"):
         proj(torch.randn(5, 100))
     with pytest.raises(ValueError, match="visual_dim"):
         VisualProjection(0, DIM)
+    with pytest.raises(ValueError, match="hidden"):
+        VisualProjection(112, DIM, hidden=0)
+
+
+def test_projection_at_7b_matches_the_papers_size():
+    """The paper: 1.2M prompts + 0.6M projection at 7B. CLIP ViT-L/14's class token is 1024 wide."""
+    with torch.device("meta"):
+        proj = VisualProjection(1024, 4096)
+    n = sum(p.numel() for p in proj.parameters())
+    assert n == 2 * 1024 + 1024 * 128 + 128 + 128 * 4096 + 4096 + 2 * 4096 == 669_824
+    assert 0.55e6 < n < 0.7e6
 
 
 def test_add_adapter_with_visual_dim_trains_prompts_gates_and_projection():
     model = small_model()
     add_adapter(model, AdapterConfig(prompt_len=4, layers=2, visual_dim=112))
     prompts_and_gates = 2 * (4 * DIM + 4)  # K*C prompt values + H gates per adapted layer
-    projection = 2 * 112 + 112 * DIM + DIM + DIM * DIM + DIM + 2 * DIM
+    projection = 2 * 112 + 112 * 128 + 128 + 128 * DIM + DIM + 2 * DIM  # default hidden width 128
     assert count_trainable(model) == prompts_and_gates + projection
     keys = adapter_state_dict(model)
     assert {k for k in keys if k.startswith("visual_proj.")} == {
