@@ -8,6 +8,7 @@ to an existing one, extend its ``add_*_arguments`` function (the shared training
     adapterlab demo --out runs/demo
     adapterlab finetune --base tinyworld --data tinyworld --out runs/ft --steps 200
     adapterlab finetune --base /models/llama-7b --data alpaca_data.json --out runs/alpaca --epochs 5
+    adapterlab finetune --method lora --lora-rank 8 --out runs/lora      (baselines: lora, full)
     torchrun --nproc_per_node 8 -m adapterlab finetune --base /models/llama-7b --data alpaca_data.json --out runs/alpaca
     adapterlab gates runs/ft
     adapterlab gates --follow runs/alpaca
@@ -28,6 +29,10 @@ from .tinyworld import ADAPTER_SETTINGS, TUNING_SETTINGS
 # Defaults for the embedded tiny world (adapterlab.tinyworld.TUNING_SETTINGS / ADAPTER_SETTINGS).
 TINY_DEFAULTS = dict(**TUNING_SETTINGS, adapter_layers=ADAPTER_SETTINGS["layers"],
                      prompt_len=ADAPTER_SETTINGS["prompt_len"], max_seq_len=256, ckpt_every=50)
+# Peak learning rates of finetune --method on the tiny world (notebook 7's efficiency table). On
+# other bases lora and full need --lr: the release's 9e-3 base rate is the adapter's.
+TINY_METHOD_LR = {"adapter": TUNING_SETTINGS["lr"], "lora": 1e-2, "full": 1e-3}
+METHOD_NAMES = {"adapter": "adapter tuning", "lora": "LoRA tuning", "full": "full fine-tuning"}
 
 
 @dataclass
@@ -125,7 +130,8 @@ def train_config_from(args: argparse.Namespace, out_dir: Optional[str], tiny: bo
     """A TrainConfig from the flags; unset flags take the tiny world's defaults or the release's."""
     from .train import TrainConfig
 
-    d = TINY_DEFAULTS if tiny else {}
+    method = getattr(args, "method", "adapter")
+    d = {**TINY_DEFAULTS, "lr": TINY_METHOD_LR[method]} if tiny else {}
     steps, epochs = args.steps, args.epochs
     if steps is None and epochs is None:
         steps, epochs = (d["steps"], None) if tiny else (None, 5.0)
@@ -144,7 +150,7 @@ def train_config_from(args: argparse.Namespace, out_dir: Optional[str], tiny: bo
         warmup_steps=warmup_steps, warmup_epochs=warmup_epochs or 0.0, weight_decay=args.weight_decay,
         clip=args.clip, seed=args.seed, length_group=args.length_group or d.get("length_group", 8), log_every=args.log_every or d.get("log_every", 10),
         eval_every=args.eval_every, ckpt_every=args.ckpt_every or d.get("ckpt_every", 50), out_dir=out_dir,
-        resume=args.resume, progress=not args.no_progress, desc="adapter tuning",
+        resume=args.resume, progress=not args.no_progress, desc=METHOD_NAMES[method],
     )
 
 
@@ -206,9 +212,58 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     add_base_arguments(p)
     p.add_argument("--data", default="tinyworld", help="'tinyworld' (embedded instruction set) or an Alpaca .json file")
     p.add_argument("--out", required=True, help="output folder: metrics.json, gates.jsonl, gates.png, adapter, checkpoint")
+    add_method_arguments(p)
     add_adapter_arguments(p)
     add_training_arguments(p)
     add_distributed_arguments(p)
+
+
+def add_method_arguments(p: argparse.ArgumentParser) -> None:
+    from .baselines import LORA_TARGETS, METHODS
+
+    g = p.add_argument_group("method (baselines of the paper's Table 3: adapterlab.baselines)")
+    g.add_argument("--method", choices=METHODS, default="adapter",
+                   help="adapter: LLaMA-Adapter on the frozen base (default); lora: LoRA on the frozen base; "
+                        "full: train every weight (writes a whole new base folder)")
+    g.add_argument("--lora-rank", type=int, default=None, metavar="R", help="LoRA rank r (default 8, as Alpaca-LoRA)")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha; the update is alpha/r B A (default 16)")
+    g.add_argument("--lora-targets", default=None, metavar="NAMES",
+                   help=f"comma-separated linear layers of every block for LoRA, from {','.join(LORA_TARGETS)} "
+                        "(default wq,wv)")
+
+
+def prepare_method(model, args: argparse.Namespace, tiny: bool, strategy: str = "none") -> None:
+    """Attach the adapter or LoRA, or unfreeze the base, as --method says (checks the flags belong to it)."""
+    from .baselines import prepare
+
+    method = getattr(args, "method", "adapter")
+    lora_flags = {"--lora-rank": getattr(args, "lora_rank", None), "--lora-alpha": getattr(args, "lora_alpha", None),
+                  "--lora-targets": getattr(args, "lora_targets", None)}
+    given = [f for f, v in {"--adapter-layers": args.adapter_layers, "--prompt-len": args.prompt_len,
+                            **lora_flags}.items() if v is not None]
+    own = {"adapter": ("--adapter-layers", "--prompt-len"), "lora": tuple(lora_flags), "full": ()}[method]
+    stray = [f for f in given if f not in own]
+    if stray:
+        raise SystemExit(f"error: {', '.join(stray)} do(es) not apply to --method {method}")
+    if method != "adapter" and not tiny and args.lr is None and args.blr is None:
+        raise SystemExit(f"error: --method {method} on this base needs --lr: the default base rate 9e-3 is the "
+                         "adapter's (Alpaca's full fine-tuning used 2e-5, Alpaca-LoRA 3e-4)")
+    if method == "adapter":
+        if tiny and args.adapter_layers is None:
+            args.adapter_layers = TINY_DEFAULTS["adapter_layers"]
+        prepare(model, "adapter", seed=args.seed, config=adapter_config_from(args, model.config.n_layers))
+    elif method == "lora":
+        kw = {"rank": args.lora_rank or 8, "alpha": args.lora_alpha or 16.0}
+        if args.lora_targets:
+            kw["targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+        try:
+            prepare(model, "lora", seed=args.seed, **kw)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+    else:
+        if strategy == "fsdp":
+            raise SystemExit("error: --strategy fsdp shards the frozen weights; full fine-tuning has none: use ddp")
+        prepare(model, "full")
 
 
 def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
@@ -225,11 +280,12 @@ def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
 def finetune(args: argparse.Namespace, quiet: bool = False):
     """The body of ``adapterlab finetune`` -> (model with its trained adapter, metrics written to --out).
 
-    Under torchrun every rank runs this: the same base, adapter and data; rank 0 alone prints
-    and writes files.
+    ``--method lora`` / ``full`` train the baselines instead (LoRA on the frozen base; every weight)
+    through the same loop. Under torchrun every rank runs this: the same base, adapter and data;
+    rank 0 alone prints and writes files.
     """
     from . import distributed
-    from .adapter import add_adapter
+    from .baselines import save_lora
     from .checkpoints import save_adapter
     from .data import instruction_dataset, load_instruction_data
     from .train import write_metrics, train
@@ -249,9 +305,9 @@ def finetune(args: argparse.Namespace, quiet: bool = False):
     data = instruction_dataset(records, tokenizer, max_len, source=args.data)
     if not quiet:
         print(data.summary())
-    if tiny and args.adapter_layers is None:
-        args.adapter_layers = TINY_DEFAULTS["adapter_layers"]
-    add_adapter(model, adapter_config_from(args, model.config.n_layers), seed=args.seed)
+    method = getattr(args, "method", "adapter")
+    n_base = model.num_params()  # before the adapter / LoRA adds its own tensors
+    prepare_method(model, args, tiny, strategy)
     config = train_config_from(args, args.out, tiny)
     config.check_replicas = getattr(args, "check_replicas", False)
     config.progress = config.progress and env.is_main
@@ -265,12 +321,19 @@ def finetune(args: argparse.Namespace, quiet: bool = False):
         _, _, heldout = load_world()
         eval_fn = lambda m: {"heldout_accuracy": heldout_accuracy(m, tokenizer, heldout)}  # noqa: E731
     metrics = train(wrapped, data, config, eval_fn=eval_fn, callbacks=getattr(args, "callbacks", ()))
-    extra = {"base": args.base, "data": args.data, "base_params": model.num_params() - metrics["trainable_params"],
-             "trainable_fraction": metrics["trainable_params"] / max(1, model.num_params() - metrics["trainable_params"])}
+    extra = {"base": args.base, "data": args.data, "method": method, "base_params": n_base,
+             "trainable_fraction": metrics["trainable_params"] / n_base}
     if heldout is not None:
         extra["heldout_accuracy"] = metrics["eval"]["heldout_accuracy"]
     if env.is_main:
-        save_adapter(model, args.out)
+        if method == "adapter":
+            save_adapter(model, args.out)
+        elif method == "lora":
+            save_lora(model, args.out)
+        else:  # a whole new base in Meta's layout: adapterlab generate --base OUT reads it
+            from .tinyworld import save_base
+
+            save_base(model, tokenizer, args.out)
         write_metrics(args.out, extra)
     distributed.barrier("the end of training (rank 0 wrote the files)", env)
     metrics.update(extra)
@@ -284,12 +347,22 @@ def run_finetune(args: argparse.Namespace) -> int:
     _, m = finetune(args)
     if not is_main():
         return 0
-    print(f"trained {m['trainable_params']:,} adapter parameters ({100 * m['trainable_fraction']:.3f}% of the base) "
+    method = m["method"]
+    what = {"adapter": "adapter", "lora": "LoRA", "full": "base"}[method]
+    print(f"trained {m['trainable_params']:,} {what} parameters ({100 * m['trainable_fraction']:.3f}% of the base) "
           f"for {m['steps']} steps in {m['train_seconds']:.0f} s; final loss {m['final_loss']:.4f}")
     if "heldout_accuracy" in m:
         print(f"held-out accuracy: {m['heldout_accuracy']:.3f}")
-    print(format_summary(summarize(Path(args.out))))
-    print(f"wrote {args.out}/: metrics.json gates.jsonl gates.png adapter.safetensors adapter_config.json checkpoint.pt")
+    if method == "adapter":
+        print(format_summary(summarize(Path(args.out))))
+        files = "metrics.json gates.jsonl gates.png adapter.safetensors adapter_config.json checkpoint.pt"
+    else:
+        print(f"no gate summary: --method {method} has no zero-init gates (only the adapter records gates.jsonl)")
+        files = {"lora": "metrics.json lora.safetensors lora_config.json checkpoint.pt "
+                         "(load with adapterlab.baselines.load_lora(base, folder))",
+                 "full": "metrics.json params.json consolidated.00.pth tokenizer.model checkpoint.pt "
+                         f"(a whole base: adapterlab generate --base {args.out})"}[method]
+    print(f"wrote {args.out}/: {files}")
     return 0
 
 
@@ -369,15 +442,63 @@ def run_gates(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- demo
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--samples", type=int, default=4, help="held-out questions to show before/after")
+    p.add_argument("--samples", type=int, default=None,
+                   help="held-out questions to show before/after (default 4; with --multimodal: pictures in samples.png, 8)")
+    p.add_argument("--multimodal", action="store_true",
+                   help="the multi-modal adapter (Sec. 3.3) on embedded pictures: ScienceQA-style questions with an image, "
+                        "text or no context, and captions; with vs without the image (about 4 minutes on 2 cores, "
+                        "2 once the scene base is cached)")
     add_adapter_arguments(p)
     add_training_arguments(p)
     p.set_defaults(base="tinyworld", data="tinyworld", device=None)
 
 
+# the demo options the multi-modal demo understands, and the MultimodalConfig field each sets
+MULTIMODAL_OPTIONS = {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "prompt_len": "prompt_len",
+                      "adapter_layers": "adapter_layers", "seed": "seed"}
+
+
+def run_multimodal_demo_command(args: argparse.Namespace) -> int:
+    """``adapterlab demo --multimodal``: see :func:`adapterlab.multimodal.run_multimodal_demo`."""
+    from dataclasses import replace
+
+    from .multimodal import MultimodalConfig, run_multimodal_demo
+
+    parser_defaults = build_parser().parse_args(["demo"])
+    ignored = sorted(k for k, v in vars(args).items()
+                     if k not in MULTIMODAL_OPTIONS and k not in ("out", "samples", "multimodal", "no_progress", "threads",
+                                                                  "run", "callbacks", "command", "device")
+                     and getattr(parser_defaults, k, v) != v)
+    if ignored:
+        return _fail("demo --multimodal does not use " + ", ".join("--" + k.replace("_", "-") for k in ignored)
+                     + "; it understands " + ", ".join("--" + k.replace("_", "-") for k in MULTIMODAL_OPTIONS))
+    if args.device not in (None, "cpu"):
+        return _fail("demo --multimodal runs on the CPU (its models are tiny); drop --device")
+    default = MultimodalConfig()
+    changes = {field: getattr(args, opt) for opt, field in MULTIMODAL_OPTIONS.items()
+               if getattr(args, opt) is not None and getattr(args, opt) != getattr(default, field)}
+    config = replace(default, **changes)
+    if args.out == "runs/demo":
+        args.out = "runs/multimodal"
+    print(f"Multi-modal LLaMA-Adapter demo -> {args.out}/ (config: "
+          + (", ".join(f"{k}={v}" for k, v in changes.items()) or "defaults") + ")")
+    m = run_multimodal_demo(args.out, config, progress=not args.no_progress, verbose=True,
+                            n_samples=8 if args.samples is None else args.samples)
+    img, txt = m["accuracy_by_context"], m["text_only_accuracy_by_context"]
+    print(f"\nImage-context accuracy {img['image']:.3f} with the picture vs {txt['image']:.3f} for the text-only "
+          f"adapter ({m['image_gain_points']:+.1f} points); {m['trainable_params']:,} trainable parameters "
+          f"({m['projection_params']:,} in the projection). Open {args.out}/samples.png and {args.out}/gates.png.")
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """The whole story on the embedded default: base -> answers before -> adapter tuning -> answers after."""
+    if args.multimodal:
+        return run_multimodal_demo_command(args)
     from . import tinyworld
+
+    if args.samples is None:
+        args.samples = 4
     from .train import write_metrics
 
     t_start = time.perf_counter()
@@ -433,7 +554,8 @@ def _show(rows: Sequence[dict]) -> None:
 # --------------------------------------------------------------------------- entry point
 register(Command("pretrain", "pretrain the tiny-world base (cached; first use of the embedded model does this)",
                  add_pretrain_arguments, run_pretrain))
-register(Command("finetune", "train a LLaMA-Adapter on a frozen base", add_finetune_arguments, run_finetune))
+register(Command("finetune", "train a LLaMA-Adapter on a frozen base (or a LoRA / full fine-tuning baseline)",
+                 add_finetune_arguments, run_finetune))
 register(Command("generate", "answer instructions / continue prompts with a base and an adapter",
                  add_generate_arguments, run_generate))
 register(Command("gates", "summarise and plot a gates.jsonl", add_gates_arguments, run_gates))

@@ -178,3 +178,33 @@ def test_scene_base_is_cached_and_reloaded_exactly(tmp_path, monkeypatch):
     assert tok1.encode("The colour is red.") == tok2.encode("The colour is red.")
     other = load_scene_base(corpus, MultimodalConfig(**{**cfg.to_dict(), "pretrain_steps": 3}), progress=False)[2]
     assert other["folder"] != info1["folder"] and not other["cached"]  # a different recipe, a different folder
+
+
+# ---------------------------------------------------------------------------- the command line
+TINY = dict(train_scenes=120, test_scenes=4, dim=32, n_layers=2, n_heads=2, vocab_size=200, pretrain_steps=3,
+            pretrain_batch_size=4, pretrain_seq_len=64, encoder_steps=2, adapter_layers=2, steps=3, batch_size=8,
+            image_questions=40, text_questions=10, caption_examples=10, max_new_tokens=6)
+
+
+def test_demo_multimodal_command(tmp_path, monkeypatch, capsys):
+    """`adapterlab demo --multimodal --out DIR` runs the multi-modal demo with the options it understands."""
+    import dataclasses
+
+    import adapterlab.multimodal as mm
+    from adapterlab.cli import main
+
+    monkeypatch.setenv("ADAPTERLAB_CACHE", str(tmp_path / "cache"))
+    tiny = dataclasses.make_dataclass("TinyConfig", [(k, type(v), dataclasses.field(default=v)) for k, v in TINY.items()],
+                                      bases=(MultimodalConfig,))
+    monkeypatch.setattr(mm, "MultimodalConfig", tiny)
+    out = tmp_path / "mm"
+    assert main(["demo", "--multimodal", "--out", str(out), "--steps", "4", "--no-progress", "--samples", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "config: steps=4" in printed and "Image-context accuracy" in printed
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["multimodal_config"]["steps"] == 4 and saved["multimodal_config"]["dim"] == 32
+    assert len(saved["samples"]) == 2 and (out / "samples.png").is_file()
+
+    # options that mean nothing to the multi-modal demo are refused, not silently dropped
+    assert main(["demo", "--multimodal", "--out", str(out), "--gate", "layer"]) == 2
+    assert "does not use --gate" in capsys.readouterr().err

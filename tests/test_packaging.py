@@ -32,3 +32,15 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     cmd = "python -m pytest tests --nbval-lax --nbval-current-env notebooks"
     assert cmd in readme and cmd in ci
+
+
+def test_readme_lists_every_notebook_and_each_has_sources_and_solutions():
+    notebooks = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
+    assert len(notebooks) >= 10
+    readme = (ROOT / "README.md").read_text()
+    listed = re.findall(r"\]\(notebooks/([^)/]+\.ipynb)\)", readme)
+    assert listed == notebooks, "README.md's notebook list and notebooks/*.ipynb differ"
+    for name in notebooks:
+        stem = name.removesuffix(".ipynb")
+        assert (ROOT / "tools" / "notebook_src" / f"{stem}.py").is_file(), f"{name} has no source in tools/notebook_src"
+        assert (ROOT / "notebooks" / "solutions" / f"{stem}_solutions.ipynb").is_file(), f"{name} has no solutions"

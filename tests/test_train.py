@@ -220,3 +220,33 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert r.returncode == 0, r.stderr
     assert_same_run(full, ext)
     assert not [p for p in ext.iterdir() if p.name.endswith(".tmp")]  # no torn temporary files left behind
+
+
+def test_loss_sum_fast_path_equals_the_readable_formula():
+    """train()'s loss: the fused head (adapter: frozen head) and the full-logits line give the same value and gradients."""
+    import torch.nn.functional as F
+
+    from adapterlab.train import _head_is_fusable, loss_sum
+
+    model = tiny_model()
+    add_adapter(model, AdapterConfig(prompt_len=3, layers=2), seed=0)
+    with torch.no_grad():
+        for layer in model.layers:
+            if layer.attention.adapter is not None:
+                layer.attention.adapter.gate.fill_(0.3)  # open gates: the prompts matter
+    tokens = torch.randint(0, model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0))
+    labels = tokens.clone()
+    labels[:, :4] = IGNORE_INDEX  # prompt tokens carry no loss
+    assert _head_is_fusable(model)
+    fast = loss_sum(model, tokens, labels)
+    fast_grads = torch.autograd.grad(fast, [p for p in model.parameters() if p.requires_grad])
+    logits = model(tokens)
+    slow = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    slow_grads = torch.autograd.grad(slow, [p for p in model.parameters() if p.requires_grad])
+    assert abs(fast.item() - slow.item()) < 1e-4 * slow.item()
+    for a, b in zip(fast_grads, slow_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    model.requires_grad_(True)  # full fine-tuning trains the head: the readable line is used
+    assert not _head_is_fusable(model)
+    assert abs(loss_sum(model, tokens, labels).item() - slow.item()) < 1e-4 * slow.item()

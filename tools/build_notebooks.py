@@ -48,7 +48,7 @@ def parse(src: str) -> list[nbformat.NotebookNode]:
 
 
 def build(src_path: Path, execute: bool = True) -> float:
-    rel = src_path.relative_to(Path(__file__).parent / "src")
+    rel = src_path.relative_to(Path(__file__).parent / "notebook_src")
     out_path = REPO / "notebooks" / rel.with_suffix(".ipynb")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     nb = nbformat.v4.new_notebook()

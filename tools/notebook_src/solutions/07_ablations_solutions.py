@@ -39,3 +39,14 @@ print(check_training_state_bytes(adapter_bytes, n_params=n_adapter))
 # %%
 # NBVAL_CHECK_OUTPUT
 print(f"frozen fp16 base: {(n_full) * 2 / 1e9:.1f} GB")
+
+# %% [markdown]
+# The same count for the LoRA baseline of Table 3 (Alpaca-LoRA: rank 8 on `W_q`, `W_v` of every
+# layer): 4.2M trainable values, between the adapter and full fine-tuning.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+from adapterlab.baselines import LoRAConfig, lora_param_count
+
+n_lora = lora_param_count(LoRAConfig(rank=8, alpha=16, targets=("wq", "wv")), LlamaConfig())
+print(f"LoRA: {n_lora:,} trainable values, {4 * 4 * n_lora / 1e6:.0f} MB of training state")
