@@ -371,7 +371,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- generate
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     add_base_arguments(p)
-    p.add_argument("--adapter", default=None, help="adapter folder (from finetune), official .pth or PEFT folder")
+    p.add_argument("--adapter", default=None, help="adapter folder (from finetune), official .pth or PEFT folder; or a LoRA folder from finetune --method lora")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--instruction", action="append", help="an instruction, wrapped in the Alpaca template (repeatable)")
     what.add_argument("--prompt", action="append", help="raw text to continue, no template (repeatable)")
@@ -389,9 +389,14 @@ def run_generate(args: argparse.Namespace) -> int:
 
     model = load_base_model(args.base, args.device)
     if args.adapter:
+        from .baselines import LORA_CONFIG, load_lora
         from .checkpoints import load_adapter
 
-        load_adapter(model, args.adapter)
+        folder = Path(args.adapter)
+        if (folder / LORA_CONFIG).is_file():  # written by finetune --method lora
+            load_lora(model, folder)
+        else:
+            load_adapter(model, args.adapter)
     prompts = [format_prompt(i, args.input) for i in args.instruction] if args.instruction else args.prompt
     outs = generate(model, model.tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_p=args.top_p, greedy=args.greedy, seed=args.seed)

@@ -230,6 +230,14 @@ def test_cli_finetune_lora_and_full(small_base, tmp_path, capsys):
     base = load_llama(small_base / "base", device="cpu")
     load_lora(base, out)
     assert lora_modules(base) and lora_state_dict(base)["layers.0.attention.wq.lora_B"].abs().sum() > 0
+    # generate --adapter reads the LoRA folder too, and answers as the tuned model does
+    assert main(["generate", "--base", str(small_base / "base"), "--adapter", str(out), "--prompt", "Alice",
+                 "--greedy", "--max-new-tokens", "5"]) == 0
+    printed = capsys.readouterr().out
+    from adapterlab.generate import generate
+
+    expected = generate(base, None, ["Alice"], max_new_tokens=5, greedy=True, stop_at_eos=False)[0].strip()
+    assert expected and f">>> Alice\n{expected}\n" in printed
 
     out = tmp_path / "full"
     assert main(finetune_args(small_base, out, "--method", "full", "--lr", "1e-3")) == 0
