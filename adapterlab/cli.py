@@ -566,8 +566,8 @@ register(Command("finetune", "train a LLaMA-Adapter on a frozen base (or a LoRA 
 register(Command("generate", "answer instructions / continue prompts with a base and an adapter",
                  add_generate_arguments, run_generate))
 register(Command("gates", "summarise and plot a gates.jsonl", add_gates_arguments, run_gates))
-register(Command("demo", "the whole story on the embedded tiny world, in a few minutes on a CPU",
-                 add_demo_arguments, run_demo))
+register(Command("demo", "the whole story on the embedded tiny world (--multimodal: on embedded pictures), "
+                         "in a few minutes on a CPU", add_demo_arguments, run_demo))
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
