@@ -119,3 +119,23 @@ def test_demo_tunes_the_tiny_world_and_reports(tmp_path, capsys):
     first = json.loads((out / "gates.jsonl").read_text().splitlines()[0])
     assert first["step"] == 0 and all(g == 0.0 for row in first["gates"] for g in row)
     assert "held-out accuracy" in text and "Q:" in text
+
+
+def test_finetune_compile_and_activation_checkpointing_train_the_same_adapter(small_base, tmp_path):
+    """--compile and --activation-checkpointing change speed and memory, not what is learned."""
+    from safetensors.torch import load_file
+
+    def run(name, *extra):
+        out = tmp_path / name
+        assert main(["finetune", "--base", str(small_base / "base"), "--data", str(small_base / "alpaca.json"),
+                     "--out", str(out), "--steps", "3", "--batch-size", "8", "--lr", "0.05", "--prompt-len", "4",
+                     "--no-progress", *extra]) == 0
+        return load_file(out / "adapter.safetensors")
+
+    eager = run("eager")
+    assert all(v.abs().max() > 0 for k, v in eager.items() if k.endswith("gate"))  # training moved the gates
+    for name, extra in (("ckpt", ["--activation-checkpointing"]), ("compiled", ["--compile"])):
+        other = run(name, *extra)
+        assert eager.keys() == other.keys()
+        for k in eager:
+            assert torch.allclose(eager[k], other[k], atol=1e-4), (name, k)
