@@ -88,3 +88,32 @@ def tiny_model() -> Llama:
 def model_factory():
     """The make_tiny_model function, for tests that need several models or other shapes."""
     return make_tiny_model
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one thread is faster than several, and much faster on a busy machine.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def small_base(tmp_path_factory):
+    """A Meta-format folder (params.json, consolidated.00.pth, tokenizer.model) with a small random LLaMA,
+    and an Alpaca file: stands in for a real LLaMA folder and alpaca_data.json."""
+    from adapterlab import tinyworld as tw
+    from adapterlab.data import save_alpaca
+    from adapterlab.model import init_weights
+
+    root = tmp_path_factory.mktemp("small")
+    world = tw.make_world(0)
+    records, _ = tw.instruction_set(world)
+    tok = tw.train_tokenizer(tw.pretrain_corpus(world, passes=2), records, vocab_size=300)
+    model = init_weights(Llama(LlamaConfig(dim=32, n_layers=2, n_heads=4, vocab_size=tok.n_words, multiple_of=16,
+                                           max_seq_len=128)), seed=0)
+    tw.save_base(model, tok, root / "base")
+    save_alpaca(records[:48], root / "alpaca.json")
+    return root

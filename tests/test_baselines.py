@@ -13,12 +13,7 @@ from adapterlab.data import TokenDataset
 from adapterlab.train import TrainConfig, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fill_B_(model, seed=7, scale=0.5):
@@ -191,24 +186,6 @@ def test_train_reduces_the_loss_for_every_method(model_factory, tmp_path, method
 
 
 # --------------------------------------------------------------------------- the command line
-@pytest.fixture(scope="module")
-def small_base(tmp_path_factory):
-    """A small random base in a Meta folder (with a tokenizer) and an Alpaca file, as in test_cli.py."""
-    from adapterlab import tinyworld as tw
-    from adapterlab.data import save_alpaca
-    from adapterlab.model import Llama, LlamaConfig, init_weights
-
-    root = tmp_path_factory.mktemp("small")
-    world = tw.make_world(0)
-    records, _ = tw.instruction_set(world)
-    tok = tw.train_tokenizer(tw.pretrain_corpus(world, passes=2), records, vocab_size=300)
-    model = init_weights(Llama(LlamaConfig(dim=32, n_layers=2, n_heads=4, vocab_size=tok.n_words, multiple_of=16,
-                                           max_seq_len=128)), seed=0)
-    tw.save_base(model, tok, root / "base")
-    save_alpaca(records[:48], root / "alpaca.json")
-    return root
-
-
 def finetune_args(small_base, out, *extra):
     return ["finetune", "--base", str(small_base / "base"), "--data", str(small_base / "alpaca.json"),
             "--out", str(out), "--steps", "4", "--batch-size", "8", "--log-every", "2", "--no-progress", *extra]

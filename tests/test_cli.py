@@ -8,33 +8,11 @@ import torch
 
 from adapterlab import tinyworld as tw
 from adapterlab.cli import COMMANDS, main
-from adapterlab.data import save_alpaca
-from adapterlab.model import Llama, LlamaConfig, init_weights
 
 RUN_FILES = {"metrics.json", "gates.jsonl", "gates.png", "adapter.safetensors", "adapter_config.json", "checkpoint.pt"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def small_base(tmp_path_factory):
-    """A Meta-format folder (params.json, consolidated.00.pth, tokenizer.model) with a small random LLaMA,
-    and an Alpaca file: stands in for a real LLaMA folder and alpaca_data.json."""
-    root = tmp_path_factory.mktemp("small")
-    world = tw.make_world(0)
-    train, _ = tw.instruction_set(world)
-    tok = tw.train_tokenizer(tw.pretrain_corpus(world, passes=2), train, vocab_size=300)
-    model = init_weights(Llama(LlamaConfig(dim=32, n_layers=2, n_heads=4, vocab_size=tok.n_words, multiple_of=16,
-                                           max_seq_len=128)), seed=0)
-    tw.save_base(model, tok, root / "base")
-    save_alpaca(train[:48], root / "alpaca.json")
-    return root
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_help_lists_every_subcommand():

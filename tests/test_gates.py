@@ -7,11 +7,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_train import one_thread, tiny_model, toy_data  # noqa: E402,F401  (one_thread: autouse fixture)
+from test_train import tiny_model, toy_data  # noqa: E402
 
 from adapterlab import gates
 from adapterlab.adapter import AdapterConfig, add_adapter, gate_values
 from adapterlab.train import TrainConfig, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

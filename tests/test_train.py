@@ -33,13 +33,7 @@ def tiny_model(seed: int = 0) -> Llama:
     return model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one thread is faster than several, and much faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_data(n: int = 40, seed: int = 1) -> TokenDataset:
