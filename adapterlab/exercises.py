@@ -97,6 +97,16 @@ def _as_int(answer, what: str) -> tuple[Optional[int], Optional[CheckResult]]:
     return int(answer), None
 
 
+def _named_mistake(answer: int, expected: int, mistakes: list[tuple[int, str]],
+                   shown: Optional[str] = None) -> Optional[CheckResult]:
+    """The feedback naming every known mistake that gives ``answer`` (None when none does).
+    A "mistake" that happens to equal the truth is ignored."""
+    matched = [message for value, message in mistakes if value == answer and value != expected]
+    if not matched:
+        return None
+    return _no(f"{answer if shown is None else shown} " + " Or it ".join(matched))
+
+
 def _check_count(answer: int, expected: int, mistakes: list[tuple[int, str]], what: str, why: str) -> CheckResult:
     """Compare an integer answer with the expected one and with known wrong answers.
 
@@ -105,9 +115,9 @@ def _check_count(answer: int, expected: int, mistakes: list[tuple[int, str]], wh
     """
     if answer == expected:
         return _ok(why)
-    matched = [message for value, message in mistakes if value == answer and value != expected]
-    if matched:
-        return _no(f"{answer:,} " + " Or it ".join(matched))
+    named = _named_mistake(answer, expected, mistakes, shown=f"{answer:,}")
+    if named is not None:
+        return named
     rel = abs(answer - expected) / expected
     if rel < 0.01:
         return _no(f"{answer:,} is within 1% of {what} but not exact (off by {answer - expected:+,}). "
@@ -479,9 +489,9 @@ def check_target_token_count(answer, record: dict, tokenizer, max_seq_len: int =
         (len(record["output"].split()) + 1, "counts words (+ EOS); the loss counts tokens, and a word may be "
                                             "several tokens."),
     ]
-    matched = [m for v, m in mistakes if v == n and v != expected]
-    if matched:
-        return _no(f"{n} " + " Or it ".join(matched))
+    named = _named_mistake(n, expected, mistakes)
+    if named is not None:
+        return named
     return _no(f"{n} is not it. Encode the example with adapterlab.data.encode_example and count the labels "
                "that are not -100.")
 
@@ -622,9 +632,9 @@ def check_accumulation_steps(answer, global_batch: int = 64, world_size: int = 8
         (global_batch // (world_size * micro_batch) * world_size, "counts micro-batches over all ranks; the question "
                                                                   "asks per rank."),
     ]
-    matched = [m for v, m in mistakes if v == n and v != expected]
-    if matched:
-        return _no(f"{n} " + " Or it ".join(matched))
+    named = _named_mistake(n, expected, mistakes)
+    if named is not None:
+        return named
     return _no(f"{n} is not it: how many examples of one global batch does one rank get, and how many forward "
                "passes of micro_batch examples does that take?")
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from .data import IGNORE_INDEX  # -100: the label the loss ignores (prompt, padding)
 MODES = ("fused", "checkpoint", "full")
 
 

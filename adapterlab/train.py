@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import IGNORE_INDEX, TokenDataset, collate
+from .losses import lm_loss
+from .model import Llama
 from .distributed import (
     DistributedLengthGroupedSampler, all_reduce_sum, check_replicas, collective_guard, no_sync, rank_and_world,
     reduced_elements, strategy_of, sync_gradients, unwrap, wrap_model,
@@ -228,8 +230,6 @@ def loss_sum(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> to
     vocabulary on the CPU. Other models (full fine-tuning, FSDP, wrappers) take the line above.
     """
     if _head_is_fusable(model):
-        from .losses import lm_loss
-
         return lm_loss(model, tokens, labels, reduction="sum", mode="fused")
     logits = model(tokens)  # (B, T, vocab)
     return F.cross_entropy(
@@ -239,10 +239,8 @@ def loss_sum(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> to
 
 def _head_is_fusable(model: nn.Module) -> bool:
     """An adapterlab Llama (or DDP around one) whose output head is frozen."""
-    from .model import Llama
-
     raw = unwrap(model)
-    return (isinstance(raw, Llama) and strategy_of(model) != "fsdp" and not raw.output.weight.requires_grad)
+    return isinstance(raw, Llama) and strategy_of(model) != "fsdp" and not raw.output.weight.requires_grad
 
 
 def autocast_for(device: torch.device):
