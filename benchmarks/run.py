@@ -783,6 +783,8 @@ def print_train_table(rows: list[TrainVariant], log, cpu: bool) -> None:
 
 
 def summary(result: dict, device: torch.device, log) -> None:
+    if not result["shapes"]:  # e.g. --sections padding: nothing to compare
+        return
     log("\n######## summary")
     cpu = device.type == "cpu"
     log("| shape | train speedup vs PEFT | generate speedup vs PEFT (per batch size) | fast variant |")
