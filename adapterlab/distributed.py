@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import math
 import os
 from dataclasses import dataclass, field
@@ -156,8 +157,15 @@ def init_distributed(device: Optional[str | torch.device] = None, timeout_s: Opt
 
 
 def cleanup() -> None:
-    """Leave the process group (safe to call when there is none)."""
+    """Leave the process group (safe to call when there is none).
+
+    Collects garbage first: a DDP/FSDP wrapper that is no longer used but waits in a reference
+    cycle still holds the group, and freeing it only at interpreter exit, after the group is
+    gone, can abort a process whose run had succeeded (seen with gloo: "terminate called
+    without an active exception"). Callers should drop their own references to the wrapper first.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -215,6 +215,7 @@ def worker_replicas() -> None:
         print(f"rank {env.rank} caught: {e}", flush=True)
     else:
         raise SystemExit(f"rank {env.rank}: a divergent replica was not detected")
+    del ddp, model  # a DDP wrapper alive at interpreter exit, after the group is gone, can abort the process
     D.cleanup()
 
 
