@@ -417,31 +417,19 @@ def load_scene_base(corpus: Sequence[str], config: MultimodalConfig, progress: b
     """The pretrained base for a config: from the cache folder when it is there, else pretrained
     (and, with cache=True, saved there atomically; concurrent callers wait for one build).
     Returns (model, tokenizer, info) with info["cached"] telling which happened."""
-    import fcntl
-    import os
-    import shutil
-
-    from .tinyworld import read_base, save_base
+    from .tinyworld import file_lock, publish_base, read_base
 
     if not cache:
         model, tokenizer, metrics = pretrain_scene_base(corpus, config, progress)
         return model, tokenizer, {"cached": False, "final_loss": metrics["final_loss"], "steps": metrics["steps"]}
     folder = scene_base_dir(config, corpus)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.with_name(folder.name + ".lock"), "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another process building the same base: wait for it
-        try:
-            if not (folder / "params.json").is_file():
-                model, tokenizer, metrics = pretrain_scene_base(corpus, config, progress)
-                tmp = folder.with_name(f".{folder.name}.{os.getpid()}.building")
-                shutil.rmtree(tmp, ignore_errors=True)
-                save_base(model, tokenizer, tmp, extra={"final_loss": metrics["final_loss"], "steps": metrics["steps"],
-                                                        "config": config.to_dict(), "version": BASE_VERSION})
-                os.replace(tmp, folder)  # readers see no folder or a complete one
-                return model, tokenizer, {"cached": False, "final_loss": metrics["final_loss"],
-                                          "steps": metrics["steps"], "folder": str(folder)}
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with file_lock(folder.with_name(folder.name + ".lock")):  # another process building the same base: wait
+        if not (folder / "params.json").is_file():
+            model, tokenizer, metrics = pretrain_scene_base(corpus, config, progress)
+            publish_base(model, tokenizer, folder, extra={"final_loss": metrics["final_loss"], "steps": metrics["steps"],
+                                                          "config": config.to_dict(), "version": BASE_VERSION})
+            return model, tokenizer, {"cached": False, "final_loss": metrics["final_loss"],
+                                      "steps": metrics["steps"], "folder": str(folder)}
     model = read_base(folder)
     info = json.loads((folder / "tinyworld.json").read_text())
     return model, model.tokenizer, {"cached": True, "final_loss": info["final_loss"], "steps": info["steps"],

@@ -545,7 +545,7 @@ def base_dir(recipe: Optional[Recipe] = None) -> Path:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def file_lock(path: Path):
     """An exclusive fcntl lock: other processes wait here until the holder leaves (or dies)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
@@ -592,11 +592,9 @@ def build_base(recipe: Optional[Recipe] = None, progress: bool = True, force: bo
     final = base_dir(recipe)
     if (final / "params.json").is_file() and not force:
         return final
-    with _file_lock(final.with_name(final.name + ".lock")):
+    with file_lock(final.with_name(final.name + ".lock")):
         if (final / "params.json").is_file() and not force:  # another process built it while we waited
             return final
-        tmp = final.with_name(f".{final.name}.{os.getpid()}.building")
-        shutil.rmtree(tmp, ignore_errors=True)
         if progress:
             print(f"Building the tiny-world base model (first use only, about 2 minutes on 2 CPU cores) into {final}")
         t0 = time.perf_counter()
@@ -606,10 +604,20 @@ def build_base(recipe: Optional[Recipe] = None, progress: bool = True, force: bo
                 "final_loss": metrics["final_loss"], "loss_history": metrics["loss_history"],
                 "pretrain_seconds": round(time.perf_counter() - t0, 1), "corpus_tokens": metrics["corpus_tokens"],
                 "params": model.num_params()}
-        save_base(model, tokenizer, tmp, extra=info)
-        if final.exists():  # force=True: replace the old folder
-            shutil.rmtree(final)
-        os.replace(tmp, final)  # atomic: readers see no folder or a complete one
+        publish_base(model, tokenizer, final, extra=info)
+    return final
+
+
+def publish_base(model: Llama, tokenizer: Tokenizer, final: Path, extra: Optional[dict] = None) -> Path:
+    """save_base into a temporary sibling folder, then rename it to ``final`` (replacing an old
+    one): readers of the cache see no folder or a complete one, never a half-written one.
+    Call it holding the folder's lock (``file_lock``)."""
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_base(model, tokenizer, tmp, extra=extra)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
     return final
 
 
