@@ -81,13 +81,21 @@ def gated_prompt_attention(q: torch.Tensor, prompt_k: torch.Tensor, prompt_v: to
     q: (B, H, T, d) rotated queries.  prompt_k, prompt_v: (1 or B, H_kv, K, d), not rotated.
     gate: effective gate, (1, H, 1, 1) per head or (1,) per layer.  Returns (B, H, T, d).
     """
-    n_rep = q.shape[1] // prompt_k.shape[1]  # grouped-query attention: share K/V heads
-    if n_rep > 1:
-        prompt_k = prompt_k.repeat_interleave(n_rep, dim=1)
-        prompt_v = prompt_v.repeat_interleave(n_rep, dim=1)
+    n_rep = q.shape[1] // prompt_v.shape[1]  # grouped-query attention: share K/V heads
+    prompt_v = prompt_v.repeat_interleave(n_rep, dim=1) if n_rep > 1 else prompt_v
+    return gated_prompt_scores(q, prompt_k, gate) @ prompt_v  # (B, H, T, d)
+
+
+def gated_prompt_scores(q: torch.Tensor, prompt_k: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """The prompt block of S^g in Eq. 7: gate * softmax(Q P_k^T / sqrt(d)) -> (B, H, T, K).
+
+    Each row sums to its head's gate (the token block, softmax(S_M1), sums to 1).
+    """
+    n_rep = q.shape[1] // prompt_k.shape[1]
+    prompt_k = prompt_k.repeat_interleave(n_rep, dim=1) if n_rep > 1 else prompt_k
     scores = q @ prompt_k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, K)
     probs = F.softmax(scores.float(), dim=-1).type_as(q)  # the prompts' own softmax
-    return (gate.to(q.dtype) * probs) @ prompt_v  # (B, H, T, d)
+    return gate.to(q.dtype) * probs
 
 
 def zero_init_attention_literal(q, k, v, prompt_k, prompt_v, gate):
@@ -214,6 +222,27 @@ def gate_values(model: Llama) -> torch.Tensor:
         g = model.layers[i].attention.adapter.gate_value().detach().float().reshape(-1)
         rows.append(g.expand(H) if g.numel() == 1 else g)
     return torch.stack(rows) if rows else torch.zeros(0, H)
+
+
+@torch.no_grad()
+def prompt_attention_map(model: Llama, tokens: torch.Tensor, layer: Optional[int] = None) -> torch.Tensor:
+    """What each token reads from the prompts of one adapted layer (default: the top one; text
+    only, no image token):
+    :func:`gated_prompt_scores` of the queries that reach that adapter while the model runs
+    on ``tokens`` (B, T) -> (B, H, T, K). Rows sum to the heads' gates."""
+    layer = adapted_layers(model)[-1] if layer is None else layer
+    attn = model.layers[layer].attention
+    if attn.adapter is None:
+        raise ValueError(f"layer {layer} carries no adapter; adapted layers: {adapted_layers(model)}")
+    captured = {}
+    hook = attn.adapter.register_forward_hook(lambda module, args, output: captured.update(q=args[0]))
+    try:
+        model(tokens)
+    finally:
+        hook.remove()
+    pk, _ = attn.adapter.prompt_kv(attn)  # prompts through the frozen W_k: (1, H_kv, K, d)
+    q = captured["q"]  # (B, H, T, d), rotated
+    return gated_prompt_scores(q, pk.to(q.dtype), attn.adapter.gate_value())
 
 
 def count_trainable(model: nn.Module) -> int:

@@ -528,11 +528,10 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.multimodal:
         return run_multimodal_demo_command(args)
     from . import tinyworld
+    from .train import write_metrics
 
     if args.samples is None:
         args.samples = 4
-    from .train import write_metrics
-
     t_start = time.perf_counter()
     print("== 1. The frozen base: a tiny LLaMA pretrained on text about a synthetic world")
     base = tinyworld.load_base(device=args.device)

@@ -11,6 +11,7 @@ from adapterlab.adapter import (
     count_trainable,
     gate_values,
     gated_prompt_attention,
+    prompt_attention_map,
     remove_adapter,
     zero_init_attention_literal,
 )
@@ -182,6 +183,31 @@ def test_prompt_kv_is_shared_across_the_batch():
     attn = model.layers[-1].attention
     pk, _ = attn.adapter.prompt_kv(attn)
     assert pk.shape[0] == 1  # computed once per forward, broadcast over the batch
+
+
+@pytest.mark.parametrize("gate", ["head", "layer"])
+@pytest.mark.parametrize("n_kv", [None, 2])
+def test_prompt_attention_map_is_the_gated_prompt_block(gate, n_kv):
+    """Rows sum to the heads' gates, and the map times the prompt values is what the adapter added."""
+    model = small_model(n_kv_heads=n_kv)
+    add_adapter(model, AdapterConfig(prompt_len=5, layers=2, gate=gate))
+    open_gates(model)
+    x = tokens()
+    for layer in adapted_layers(model):
+        attn = model.layers[layer].attention
+        added = {}
+        hook = attn.adapter.register_forward_hook(lambda m, args, out: added.update(out=out))
+        block = prompt_attention_map(model, x, layer)  # (B, H, T, K)
+        hook.remove()
+        assert block.shape == (2, 4, 11, 5)
+        gates = attn.adapter.gate_value().detach().reshape(-1).expand(4)
+        assert torch.allclose(block.sum(-1), gates[None, :, None].expand(2, 4, 11), atol=1e-6)
+        _, pv = attn.adapter.prompt_kv(attn)
+        pv = pv.repeat_interleave(4 // pv.shape[1], dim=1)
+        assert torch.allclose(block @ pv, added["out"], atol=1e-5)
+    assert torch.equal(prompt_attention_map(model, x), prompt_attention_map(model, x, adapted_layers(model)[-1]))
+    with pytest.raises(ValueError, match="carries no adapter"):
+        prompt_attention_map(model, x, 0)
 
 
 # ---------------------------------------------------------------------------- shapes and counts at 7B

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from adapterlab import AdapterConfig, Llama, LlamaConfig, add_adapter, gate_values
-from adapterlab.adapter import adapted_layers, count_trainable, gated_prompt_attention, zero_init_attention_literal
+from adapterlab.adapter import (adapted_layers, count_trainable, gated_prompt_attention, prompt_attention_map,
+                                zero_init_attention_literal)
 from adapterlab.model import init_weights
 from adapterlab.exercises import check_adapter_param_count, check_step0_gradients, check_zero_init_attention
 
@@ -271,23 +272,15 @@ print(f"largest change of a logit at init with random gates: {(noisy_logits.deta
 # In Eq. 7 the prompt block of every row sums to the gate of its head, while the token block
 # sums to 1. So after training, the gate *is* the share of attention each head gives to the
 # prompts (negative gates subtract what the prompts say). Which prompt a token reads depends
-# on the token: we capture the queries that reach the top adapter with a forward hook and
-# draw the prompt softmax of the head whose gate opened most
+# on the token: `prompt_attention_map` captures the queries that reach the top adapter with a
+# forward hook and returns that block; we draw the prompt softmax of the head whose gate opened most
 # (in this random toy model it is nearly uniform; a trained one is in notebook 6).
 
 # %%
 layer = adapted_layers(model)[-1]
-attn = model.layers[layer].attention
-captured = {}
-hook = attn.adapter.register_forward_hook(lambda module, args, output: captured.update(q=args[0]))
-with torch.no_grad():
-    model(tokens)
-    pk, _ = attn.adapter.prompt_kv(attn)  # prompts through the frozen W_k: (1, H, K, d)
-    gate_top = attn.adapter.gate_value().flatten()  # (H,)
-    head = int(gate_top.abs().argmax())
-    q_head = captured["q"][0, head]  # (T, d): first sequence, that head
-    prompt_block = gate_top[head] * (q_head @ pk[0, head].T / math.sqrt(q_head.shape[-1])).softmax(-1)  # (T, K)
-hook.remove()
+gate_top = model.layers[layer].attention.adapter.gate_value().detach().flatten()  # (H,)
+head = int(gate_top.abs().argmax())
+prompt_block = prompt_attention_map(model, tokens, layer)[0, head]  # (T, K): gate x softmax(Q P_k^T / sqrt d)
 
 g_all = gate_values(model)  # (L, H)
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.2), gridspec_kw={"width_ratios": [3, 2]})

@@ -8,7 +8,6 @@
 # adapted layers and the prompt length change what opens and when.
 
 # %%
-import math
 import tempfile
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 from adapterlab import AdapterConfig, add_adapter, load_llama, tinyworld
-from adapterlab.adapter import adapted_layers
+from adapterlab.adapter import adapted_layers, prompt_attention_map
 from adapterlab.data import format_prompt, instruction_dataset
 from adapterlab.gates import GateLog, explorer, format_summary, gate_record, plot_head_curves, plot_heatmap, summarize
 from adapterlab.train import TrainConfig, train
@@ -89,8 +88,8 @@ explorer(log)
 # ## 3. Where do the trained model's tokens look?
 #
 # In Eq. 7 the prompt block of each attention row is `gate * softmax(Q P_k^T / sqrt(d))`.
-# Capture the queries that reach the top adapter with a forward hook, and draw that block for
-# one held-out question: which prompt does each token read, and how loud (the gate)?
+# `prompt_attention_map` captures the queries that reach the top adapter (a forward hook) and
+# returns that block; we draw it for one held-out question: which prompt does each token read, and how loud (the gate)?
 
 # %%
 model.eval()
@@ -98,16 +97,8 @@ record = heldout_records[0]
 text = format_prompt(record["instruction"], record["input"]) + " " + record["output"]
 tokens = torch.tensor([tokenizer.encode(text)])
 layer = adapted_layers(model)[-1]
-attn = model.layers[layer].attention
-captured = {}
-hook = attn.adapter.register_forward_hook(lambda module, args, output: captured.update(q=args[0]))
-with torch.no_grad():
-    model(tokens)
-    pk, _ = attn.adapter.prompt_kv(attn)  # (1, H, K, d)
-    q = captured["q"][0]  # (H, T, d)
-    gates = attn.adapter.gate_value().flatten()  # (H,)
-    block = gates[:, None, None] * (q @ pk[0].transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1)  # (H, T, K)
-hook.remove()
+gates = model.layers[layer].attention.adapter.gate_value().detach().flatten()  # (H,)
+block = prompt_attention_map(model, tokens, layer)[0]  # (H, T, K): gate x prompt softmax, per head
 
 pieces = [tokenizer.decode([t]) if t > 2 else "<s>" for t in tokens[0].tolist()]
 show = list(range(len(pieces) - 14, len(pieces)))  # the end of the prompt and the answer
