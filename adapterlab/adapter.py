@@ -32,7 +32,7 @@ from torch import nn
 
 from .model import Attention, KVCache, Llama
 
-GATES = ("head", "layer")
+GATES = ("head", "layer", "none")
 ACTIVATIONS = ("tanh", "identity")
 INITS = ("zero", "random")
 
@@ -42,7 +42,9 @@ class AdapterConfig:
     """What to attach.
 
     prompt_len: K prompt tokens per adapted layer.   layers: L, the top L layers are adapted.
-    gate: "head" (one gate per head, as the official release) or "layer" (one scalar, as PEFT).
+    gate: "head" (one gate per head, as the official release) or "layer" (one scalar, as PEFT);
+        "none": no gate - the prompts join the word tokens' softmax (prefix tuning, P-tuning v2,
+        VPT-deep: the ablation zero-init attention is compared with; see :func:`joint_prompt_attention`).
     gate_activation: "tanh" (paper) or "identity" (PEFT).
     init: "zero" (paper: gates start at 0) or "random" (ablation: gates start at N(0, 1) draws).
     visual_dim: width of the visual features for the multi-modal adapter (None: text only).
@@ -69,6 +71,9 @@ class AdapterConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"AdapterConfig.{name} must be one of {allowed}; got {value!r}")
+        if self.gate == "none" and self.init != "zero":
+            raise ValueError(f"AdapterConfig.init={self.init!r} says where the gate starts, but gate='none' has no "
+                             "gate; leave init at 'zero' (ungated prompts start at their random draw)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,6 +103,37 @@ def gated_prompt_scores(q: torch.Tensor, prompt_k: torch.Tensor, gate: torch.Ten
     return gate.to(q.dtype) * probs
 
 
+def joint_prompt_attention(q: torch.Tensor, prompt_k: torch.Tensor, prompt_v: torch.Tensor, keys: torch.Tensor,
+                           token_out: torch.Tensor) -> torch.Tensor:
+    """The ungated alternative to Eq. 7 (``gate="none"``): prompts and word tokens share ONE softmax.
+
+    This is what prefix tuning, P-tuning v2 and VPT-deep do, written against Eq. 7 above:
+
+        Eq. 7 (gated):  S^g V = softmax(S^{M+1}) V  +  g * softmax(S^K) P_v
+        one softmax:    softmax([S^K, S^{M+1}]) [P_v; V]
+                      = softmax(S^{M+1}) V  +  w * (softmax(S^K) P_v - softmax(S^{M+1}) V)
+        with  w = sum exp(S^K) / (sum exp(S^K) + sum exp(S^{M+1})) = sigmoid(lse(S^K) - lse(S^{M+1}))
+
+    w is the share of attention the prompts take from the tokens: a "gate" no parameter controls,
+    set by the scores alone, and far from 0 at initialisation - so the frozen model's output
+    changes before anything is learned. token_out: softmax(S^{M+1}) V, the causal attention over
+    the tokens that model.Attention already computed, (B, H, T, d). keys: (B, H_kv, S, d) rotated
+    token keys, S >= T (query i sees keys 0..S-T+i, as with a KV cache). prompt_k, prompt_v:
+    (1 or B, H_kv, K, d). Returns the correction to add to token_out, (B, H, T, d).
+    """
+    n_rep = q.shape[1] // keys.shape[1]  # grouped-query attention: share K/V heads
+    if n_rep > 1:
+        keys, prompt_k, prompt_v = (x.repeat_interleave(n_rep, dim=1) for x in (keys, prompt_k, prompt_v))
+    T, S, d = q.shape[2], keys.shape[2], q.shape[-1]
+    prompt_scores = (q @ prompt_k.transpose(-2, -1)).float() / math.sqrt(d)  # S^K: (B, H, T, K)
+    token_scores = (q @ keys.transpose(-2, -1)).float() / math.sqrt(d)  # S^{M+1}: (B, H, T, S)
+    causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    token_scores = token_scores.masked_fill(~causal, float("-inf"))
+    w = torch.sigmoid(prompt_scores.logsumexp(-1) - token_scores.logsumexp(-1))[..., None]  # (B, H, T, 1)
+    prompt_out = F.softmax(prompt_scores, dim=-1).type_as(q) @ prompt_v  # softmax(S^K) P_v: (B, H, T, d)
+    return w.type_as(q) * (prompt_out - token_out)
+
+
 def zero_init_attention_literal(q, k, v, prompt_k, prompt_v, gate):
     """Eq. 5-8 as written in the paper: one score matrix, two separate softmaxes.
 
@@ -117,6 +153,23 @@ def zero_init_attention_literal(q, k, v, prompt_k, prompt_v, gate):
     return S_g @ values  # Eq. 8 (before W_o)
 
 
+def joint_attention_literal(q, k, v, prompt_k, prompt_v):
+    """The ungated form as prefix tuning writes it: keys/values [P; T], ONE causal softmax, no gate.
+
+    Shapes as :func:`zero_init_attention_literal`. Compare the two: there, the prompt scores S^K
+    and the token scores S^{M+1} get their own softmax and the gate scales the prompt block;
+    here every prompt competes with every token for the same unit of attention.
+    """
+    B, H, T, d = q.shape
+    K = prompt_k.shape[2]
+    keys = torch.cat([prompt_k.expand(B, -1, -1, -1), k], dim=2)  # [P; T]  (B, H, K+T, d)
+    values = torch.cat([prompt_v.expand(B, -1, -1, -1), v], dim=2)
+    S = q @ keys.transpose(-2, -1) / math.sqrt(d)  # (B, H, T, K+T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    visible = torch.cat([torch.ones(T, K, dtype=torch.bool, device=q.device), causal], dim=1)  # prompts: always
+    return S.masked_fill(~visible, float("-inf")).softmax(-1) @ values  # (B, H, T, d)
+
+
 # --------------------------------------------------------------------------- the module
 class AdaptionPrompt(nn.Module):
     """The trainable part of one adapted layer: K prompt vectors and the gate."""
@@ -124,16 +177,20 @@ class AdaptionPrompt(nn.Module):
     def __init__(self, config: AdapterConfig, dim: int, n_heads: int, generator: Optional[torch.Generator] = None):
         super().__init__()
         self.gate_activation = config.gate_activation
-        device = None
-        self.prompt = nn.Parameter(torch.randn(config.prompt_len, dim, generator=generator, device=device))  # P_l
+        self.prompt = nn.Parameter(torch.randn(config.prompt_len, dim, generator=generator))  # P_l
         gate_shape = (1, n_heads, 1, 1) if config.gate == "head" else (1,)
-        if config.init == "zero":
+        if config.gate == "none":  # ungated: the prompts compete with the tokens in one softmax
+            self.register_parameter("gate", None)
+        elif config.init == "zero":
             self.gate = nn.Parameter(torch.zeros(gate_shape))  # g_l = 0: output unchanged at init
         else:
             self.gate = nn.Parameter(torch.randn(gate_shape, generator=generator))
 
     def gate_value(self) -> torch.Tensor:
         """The effective gate: tanh(g) for the paper's gate, g itself for identity."""
+        if self.gate is None:
+            raise ValueError("this adapter is ungated (AdapterConfig(gate='none')): it has no gate value; "
+                             "its prompts take a share of the tokens' softmax instead (joint_prompt_attention)")
         return torch.tanh(self.gate) if self.gate_activation == "tanh" else self.gate
 
     def prompt_kv(self, attn: Attention, visual: Optional[torch.Tensor] = None):
@@ -150,14 +207,60 @@ class AdaptionPrompt(nn.Module):
         pv = attn.split_heads(attn.wv(prompt.to(w_dtype)), attn.n_kv_heads)
         return pk, pv
 
-    def forward(self, q, attn: Attention, cache: Optional[KVCache] = None, visual=None):
+    def forward(self, q, attn: Attention, cache: Optional[KVCache] = None, visual=None,
+                keys: Optional[torch.Tensor] = None, token_out: Optional[torch.Tensor] = None):
+        """The term model.Attention adds to its token attention. q: (B, H, T, d) rotated queries;
+        keys, token_out: the layer's token keys and token attention (used by gate="none" only)."""
         if cache is not None and attn.layer_id in cache.prompt_kv:
             pk, pv = cache.prompt_kv[attn.layer_id]  # generation: computed at the first step only
         else:
             pk, pv = self.prompt_kv(attn, visual)
             if cache is not None:
                 cache.prompt_kv[attn.layer_id] = (pk, pv)
-        return gated_prompt_attention(q, pk.to(q.dtype), pv.to(q.dtype), self.gate_value())
+        pk, pv = pk.to(q.dtype), pv.to(q.dtype)
+        if self.gate is None:  # gate="none": one softmax over [P; T]
+            if keys is None or token_out is None:
+                raise ValueError("an ungated adapter (gate='none') needs the layer's token keys and token attention: "
+                                 "call it as adapterlab.model.Attention does (keys=..., token_out=...)")
+            return joint_prompt_attention(q, pk, pv, keys.to(q.dtype), token_out)
+        return gated_prompt_attention(q, pk, pv, self.gate_value())
+
+
+# --------------------------------------------------------------------------- the multi-modal projection
+class VisualProjection(nn.Module):
+    """The learnable projection of Sec. 3.3: global visual features (B, visual_dim) -> image token I_p (B, dim).
+
+    The image token is added to the K prompts of every adapted layer (``model(tokens, visual=I_p)``,
+    see :meth:`AdaptionPrompt.prompt_kv`); the encoders that make the features are in
+    :mod:`adapterlab.vision`.
+
+    LayerNorm (features of different encoders and layers have very different scales), a
+    two-layer MLP with a narrow hidden width (a bottleneck: hidden=128 by default), and a
+    LayerNorm on the output (as the release's projection), so that I_p starts at the prompts'
+    scale (about 1 per element) instead of being drowned by them.
+
+    Parameters: 2*visual_dim + visual_dim*hidden + hidden + hidden*dim + dim + 2*dim. At 7B
+    (C=4096) with CLIP ViT-L/14's 1024-wide class token that is 669,824 - the paper's "0.6M
+    projection"; a hidden width of C would be 21M, more than ten times the prompts.
+    """
+
+    def __init__(self, visual_dim: int, dim: int, hidden: int = 128):
+        super().__init__()
+        for arg, value in (("visual_dim", visual_dim), ("dim", dim), ("hidden", hidden)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"VisualProjection: {arg} must be a positive integer; got {value!r}")
+        self.visual_dim, self.dim, self.hidden = visual_dim, dim, hidden
+        self.norm = nn.LayerNorm(visual_dim)
+        self.fc1 = nn.Linear(visual_dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.out_norm = nn.LayerNorm(dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if features.dim() != 2 or features.shape[1] != self.visual_dim:
+            raise ValueError(f"VisualProjection expects visual features of shape (batch, {self.visual_dim}); "
+                             f"got {tuple(features.shape)}. Did the encoder's visual_dim change?")
+        x = self.norm(features.to(self.fc1.weight.dtype))
+        return self.out_norm(self.fc2(F.gelu(self.fc1(x))))  # (B, dim)
 
 
 # --------------------------------------------------------------------------- attach / inspect
@@ -179,16 +282,9 @@ def add_adapter(model: Llama, config: AdapterConfig, seed: Optional[int] = 0) ->
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     device = model.device
     for i in range(n - config.layers, n):  # the top L layers, bottom adapted layer first
-        ap = AdaptionPrompt(config, model.config.dim, model.config.n_heads, generator)
-        if device.type != "meta":
-            ap = ap.to(device)
-        else:
-            ap = ap.to("meta")
-        model.layers[i].attention.adapter = ap
+        model.layers[i].attention.adapter = AdaptionPrompt(config, model.config.dim, model.config.n_heads, generator).to(device)
     model.adapter_config = config
     if config.visual_dim is not None:
-        from .vision import VisualProjection
-
         model.visual_proj = VisualProjection(config.visual_dim, model.config.dim, config.visual_hidden).to(device)
     return model
 

@@ -1,14 +1,19 @@
-"""Checkpoints: LLaMA base weights in, adapters in and out.
+"""Checkpoints: LLaMA base weights in and out, adapters in and out.
+
+Layer 6 (tooling above the training loop): imports files, model, tokenizer and adapter.
 
 Base weights (:func:`load_llama`) come from
 - a Meta folder: ``params.json`` + ``consolidated.NN.pth`` model-parallel shards;
 - a Hugging Face folder: ``config.json`` + ``model.safetensors`` (or sharded with
-  ``model.safetensors.index.json``); names are converted and the q/k rows un-permuted;
-- the name ``"tinyworld"``: the embedded default model (:mod:`adapterlab.tinyworld`).
+  ``model.safetensors.index.json``); names are converted and the q/k rows un-permuted.
+:func:`save_llama` writes a one-shard Meta folder (what the pretraining commands produce).
+The name ``"tinyworld"`` (the embedded model) is resolved one layer up: ``adapterlab.load_llama``
+is :func:`adapterlab.tinyworld.load_llama`, which hands every folder to the function here.
 
 Adapters are small (1.2M values at 7B), so they are saved alone (:func:`save_adapter`) and
 attached to a base later (:func:`load_adapter`), which also reads the official LLaMA-Adapter
-v1 release ``.pth`` and Hugging Face PEFT "adaption prompt" folders.
+v1 release ``.pth`` and Hugging Face PEFT "adaption prompt" folders (the formats are described
+in docs/method.md).
 
 The model is built on the ``meta`` device (no memory) and the loaded tensors are assigned to
 it, so a 7B folder costs one copy of the weights, not two. Checkpoints are untrusted input:
@@ -16,17 +21,20 @@ torch pickles load with ``weights_only=True``, everything else is safetensors.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from .adapter import AdapterConfig, adapted_layers, adapter_state_dict, add_adapter
+from .adapter import ACTIVATIONS, AdapterConfig, adapted_layers, adapter_state_dict, add_adapter
+from .files import atomic_torch_save, atomic_write_bytes, atomic_write_text
 from .model import Llama, LlamaConfig
 from .tokenizer import Tokenizer
 
@@ -53,7 +61,7 @@ def load_llama(
     dtype: Optional[torch.dtype] = None,
     max_seq_len: Optional[int] = None,
 ) -> Llama:
-    """Load a LLaMA from a Meta folder, a Hugging Face folder, or the name "tinyworld".
+    """Load a LLaMA from a Meta folder or a Hugging Face folder.
 
     device: None -> CUDA when available, else CPU.  dtype: None keeps the stored dtype
     (LLaMA releases: float16/bfloat16); pass torch.float32 for exact CPU comparisons.
@@ -62,16 +70,12 @@ def load_llama(
     The returned model has ``model.tokenizer``: a :class:`Tokenizer` when the folder holds
     ``tokenizer.model``, else None.
     """
-    if str(path_or_name) == "tinyworld":
-        from .tinyworld import load_base  # lazy: builds/loads the embedded world
-
-        return load_base(device=device)
     folder = Path(path_or_name)
     if not folder.is_dir():
         raise FileNotFoundError(
             f"{folder} is not a folder. load_llama expects a Meta LLaMA folder (params.json + "
             f"consolidated.NN.pth), a Hugging Face Llama folder (config.json + *.safetensors), "
-            f"or the name 'tinyworld' for the embedded model."
+            f"or (adapterlab.load_llama) the name 'tinyworld' for the embedded model."
         )
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -101,6 +105,32 @@ def load_llama(
     tok_path = next((p for p in candidates if p.is_file()), None)
     model.tokenizer = Tokenizer(tok_path) if tok_path is not None else None
     return model.eval()
+
+
+def save_llama(model: Llama, tokenizer: Optional[Tokenizer], folder: PathLike,
+               extra: Optional[dict[str, dict]] = None) -> Path:
+    """Write the base model as a one-shard Meta folder that :func:`load_llama` reads back exactly.
+
+    Files: params.json, consolidated.00.pth (the base weights, an attached adapter left out),
+    tokenizer.model (when a tokenizer is given), and one JSON file per entry of ``extra``
+    ({file name: content}, e.g. how the model was made). Every file is written atomically;
+    to publish a whole folder at once (a cache that other processes read), call this inside
+    :func:`adapterlab.files.publish_folder`. Returns the folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    params = {"dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads,
+              "vocab_size": c.vocab_size, "multiple_of": c.multiple_of, "ffn_dim_multiplier": c.ffn_dim_multiplier,
+              "norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "max_seq_len": c.max_seq_len}
+    atomic_write_text(folder / "params.json", json.dumps(params, indent=2))
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if ".adapter." not in k}
+    atomic_torch_save(state, folder / "consolidated.00.pth")
+    if tokenizer is not None:
+        atomic_write_bytes(folder / "tokenizer.model", tokenizer.model_proto)
+    for name, content in (extra or {}).items():
+        atomic_write_text(folder / name, json.dumps(content, indent=2, default=str))
+    return folder
 
 
 def _assign_weights(config: LlamaConfig, state: dict[str, torch.Tensor], source: str) -> Llama:
@@ -208,7 +238,8 @@ def _names(shard_paths: dict[int, Path]) -> str:
 
 
 # --------------------------------------------------------------------------- Hugging Face folders
-_HF_LAYER_NAMES = {
+# Hugging Face name -> Meta name (ours); benchmarks/run.py inverts them to write HF folders.
+HF_LAYER_NAMES = {
     "self_attn.q_proj.weight": "attention.wq.weight",
     "self_attn.k_proj.weight": "attention.wk.weight",
     "self_attn.v_proj.weight": "attention.wv.weight",
@@ -219,7 +250,7 @@ _HF_LAYER_NAMES = {
     "input_layernorm.weight": "attention_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
 }
-_HF_TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "output.weight"}
+HF_TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "output.weight"}
 
 
 def hf_config_to_llama(hf: dict, source: str = "config.json") -> LlamaConfig:
@@ -308,10 +339,10 @@ def _read_hf_folder(folder: Path, place: Callable) -> tuple[LlamaConfig, dict[st
     unknown = []
     for name, t in _iter_hf_tensors(_hf_weight_files(folder)):
         m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-        if name in _HF_TOP_NAMES:
-            ours = _HF_TOP_NAMES[name]
-        elif m and m.group(2) in _HF_LAYER_NAMES:
-            ours = f"layers.{m.group(1)}.{_HF_LAYER_NAMES[m.group(2)]}"
+        if name in HF_TOP_NAMES:
+            ours = HF_TOP_NAMES[name]
+        elif m and m.group(2) in HF_LAYER_NAMES:
+            ours = f"layers.{m.group(1)}.{HF_LAYER_NAMES[m.group(2)]}"
         elif name.endswith("rotary_emb.inv_freq"):  # a buffer older versions saved; recomputed
             continue
         else:

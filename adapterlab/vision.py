@@ -4,7 +4,9 @@
           -> VisualProjection (learnable MLP)                 -> one image token I_p  (B, C)
           -> added to the K adaption prompts of every adapted layer: P_l^v = P_l + Repeat(I_p)
 
-The last step lives in :class:`adapterlab.adapter.AdaptionPrompt` (``model(tokens, visual=I_p)``).
+This module holds the encoders (the first step). The last two steps belong to the adapter and live
+in :mod:`adapterlab.adapter` (:class:`~adapterlab.adapter.VisualProjection`, re-exported here, and
+``model(tokens, visual=I_p)``).
 
 Two encoders give the same kind of output:
 - :class:`SceneEncoder`, the embedded default: a small convolutional network that our own code
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adapter import VisualProjection  # the projection belongs to the adapter; re-exported for the notebooks
 from .scenes import COLOURS, CORNERS, COUNTS, IMAGE_SIZE, SHAPES, Scene
 
 
@@ -66,39 +69,6 @@ def check_images(images, size: Optional[int] = None, name: str = "images") -> to
         raise ValueError(f"{name} must hold values in [0, 1]; found values in [{lo:.3g}, {hi:.3g}]. "
                          f"Divide 0..255 pictures by 255 (or pass them as uint8)")
     return images.float()
-
-
-# --------------------------------------------------------------------------- the projection
-class VisualProjection(nn.Module):
-    """The learnable projection of Sec. 3.3: global visual features (B, visual_dim) -> image token I_p (B, dim).
-
-    LayerNorm (features of different encoders and layers have very different scales), a
-    two-layer MLP with a narrow hidden width (a bottleneck: hidden=128 by default), and a
-    LayerNorm on the output (as the release's projection), so that I_p starts at the prompts'
-    scale (about 1 per element) instead of being drowned by them.
-
-    Parameters: 2*visual_dim + visual_dim*hidden + hidden + hidden*dim + dim + 2*dim. At 7B
-    (C=4096) with CLIP ViT-L/14's 1024-wide class token that is 669,824 - the paper's "0.6M
-    projection"; a hidden width of C would be 21M, more than ten times the prompts.
-    """
-
-    def __init__(self, visual_dim: int, dim: int, hidden: int = 128):
-        super().__init__()
-        for arg, value in (("visual_dim", visual_dim), ("dim", dim), ("hidden", hidden)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"VisualProjection: {arg} must be a positive integer; got {value!r}")
-        self.visual_dim, self.dim, self.hidden = visual_dim, dim, hidden
-        self.norm = nn.LayerNorm(visual_dim)
-        self.fc1 = nn.Linear(visual_dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-        self.out_norm = nn.LayerNorm(dim)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if features.dim() != 2 or features.shape[1] != self.visual_dim:
-            raise ValueError(f"VisualProjection expects visual features of shape (batch, {self.visual_dim}); "
-                             f"got {tuple(features.shape)}. Did the encoder's visual_dim change?")
-        x = self.norm(features.to(self.fc1.weight.dtype))
-        return self.out_norm(self.fc2(F.gelu(self.fc1(x))))  # (B, dim)
 
 
 # --------------------------------------------------------------------------- the embedded encoder

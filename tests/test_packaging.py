@@ -1,4 +1,5 @@
 """environment.yml must offer the same packages as pyproject.toml (runtime + notebooks + dev extras)."""
+import importlib.util
 import re
 import tomllib
 from pathlib import Path
@@ -42,5 +43,29 @@ def test_readme_lists_every_notebook_and_each_has_sources_and_solutions():
     assert listed == notebooks, "README.md's notebook list and notebooks/*.ipynb differ"
     for name in notebooks:
         stem = name.removesuffix(".ipynb")
-        assert (ROOT / "tools" / "notebook_src" / f"{stem}.py").is_file(), f"{name} has no source in tools/notebook_src"
+        assert (ROOT / "notebooks" / "src" / f"{stem}.py").is_file(), f"{name} has no source in notebooks/src"
         assert (ROOT / "notebooks" / "solutions" / f"{stem}_solutions.ipynb").is_file(), f"{name} has no solutions"
+
+
+def _builder():
+    spec = importlib.util.spec_from_file_location("notebook_builder", ROOT / "notebooks" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_notebook_is_built_from_its_current_source():
+    """notebooks/*.ipynb (and solutions/) hold exactly the cells of notebooks/src/*.py: edit the
+    source, then rebuild with `python notebooks/build.py notebooks/src/<name>.py`."""
+    import nbformat
+
+    build = _builder()
+    stored = sorted((ROOT / "notebooks").glob("*.ipynb")) + sorted((ROOT / "notebooks" / "solutions").glob("*.ipynb"))
+    assert len(stored) >= 20
+    for nb_path in stored:
+        rel = nb_path.relative_to(ROOT / "notebooks").with_suffix(".py")
+        src = ROOT / "notebooks" / "src" / rel
+        assert src.is_file(), f"{nb_path.name} has no source {src.relative_to(ROOT)}"
+        want = [(c.cell_type, c.source) for c in build.parse(src.read_text())]
+        have = [(c.cell_type, c.source) for c in nbformat.read(nb_path, as_version=4).cells]
+        assert have == want, f"{nb_path.relative_to(ROOT)} differs from {src.relative_to(ROOT)}: rebuild it"

@@ -87,7 +87,7 @@ print("the job ran as 2 processes:", "2 processes" in (work / "ddp-2.log").read_
 # %% [markdown]
 # ## 3. The 8-GPU command for LLaMA-7B
 #
-# The release's recipe (PAPER.md): 5 epochs, 2 of warm-up, global batch 64, base learning rate
+# The release's recipe (`docs/method.md`): 5 epochs, 2 of warm-up, global batch 64, base learning rate
 # 9e-3 (lr = 9e-3 x 64 / 256), AdamW betas (0.9, 0.95), weight decay 0.02, K = 10 prompts in the
 # top L = 30 layers, sequences up to 512 tokens. With Meta's LLaMA-7B folder and Alpaca-52K:
 #

@@ -1,6 +1,6 @@
 """Build adapterlab notebooks from percent-format sources, execute them, keep only checked outputs.
 
-    python tools/build_notebooks.py tools/notebook_src/02_llama_from_blocks.py [--no-exec]
+    python notebooks/build.py notebooks/src/02_llama_from_blocks.py [--no-exec]
 
 Policy: every cell is executed at build time (so errors surface); the saved notebook keeps the
 outputs of cells marked `# NBVAL_CHECK_OUTPUT` only (the facts nbval compares); all other
@@ -48,7 +48,7 @@ def parse(src: str) -> list[nbformat.NotebookNode]:
 
 
 def build(src_path: Path, execute: bool = True) -> float:
-    rel = src_path.relative_to(Path(__file__).parent / "notebook_src")
+    rel = src_path.relative_to(Path(__file__).parent / "src")
     out_path = REPO / "notebooks" / rel.with_suffix(".ipynb")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     nb = nbformat.v4.new_notebook()
