@@ -16,6 +16,10 @@ The first term is ordinary causal attention (a fused kernel in model.Attention);
 :func:`zero_init_attention_literal` writes Eq. 5-8 literally (one score matrix, two softmaxes)
 for teaching and for the tests that prove both forms equal.
 
+For comparison, ``AdapterConfig(gate="none")`` is the ungated design zero-init attention improves
+on (prefix tuning, P-tuning v2, VPT-deep): keys/values [P; T] in ONE softmax, no gate -
+:func:`joint_prompt_attention` beside Eq. 7's term, :func:`joint_attention_literal` beside the literal form.
+
 The prompts live in the residual width C and pass through the layer's *frozen* W_k and W_v;
 their keys get no rotary embedding. g_l starts at 0, so at initialisation the adapted model
 computes exactly what the frozen model computes.
@@ -255,12 +259,16 @@ class VisualProjection(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.out_norm = nn.LayerNorm(dim)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, has_image: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """features (B, visual_dim) -> I_p (B, dim); has_image (B,): 0/False where a row has no picture (I_p = 0)."""
         if features.dim() != 2 or features.shape[1] != self.visual_dim:
             raise ValueError(f"VisualProjection expects visual features of shape (batch, {self.visual_dim}); "
                              f"got {tuple(features.shape)}. Did the encoder's visual_dim change?")
         x = self.norm(features.to(self.fc1.weight.dtype))
-        return self.out_norm(self.fc2(F.gelu(self.fc1(x))))  # (B, dim)
+        image_token = self.out_norm(self.fc2(F.gelu(self.fc1(x))))  # (B, dim)
+        if has_image is not None:
+            image_token = image_token * has_image.to(image_token.device, image_token.dtype)[:, None]
+        return image_token
 
 
 # --------------------------------------------------------------------------- attach / inspect
@@ -311,10 +319,14 @@ def adapter_state_dict(model: Llama) -> dict[str, torch.Tensor]:
 
 
 def gate_values(model: Llama) -> torch.Tensor:
-    """Effective gates of the adapted layers -> (L, H) (a per-layer gate is repeated over heads)."""
+    """Effective gates of the adapted layers -> (L, H) (a per-layer gate is repeated over heads).
+
+    Ungated layers (gate="none") have no gate and no row: their result is (0, H)."""
     rows = []
     H = model.config.n_heads
     for i in adapted_layers(model):
+        if model.layers[i].attention.adapter.gate is None:
+            continue
         g = model.layers[i].attention.adapter.gate_value().detach().float().reshape(-1)
         rows.append(g.expand(H) if g.numel() == 1 else g)
     return torch.stack(rows) if rows else torch.zeros(0, H)
@@ -341,5 +353,11 @@ def prompt_attention_map(model: Llama, tokens: torch.Tensor, layer: Optional[int
     return gated_prompt_scores(q, pk.to(q.dtype), attn.adapter.gate_value())
 
 
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, tensor) of every parameter that trains (requires_grad), in the model's order."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
 def count_trainable(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """How many numbers train: the adapter's (or LoRA's, or all for full fine-tuning)."""
+    return sum(p.numel() for _, p in trainable_parameters(model))

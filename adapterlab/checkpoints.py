@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from .adapter import ACTIVATIONS, AdapterConfig, adapted_layers, adapter_state_dict, add_adapter
@@ -166,15 +166,51 @@ def _preview(names: list[str], n: int = 6) -> str:
 
 # --------------------------------------------------------------------------- Meta folders
 def _torch_load(path: Path) -> dict:
-    """torch.load for untrusted files: tensors only; memory-mapped when the file allows it."""
+    """torch.load for untrusted files: tensors only (weights_only=True; plus argparse.Namespace,
+    which the official release's training checkpoints hold); memory-mapped when the file allows
+    it. A file that cannot be read is an error naming it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        raise ValueError(
+            f"{path} holds Python objects other than tensors ({found.group(1) if found else 'see the cause below'}), "
+            f"which adapterlab does not load (weights_only=True: no code from a file runs here). Save the "
+            f"tensors alone (torch.save(model.state_dict(), path)), or use safetensors."
+        ) from e
+    except (EOFError, OSError, RuntimeError) as e:
+        raise ValueError(_unreadable(path, "a torch checkpoint", e)) from e
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(_unreadable(path, "a safetensors file", e)) from e
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(_unreadable(path, "JSON", e)) from e
+
+
+def _unreadable(path: Path, kind: str, error: Exception) -> str:
+    size = path.stat().st_size if path.is_file() else 0
+    return (
+        f"{path} ({size:,} bytes) cannot be read as {kind}: it is empty or cut short (an interrupted "
+        f"download or copy?), or another kind of file. Download or copy it again. "
+        f"({type(error).__name__}: {str(error) or 'end of file'})"
+    )
 
 
 def _read_meta_folder(folder: Path, place: Callable) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    params = json.loads((folder / "params.json").read_text())
+    params = _read_json(folder / "params.json")
     for field in ("dim", "n_layers", "n_heads"):
         if field not in params:
             raise ValueError(f"{folder / 'params.json'} has no '{field}'; a Meta params.json needs dim, n_layers, n_heads")
@@ -303,7 +339,7 @@ def _hf_weight_files(folder: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = folder / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            weight_map = _read_json(index).get("weight_map", {})
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (folder / f).is_file()]
             if missing:
@@ -325,7 +361,11 @@ def _hf_weight_files(folder: Path) -> list[Path]:
 def _iter_hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     for f in files:
         if f.suffix == ".safetensors":
-            with safe_open(str(f), framework="pt", device="cpu") as st:
+            try:
+                st = safe_open(str(f), framework="pt", device="cpu")
+            except SafetensorError as e:
+                raise ValueError(_unreadable(f, "a safetensors file", e)) from e
+            with st:
                 for name in st.keys():
                     yield name, st.get_tensor(name)
         else:
@@ -333,7 +373,7 @@ def _iter_hf_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _read_hf_folder(folder: Path, place: Callable) -> tuple[LlamaConfig, dict[str, torch.Tensor]]:
-    hf = json.loads((folder / "config.json").read_text())
+    hf = _read_json(folder / "config.json")
     config = hf_config_to_llama(hf, source=str(folder / "config.json"))
     state: dict[str, torch.Tensor] = {}
     unknown = []
@@ -361,22 +401,12 @@ def _read_hf_folder(folder: Path, place: Callable) -> tuple[LlamaConfig, dict[st
 
 
 # =========================================================================== adapters
-def _atomic_replace(target: Path, write: Callable[[Path], None]) -> None:
-    """Write to a temporary file beside target, then rename: readers never see half a file."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_adapter(model: Llama, path: PathLike) -> Path:
     """Write only the adapter into folder ``path``: adapter.safetensors (fp32) + adapter_config.json.
 
-    The config records the AdapterConfig, the model shape it fits (dim, n_layers, n_heads) and
-    the adapted layer indices, so :func:`load_adapter` can check it against a model. Returns the folder.
+    The config records the AdapterConfig (gate_activation included), the model shape it fits
+    (dim, n_layers, n_heads) and the adapted layer indices, so :func:`load_adapter` can check it
+    against a model and rebuild the same forward. Returns the folder.
     """
     layers = adapted_layers(model)
     config: Optional[AdapterConfig] = getattr(model, "adapter_config", None)
@@ -396,31 +426,47 @@ def save_adapter(model: Llama, path: PathLike) -> Path:
         "n_heads": model.config.n_heads,
         "adapted_layers": layers,
     }
-    _atomic_replace(folder / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, str(tmp), metadata={"format": ADAPTER_FORMAT}))
-    _atomic_replace(folder / ADAPTER_CONFIG, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write_bytes(folder / ADAPTER_WEIGHTS, save(tensors, metadata={"format": ADAPTER_FORMAT}))
+    atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(meta, indent=2) + "\n")
     return folder
 
 
-def load_adapter(model: Llama, path: PathLike, prompt_len: Optional[int] = None) -> Llama:
+def load_adapter(model: Llama, path: PathLike, prompt_len: Optional[int] = None,
+                 gate_activation: Optional[str] = None) -> Llama:
     """Attach (or fill the already attached) adapter from ``path``; returns the model.
 
     path may be:
-    - our format: a folder written by :func:`save_adapter`, or its adapter.safetensors;
-    - an official LLaMA-Adapter v1 release ``.pth`` (prompt_len K defaults to 10, the release's
-      value; the file does not record it). Gates per head with tanh;
+    - our format: a folder written by :func:`save_adapter`, or its adapter.safetensors. The file
+      records everything (prompt_len, gate, gate_activation ...);
+    - an official LLaMA-Adapter v1 ``.pth``: the released adapter file or a training checkpoint
+      of the release's fine-tuning code (its ``"model"`` entry is read). The file records neither
+      the prompt length nor the gate activation: prompt_len defaults to 10, the release's K;
+      gate_activation chooses between the release's two forwards (below);
     - a PEFT adaption-prompt folder (adapter_config.json + adapter_model.safetensors). One gate
       per layer, no tanh (AdapterConfig(gate="layer", gate_activation="identity")).
+
+    gate_activation (official files only): the release's *fine-tuning* code scales the prompts'
+    attention by tanh(g), its *inference* code (``llama/model.py``, ``example.py``, shipped with
+    the released adapter) by g itself; the two agree while the gate is 0 and differ once it has
+    opened. The default, "tanh", is the forward the weights were trained with (the paper's
+    equation, and our own default), so the logits are those the training loss was computed on,
+    and tuning further from the file continues the same function. Pass "identity" to reproduce
+    the release's inference code (its example.py generations) exactly. The choice is stored in
+    ``model.adapter_config.gate_activation``, so :func:`save_adapter` keeps it.
+
     Every shape is checked against the model first; errors name the file and the field.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"adapter {path} not found")
+    if gate_activation is not None and gate_activation not in ACTIVATIONS:
+        raise ValueError(f"load_adapter: gate_activation must be one of {ACTIVATIONS} (or None); got {gate_activation!r}")
     folder = path if path.is_dir() else path.parent
     config_file = folder / ADAPTER_CONFIG
     if path.is_file() and path.suffix in (".pth", ".pt"):
-        config, tensors = _read_official(model, path, prompt_len or OFFICIAL_PROMPT_LEN)
+        config, tensors = _read_official(model, path, prompt_len or OFFICIAL_PROMPT_LEN, gate_activation or "tanh")
     elif config_file.is_file():
-        info = json.loads(config_file.read_text())
+        info = _read_json(config_file)
         if info.get("format") == ADAPTER_FORMAT:
             weights = path if path.is_file() else folder / ADAPTER_WEIGHTS
             config, tensors = _read_ours(model, weights, info)
@@ -432,11 +478,12 @@ def load_adapter(model: Llama, path: PathLike, prompt_len: Optional[int] = None)
                 f"adaption-prompt adapter (peft_type='ADAPTION_PROMPT'); found format={info.get('format')!r}, "
                 f"peft_type={info.get('peft_type')!r}"
             )
-        if prompt_len is not None and prompt_len != config.prompt_len:
-            raise ValueError(
-                f"{config_file}: the adapter has prompt_len={config.prompt_len} but prompt_len={prompt_len} "
-                f"was requested; leave prompt_len unset for this file"
-            )
+        for name, asked in (("prompt_len", prompt_len), ("gate_activation", gate_activation)):
+            if asked is not None and asked != getattr(config, name):
+                raise ValueError(
+                    f"{config_file}: the adapter has {name}={getattr(config, name)!r} but {name}={asked!r} "
+                    f"was requested; the file records it, so leave {name} unset for this file"
+                )
     else:
         found = sorted(p.name for p in folder.iterdir())[:20] if folder.is_dir() else []
         raise ValueError(
@@ -458,11 +505,13 @@ def _layer_tensors(layer: int, prompt: torch.Tensor, gate: torch.Tensor) -> dict
     return {prefix + "prompt": prompt.float(), prefix + "gate": gate.float()}
 
 
-def _read_official(model: Llama, path: Path, K: int) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
-    """Official release: adapter_query.weight (K*L, C) rows grouped by layer, bottom first; gates per layer."""
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+def _read_official(model: Llama, path: Path, K: int, activation: str) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """Official release: adapter_query.weight (K*L, C) rows grouped by layer, bottom first; a gate
+    layers.{i}.attention.gate (1, H, 1, 1) per layer. Training checkpoints hold that state dict
+    (with the frozen base) under "model", beside the run's argparse.Namespace under "args"."""
+    sd = _torch_load(path)
     if isinstance(sd, dict) and isinstance(sd.get("model"), dict):
-        sd = sd["model"]  # training checkpoints wrap the state dict
+        sd = sd["model"]  # a training checkpoint: {"model": ..., "optimizer": ..., "args": Namespace, ...}
     if not isinstance(sd, dict) or "adapter_query.weight" not in sd:
         keys = list(sd)[:8] if isinstance(sd, dict) else type(sd).__name__
         raise ValueError(f"{path} has no 'adapter_query.weight', so it is not an official LLaMA-Adapter file (keys: {keys})")
@@ -486,14 +535,13 @@ def _read_official(model: Llama, path: Path, K: int) -> tuple[AdapterConfig, dic
     missing = [i for i in wanted if i not in gates]
     if missing:
         raise ValueError(f"{path}: no gate for adapted layer(s) {missing} (keys layers.{{i}}.attention.gate)")
-    gate_sizes = {gates[i].numel() for i in wanted}
-    if gate_sizes == {1}:
-        gate_kind = "layer"
-    else:
-        _check(str(path), "the number of heads (gate shape (1, H, 1, 1))", tuple(gates[wanted[0]].shape), (1, H, 1, 1),
-               "The adapter was trained for a LLaMA with another head count; load the matching base model.")
-        gate_kind = "head"
-    config = AdapterConfig(prompt_len=K, layers=L, gate=gate_kind, gate_activation="tanh")
+    gate_kind = "layer" if all(gates[i].numel() == 1 for i in wanted) else "head"
+    if gate_kind == "head":  # every adapted layer, not only the first: a wrong one anywhere is named
+        for i in wanted:
+            _check(str(path), f"the number of heads (the shape of layers.{i}.attention.gate, (1, H, 1, 1))",
+                   tuple(gates[i].shape), (1, H, 1, 1),
+                   "The adapter was trained for a LLaMA with another head count; load the matching base model.")
+    config = AdapterConfig(prompt_len=K, layers=L, gate=gate_kind, gate_activation=activation)
     prompts = query.reshape(L, K, C)
     tensors: dict[str, torch.Tensor] = {}
     for j, i in enumerate(wanted):
@@ -518,10 +566,10 @@ def _read_peft(model: Llama, folder: Path, info: dict) -> tuple[AdapterConfig, d
         )
     weights = folder / "adapter_model.safetensors"
     if weights.is_file():
-        sd = load_file(str(weights))
+        sd = _load_safetensors(weights)
     elif (folder / "adapter_model.bin").is_file():
         weights = folder / "adapter_model.bin"
-        sd = torch.load(weights, map_location="cpu", weights_only=True)
+        sd = _torch_load(weights)
     else:
         raise FileNotFoundError(f"{folder}: PEFT adapter_config.json found but no adapter_model.safetensors")
     found: dict[int, dict[str, torch.Tensor]] = {}
@@ -567,7 +615,7 @@ def _read_ours(model: Llama, weights: Path, info: dict) -> tuple[AdapterConfig, 
     _check(source, "adapted_layers", info.get("adapted_layers"), wanted, advice)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights.parent}: {ADAPTER_CONFIG} found but {weights.name} is missing")
-    return config, load_file(str(weights))
+    return config, _load_safetensors(weights)
 
 
 def _attach_or_fill(model: Llama, config: AdapterConfig, tensors: dict[str, torch.Tensor], source: str) -> None:
@@ -576,6 +624,13 @@ def _attach_or_fill(model: Llama, config: AdapterConfig, tensors: dict[str, torc
 
     if adapted_layers(model):
         current = getattr(model, "adapter_config", None)
+        if current is not None and (current.gate == "none") != (config.gate == "none"):
+            raise ValueError(
+                f"{source}: the model carries an ungated adapter (AdapterConfig(gate='none'): prompts in the tokens' "
+                f"softmax) and the file holds a gated one (gate={config.gate!r}), or the other way round. Official "
+                f"LLaMA-Adapter and PEFT adaption-prompt files are always gated; an ungated adapter is stored only "
+                f"in adapterlab's own format (save_adapter). Call adapterlab.remove_adapter(model) first."
+            )
         if current is None or shape_of(current) != shape_of(config):
             fields = "(prompt_len, layers, gate, gate_activation, visual_dim, visual_hidden)"
             raise ValueError(

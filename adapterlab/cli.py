@@ -1,5 +1,8 @@
 """The ``adapterlab`` command: pretrain, finetune, generate, gates, demo.
 
+Layer: cli (the top). It only maps flags onto the typed functions of :mod:`adapterlab.recipes`
+(and prints their results): what a run does, and its defaults, are written there once.
+
 Each subcommand is one ``add_<name>_arguments(parser)`` and one ``run_<name>(args)`` function,
 registered in :data:`COMMANDS`. To add a subcommand, register a :class:`Command`; to add flags
 to an existing one, extend its ``add_*_arguments`` function (the shared training flags live in
@@ -13,26 +16,30 @@ to an existing one, extend its ``add_*_arguments`` function (the shared training
     adapterlab gates runs/ft
     adapterlab gates --follow runs/alpaca
     adapterlab generate --base tinyworld --adapter runs/ft --instruction "Where does Mara live?"
+
+Errors: a mistake in what the user gave (a path, a file's content, a flag's value or a
+combination of flags) prints one ``error: ...`` line naming the file or flag and what to do,
+exits with status 2, and trains or writes nothing. Flag values are checked as they are parsed
+(the ``type=`` functions below); the rest raises :class:`~adapterlab.recipes.UsageError` or
+:class:`~adapterlab.data.DataError` in the recipes. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from .tinyworld import ADAPTER_SETTINGS, TUNING_SETTINGS
+from . import recipes
+from .recipes import UsageError
 
-# Defaults for the embedded tiny world (adapterlab.tinyworld.TUNING_SETTINGS / ADAPTER_SETTINGS).
-TINY_DEFAULTS = dict(**TUNING_SETTINGS, adapter_layers=ADAPTER_SETTINGS["layers"],
-                     prompt_len=ADAPTER_SETTINGS["prompt_len"], max_seq_len=256, ckpt_every=50)
-# Peak learning rates of finetune --method on the tiny world (notebook 7's efficiency table). On
-# other bases lora and full need --lr: the release's 9e-3 base rate is the adapter's.
-TINY_METHOD_LR = {"adapter": TUNING_SETTINGS["lr"], "lora": 1e-2, "full": 1e-3}
-METHOD_NAMES = {"adapter": "adapter tuning", "lora": "LoRA tuning", "full": "full fine-tuning"}
+# The flag of each setting a UsageError can name (settings without a flag are printed as they are).
+FLAGS = {"base": "--base", "data": "--data", "out": "--out", "adapter": "--adapter", "adapter.layers": "--adapter-layers",
+         "lr": "--lr", "resume": "--resume", "compile": "--compile", "strategy": "--strategy", "method": "--method",
+         "batch_size": "--batch-size", "png": "--png", "threads": "--threads"}
 
 
 @dataclass
@@ -51,6 +58,49 @@ def register(command: Command) -> Command:
     return command
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, except that a mistake prints one line - ``error: ...`` and where the flags are
+    explained - instead of the whole usage text (exit status 2, as argparse)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
+# --------------------------------------------------------------------------- flag values
+def _checked(kind: type, expected: str, ok: Callable) -> Callable[[str], object]:
+    """A ``type=`` function: parse the text as ``kind`` and check ``ok(value)``; argparse names the flag."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if (kind is float and not math.isfinite(value)) or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+
+    parse.__name__ = expected  # argparse's fallback message uses the name
+    return parse
+
+
+positive_int = _checked(int, "a whole number >= 1", lambda n: n >= 1)
+count = _checked(int, "a whole number >= 0", lambda n: n >= 0)
+positive_float = _checked(float, "a number > 0", lambda x: x > 0)
+non_negative_float = _checked(float, "a number >= 0", lambda x: x >= 0)
+probability = _checked(float, "a number in (0, 1]", lambda x: 0 < x <= 1)
+
+
+def lora_targets(text: str) -> tuple[str, ...]:
+    from .baselines import LORA_TARGETS
+
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in names if t not in LORA_TARGETS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated names from {','.join(LORA_TARGETS)}, "
+                                         f"got {text!r}")
+    return names
+
+
 # --------------------------------------------------------------------------- shared flags
 def add_base_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default="tinyworld",
@@ -59,10 +109,11 @@ def add_base_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_adapter_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("adapter (PAPER.md Sec. 3)")
-    g.add_argument("--adapter-layers", type=int, default=None, metavar="L",
+    g = p.add_argument_group("adapter (zero-init gated prompts, docs/method.md)")
+    g.add_argument("--adapter-layers", type=positive_int, default=None, metavar="L",
                    help="adapt the top L layers (tiny world: 4 = all; LLaMA-7B paper: 30)")
-    g.add_argument("--prompt-len", type=int, default=None, metavar="K", help="K prompt tokens per layer (default 10)")
+    g.add_argument("--prompt-len", type=positive_int, default=None, metavar="K",
+                   help="K prompt tokens per layer (default 10)")
     g.add_argument("--gate", choices=("head", "layer"), default="head", help="one gate per head (release) or per layer")
     g.add_argument("--gate-activation", choices=("tanh", "identity"), default="tanh")
     g.add_argument("--init", choices=("zero", "random"), default="zero",
@@ -72,86 +123,46 @@ def add_adapter_arguments(p: argparse.ArgumentParser) -> None:
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     length = g.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, default=None, help="optimizer steps")
-    length.add_argument("--epochs", type=float, default=None, help="passes over the data (release: 5)")
-    g.add_argument("--batch-size", type=int, default=None, help="global batch (release: 64)")
-    g.add_argument("--micro-batch-size", type=int, default=None,
+    length.add_argument("--steps", type=positive_int, default=None, help="optimizer steps")
+    length.add_argument("--epochs", type=positive_float, default=None, help="passes over the data (release: 5)")
+    g.add_argument("--batch-size", type=positive_int, default=None, help="global batch (release: 64)")
+    g.add_argument("--micro-batch-size", type=positive_int, default=None,
                    help="examples per forward pass; smaller -> gradient accumulation, same result")
-    g.add_argument("--lr", type=float, default=None, help="learning rate (default: --blr * batch / 256)")
-    g.add_argument("--blr", type=float, default=None, help="base learning rate (default: the release's 9e-3)")
+    g.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: --blr * batch / 256)")
+    g.add_argument("--blr", type=positive_float, default=None, help="base learning rate (default: the release's 9e-3)")
     warm = g.add_mutually_exclusive_group()
-    warm.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up (release: 2 epochs)")
-    warm.add_argument("--warmup-steps", type=int, default=None)
-    g.add_argument("--weight-decay", type=float, default=0.02)
-    g.add_argument("--clip", type=float, default=None, help="clip the gradient norm to this (default: no clipping)")
-    g.add_argument("--max-seq-len", type=int, default=None, help="truncate examples to this many tokens (default 512)")
+    warm.add_argument("--warmup-epochs", type=non_negative_float, default=None,
+                      help="linear warm-up (release: 2 epochs)")
+    warm.add_argument("--warmup-steps", type=count, default=None)
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.02)
+    g.add_argument("--clip", type=positive_float, default=None,
+                   help="clip the gradient norm to this (default: no clipping)")
+    g.add_argument("--max-seq-len", type=positive_int, default=None,
+                   help="truncate examples to this many tokens (default 512)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--length-group", type=int, default=None,
+    g.add_argument("--length-group", type=positive_int, default=None,
                    help="batches' worth of examples sorted by length together (1: random batches; default 8)")
-    g.add_argument("--log-every", type=int, default=None, help="steps between gate/loss records (default 10)")
-    g.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (tiny world)")
-    g.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints (default 50)")
+    g.add_argument("--log-every", type=positive_int, default=None, help="steps between gate/loss records (default 10)")
+    g.add_argument("--eval-every", type=positive_int, default=None, help="steps between evaluations (tiny world)")
+    g.add_argument("--ckpt-every", type=count, default=None,
+                   help="steps between checkpoints (default 50; 0: only at the end)")
     g.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-# --------------------------------------------------------------------------- helpers
-def load_base_model(spec: str, device: Optional[str] = None):
-    """'tinyworld' -> the embedded base; a folder -> adapterlab.checkpoints.load_llama. Frozen, with .tokenizer."""
-    import torch
-
-    if spec == "tinyworld":
-        from .tinyworld import load_base
-
-        model = load_base(device=device)
-    else:
-        from .checkpoints import load_llama
-
-        model = load_llama(spec, device=device)
-        if getattr(model, "tokenizer", None) is None:
-            raise SystemExit(f"error: {spec} has no tokenizer.model; put LLaMA's tokenizer.model in the folder")
-    model.requires_grad_(False)
-    if device is None and torch.cuda.is_available():
-        model = model.cuda()
-    return model
+def train_changes(args: argparse.Namespace) -> dict:
+    """The training flags as TrainConfig fields (None: not given, the recipe's default applies)."""
+    return dict(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                lr=args.lr, base_lr=args.blr, warmup_steps=args.warmup_steps, warmup_epochs=args.warmup_epochs,
+                weight_decay=args.weight_decay, clip=args.clip, seed=args.seed, length_group=args.length_group,
+                log_every=args.log_every, eval_every=args.eval_every, ckpt_every=args.ckpt_every, resume=args.resume,
+                progress=not args.no_progress)
 
 
-def adapter_config_from(args: argparse.Namespace, n_layers: int):
-    from .adapter import AdapterConfig
-
-    layers = args.adapter_layers if args.adapter_layers is not None else min(30, n_layers)
-    if not 1 <= layers <= n_layers:
-        raise SystemExit(f"error: --adapter-layers {layers}: the base has {n_layers} layers; choose 1..{n_layers}")
-    return AdapterConfig(prompt_len=args.prompt_len or ADAPTER_SETTINGS["prompt_len"], layers=layers, gate=args.gate,
-                         gate_activation=args.gate_activation, init=args.init)
-
-
-def train_config_from(args: argparse.Namespace, out_dir: Optional[str], tiny: bool):
-    """A TrainConfig from the flags; unset flags take the tiny world's defaults or the release's."""
-    from .train import TrainConfig
-
-    method = getattr(args, "method", "adapter")
-    d = {**TINY_DEFAULTS, "lr": TINY_METHOD_LR[method]} if tiny else {}
-    steps, epochs = args.steps, args.epochs
-    if steps is None and epochs is None:
-        steps, epochs = (d["steps"], None) if tiny else (None, 5.0)
-    warmup_steps, warmup_epochs = args.warmup_steps, args.warmup_epochs
-    if warmup_steps is None and warmup_epochs is None:
-        if tiny:
-            warmup_steps = d["warmup_steps"]
-        else:
-            warmup_epochs = 2.0 if epochs is not None else 0.0
-    lr = args.lr
-    if lr is None and args.blr is None and tiny:
-        lr = d["lr"]
-    return TrainConfig(
-        steps=steps, epochs=epochs, batch_size=args.batch_size or d.get("batch_size", 64),
-        micro_batch_size=args.micro_batch_size, base_lr=args.blr if args.blr is not None else 9e-3, lr=lr,
-        warmup_steps=warmup_steps, warmup_epochs=warmup_epochs or 0.0, weight_decay=args.weight_decay,
-        clip=args.clip, seed=args.seed, length_group=args.length_group or d.get("length_group", 8), log_every=args.log_every or d.get("log_every", 10),
-        eval_every=args.eval_every, ckpt_every=args.ckpt_every or d.get("ckpt_every", 50), out_dir=out_dir,
-        resume=args.resume, progress=not args.no_progress, desc=METHOD_NAMES[method],
-    )
+def adapter_changes(args: argparse.Namespace) -> dict:
+    """The adapter flags as AdapterConfig fields (None: not given, the recipe's default applies)."""
+    return dict(prompt_len=args.prompt_len, layers=args.adapter_layers, gate=args.gate,
+                gate_activation=args.gate_activation, init=args.init)
 
 
 def _uses_tiny_world(args: argparse.Namespace) -> bool:
@@ -167,17 +178,26 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _usage_message(e: UsageError) -> str:
+    """A UsageError in the command line's words: the flag instead of the recipe's setting name."""
+    flag = FLAGS.get(e.setting or "")
+    if flag is None:
+        return str(e)
+    shown = f" {e.value}" if e.value is not None and not isinstance(e.value, bool) else ""
+    return f"{flag}{shown}: {e.message}"
+
+
 # --------------------------------------------------------------------------- pretrain
 def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None,
                    help="write the base to this folder (Meta format; default: the tiny-world cache)")
-    p.add_argument("--steps", type=int, default=None, help="pretraining steps (changes the recipe)")
+    p.add_argument("--steps", type=positive_int, default=None, help="pretraining steps (changes the recipe)")
     p.add_argument("--seed", type=int, default=None, help="world and training seed (changes the recipe)")
     p.add_argument("--force", action="store_true", help="rebuild the cached base even if it exists")
     p.add_argument("--no-progress", action="store_true")
 
 
-def _recipe_from(args: argparse.Namespace):
+def run_pretrain(args: argparse.Namespace) -> int:
     from .tinyworld import Recipe
 
     recipe = Recipe()
@@ -186,26 +206,12 @@ def _recipe_from(args: argparse.Namespace):
     if args.seed is not None:
         recipe.seed = args.seed
         recipe.world.seed = args.seed
-    return recipe
-
-
-def run_pretrain(args: argparse.Namespace) -> int:
-    from . import tinyworld
-    from .train import write_metrics
-
-    recipe = _recipe_from(args)
+    folder, info = recipes.pretrain(args.out, recipe, force=args.force, progress=not args.no_progress)
     if args.out is None:
-        folder = tinyworld.build_base(recipe, progress=not args.no_progress, force=args.force)
-        info = json.loads((folder / "tinyworld.json").read_text())
         print(f"tiny-world base: {folder}\n  {info['params']:,} parameters, final pretraining loss "
               f"{info['final_loss']:.3f}, built in {info['pretrain_seconds']} s")
-        return 0
-    t0 = time.perf_counter()
-    model, tokenizer, metrics = tinyworld.pretrain(recipe, progress=not args.no_progress)
-    tinyworld.save_base(model, tokenizer, args.out, extra={"recipe": recipe, "final_loss": metrics["final_loss"]})
-    metrics.update(pretrain_seconds=round(time.perf_counter() - t0, 1), params=model.num_params())
-    write_metrics(args.out, metrics, update=False)
-    print(f"wrote the base ({model.num_params():,} parameters, final loss {metrics['final_loss']:.3f}) to {args.out}")
+    else:
+        print(f"wrote the base ({info['params']:,} parameters, final loss {info['final_loss']:.3f}) to {args.out}")
     return 0
 
 
@@ -233,17 +239,6 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
                         "the activation memory, 30-40%% slower")
 
 
-def apply_speed_options(model, args: argparse.Namespace, strategy: str) -> None:
-    """--compile / --activation-checkpointing on the model, before it is wrapped for several processes."""
-    if getattr(args, "compile", False):
-        if strategy == "fsdp":
-            raise SystemExit("error: --compile with --strategy fsdp is not supported; use --strategy ddp or drop --compile")
-        from .losses import compile_model
-
-        compile_model(model)
-    model.activation_checkpointing = bool(getattr(args, "activation_checkpointing", False))
-
-
 def add_method_arguments(p: argparse.ArgumentParser) -> None:
     from .baselines import LORA_TARGETS, METHODS
 
@@ -251,45 +246,13 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", choices=METHODS, default="adapter",
                    help="adapter: LLaMA-Adapter on the frozen base (default); lora: LoRA on the frozen base; "
                         "full: train every weight (writes a whole new base folder)")
-    g.add_argument("--lora-rank", type=int, default=None, metavar="R", help="LoRA rank r (default 8, as Alpaca-LoRA)")
-    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale alpha; the update is alpha/r B A (default 16)")
-    g.add_argument("--lora-targets", default=None, metavar="NAMES",
+    g.add_argument("--lora-rank", type=positive_int, default=None, metavar="R",
+                   help="LoRA rank r (default 8, as Alpaca-LoRA)")
+    g.add_argument("--lora-alpha", type=positive_float, default=None,
+                   help="LoRA scale alpha; the update is alpha/r B A (default 16)")
+    g.add_argument("--lora-targets", type=lora_targets, default=None, metavar="NAMES",
                    help=f"comma-separated linear layers of every block for LoRA, from {','.join(LORA_TARGETS)} "
                         "(default wq,wv)")
-
-
-def prepare_method(model, args: argparse.Namespace, tiny: bool, strategy: str = "none") -> None:
-    """Attach the adapter or LoRA, or unfreeze the base, as --method says (checks the flags belong to it)."""
-    from .baselines import prepare
-
-    method = getattr(args, "method", "adapter")
-    lora_flags = {"--lora-rank": getattr(args, "lora_rank", None), "--lora-alpha": getattr(args, "lora_alpha", None),
-                  "--lora-targets": getattr(args, "lora_targets", None)}
-    given = [f for f, v in {"--adapter-layers": args.adapter_layers, "--prompt-len": args.prompt_len,
-                            **lora_flags}.items() if v is not None]
-    own = {"adapter": ("--adapter-layers", "--prompt-len"), "lora": tuple(lora_flags), "full": ()}[method]
-    stray = [f for f in given if f not in own]
-    if stray:
-        raise SystemExit(f"error: {', '.join(stray)} do(es) not apply to --method {method}")
-    if method != "adapter" and not tiny and args.lr is None and args.blr is None:
-        raise SystemExit(f"error: --method {method} on this base needs --lr: the default base rate 9e-3 is the "
-                         "adapter's (Alpaca's full fine-tuning used 2e-5, Alpaca-LoRA 3e-4)")
-    if method == "adapter":
-        if tiny and args.adapter_layers is None:
-            args.adapter_layers = TINY_DEFAULTS["adapter_layers"]
-        prepare(model, "adapter", seed=args.seed, config=adapter_config_from(args, model.config.n_layers))
-    elif method == "lora":
-        kw = {"rank": args.lora_rank or 8, "alpha": args.lora_alpha or 16.0}
-        if args.lora_targets:
-            kw["targets"] = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-        try:
-            prepare(model, "lora", seed=args.seed, **kw)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-    else:
-        if strategy == "fsdp":
-            raise SystemExit("error: --strategy fsdp shards the frozen weights; full fine-tuning has none: use ddp")
-        prepare(model, "full")
 
 
 def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
@@ -297,81 +260,41 @@ def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
                    help="ddp: every rank holds the base; fsdp: shard the frozen base across ranks (bases that do "
                         "not fit one GPU). Ignored in a single process")
-    g.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+    g.add_argument("--dist-timeout", type=positive_float, default=None, metavar="SECONDS",
                    help="a rank waiting longer than this for the others stops with an error (default 600)")
     g.add_argument("--check-replicas", action="store_true",
                    help="debug: check after every step that every rank holds the same adapter")
 
 
-def finetune(args: argparse.Namespace, quiet: bool = False):
-    """The body of ``adapterlab finetune`` -> (model with its trained adapter, metrics written to --out).
-
-    ``--method lora`` / ``full`` train the baselines instead (LoRA on the frozen base; every weight)
-    through the same loop. Under torchrun every rank runs this: the same base, adapter and data;
-    rank 0 alone prints and writes files.
-    """
-    from . import distributed
-    from .baselines import save_lora
-    from .checkpoints import save_adapter
-    from .data import instruction_dataset, load_instruction_data
-    from .train import write_metrics, train
-
-    env = distributed.init_distributed(args.device, getattr(args, "dist_timeout", None))
-    strategy = getattr(args, "strategy", "ddp") if env.distributed else "none"
-    quiet = quiet or not env.is_main
-    if env.distributed and not quiet:
-        print(f"{env.world_size} processes ({env.backend}, {strategy}), global batch split over them")
-    tiny = args.data == "tinyworld" and args.base == "tinyworld"
-    records = load_instruction_data(args.data)  # validated before anything is trained
-    # FSDP: read the base into (shared, memory-mapped) CPU memory; sharding moves each block to its GPU.
-    load_device = "cpu" if strategy == "fsdp" else (str(env.device) if env.distributed else args.device)
-    model = load_base_model(args.base, load_device)
-    tokenizer = model.tokenizer
-    max_len = args.max_seq_len or (TINY_DEFAULTS["max_seq_len"] if tiny else min(512, model.config.max_seq_len))
-    data = instruction_dataset(records, tokenizer, max_len, source=args.data)
-    if not quiet:
-        print(data.summary())
-    method = getattr(args, "method", "adapter")
-    n_base = model.num_params()  # before the adapter / LoRA adds its own tensors
-    prepare_method(model, args, tiny, strategy)
-    apply_speed_options(model, args, strategy)
-    config = train_config_from(args, args.out, tiny)
-    config.check_replicas = getattr(args, "check_replicas", False)
-    config.progress = config.progress and env.is_main
-    wrapped = distributed.wrap_model(model, strategy, env.device)
-
-    eval_fn = None
-    heldout = None
-    if tiny:
-        from .tinyworld import heldout_accuracy, load_world
-
-        _, _, heldout = load_world()
-        eval_fn = lambda m: {"heldout_accuracy": heldout_accuracy(m, tokenizer, heldout)}  # noqa: E731
-    metrics = train(wrapped, data, config, eval_fn=eval_fn, callbacks=getattr(args, "callbacks", ()))
-    extra = {"base": args.base, "data": args.data, "method": method, "base_params": n_base,
-             "trainable_fraction": metrics["trainable_params"] / n_base}
-    if heldout is not None:
-        extra["heldout_accuracy"] = metrics["eval"]["heldout_accuracy"]
-    if env.is_main:
-        if method == "adapter":
-            save_adapter(model, args.out)
-        elif method == "lora":
-            save_lora(model, args.out)
-        else:  # a whole new base in Meta's layout: adapterlab generate --base OUT reads it
-            from .tinyworld import save_base
-
-            save_base(model, tokenizer, args.out)
-        write_metrics(args.out, extra)
-    distributed.barrier("the end of training (rank 0 wrote the files)", env)
-    metrics.update(extra)
-    return model, metrics
+def method_settings(args: argparse.Namespace) -> tuple[Optional[dict], Optional[dict]]:
+    """(adapter changes, LoRA changes) for --method; a flag of another method is an error."""
+    lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets}
+    given = {"--adapter-layers": args.adapter_layers, "--prompt-len": args.prompt_len,
+             "--lora-rank": args.lora_rank, "--lora-alpha": args.lora_alpha, "--lora-targets": args.lora_targets}
+    own = {"adapter": ("--adapter-layers", "--prompt-len"), "lora": ("--lora-rank", "--lora-alpha", "--lora-targets"),
+           "full": ()}
+    stray = [f for f, v in given.items() if v is not None and f not in own[args.method]]
+    if stray:
+        raise UsageError(f"{', '.join(stray)} {'does' if len(stray) == 1 else 'do'} not apply to --method "
+                         f"{args.method}; drop {'it' if len(stray) == 1 else 'them'} or choose the method "
+                         f"{'it belongs' if len(stray) == 1 else 'they belong'} to")
+    if args.method == "adapter":
+        return adapter_changes(args), None
+    if args.method == "lora":
+        return None, {k: v for k, v in lora.items() if v is not None}
+    return None, None
 
 
 def run_finetune(args: argparse.Namespace) -> int:
     from .distributed import is_main
     from .gates import format_summary, summarize
 
-    _, m = finetune(args)
+    adapter, lora = method_settings(args)
+    _, m = recipes.finetune(
+        args.base, args.data, args.out, method=args.method, adapter=adapter, lora=lora, train=train_changes(args),
+        max_seq_len=args.max_seq_len, device=args.device, strategy=args.strategy, compile=args.compile,
+        activation_checkpointing=args.activation_checkpointing, dist_timeout=args.dist_timeout,
+        check_replicas=args.check_replicas, callbacks=args.callbacks)
     if not is_main():
         return 0
     method = m["method"]
@@ -396,14 +319,15 @@ def run_finetune(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- generate
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     add_base_arguments(p)
-    p.add_argument("--adapter", default=None, help="adapter folder (from finetune), official .pth or PEFT folder; or a LoRA folder from finetune --method lora")
+    p.add_argument("--adapter", default=None, help="adapter folder (from finetune), official .pth or PEFT folder; "
+                                                   "or a LoRA folder from finetune --method lora")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--instruction", action="append", help="an instruction, wrapped in the Alpaca template (repeatable)")
     what.add_argument("--prompt", action="append", help="raw text to continue, no template (repeatable)")
     p.add_argument("--input", default="", help="the Alpaca input field for --instruction")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.1, help="release default 0.1")
-    p.add_argument("--top-p", type=float, default=0.75, help="release default 0.75")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--temperature", type=non_negative_float, default=0.1, help="release default 0.1 (0: greedy)")
+    p.add_argument("--top-p", type=probability, default=0.75, help="release default 0.75")
     p.add_argument("--greedy", action="store_true", help="argmax decoding")
     p.add_argument("--seed", type=int, default=0)
 
@@ -412,16 +336,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from .data import format_prompt
     from .generate import generate
 
-    model = load_base_model(args.base, args.device)
-    if args.adapter:
-        from .baselines import LORA_CONFIG, load_lora
-        from .checkpoints import load_adapter
-
-        folder = Path(args.adapter)
-        if (folder / LORA_CONFIG).is_file():  # written by finetune --method lora
-            load_lora(model, folder)
-        else:
-            load_adapter(model, args.adapter)
+    model = recipes.load_tuned_model(args.base, args.adapter, args.device)
     prompts = [format_prompt(i, args.input) for i in args.instruction] if args.instruction else args.prompt
     outs = generate(model, model.tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_p=args.top_p, greedy=args.greedy, seed=args.seed)
@@ -439,12 +354,15 @@ def add_gates_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--follow", action="store_true",
                    help="watch a running job: print each new record and redraw the PNG until the run ends")
-    p.add_argument("--interval", type=float, default=2.0, help="seconds between checks with --follow (default 2)")
+    p.add_argument("--interval", type=positive_float, default=2.0,
+                   help="seconds between checks with --follow (default 2)")
 
 
 def run_gates(args: argparse.Namespace) -> int:
-    from .gates import GATES_NAME, PLOT_NAME, format_summary, read_gates, save_plot, summarize
+    from .gates import PLOT_NAME, format_summary, save_plot, summarize
 
+    if args.png is not None and not args.no_plot and not Path(args.png).parent.is_dir():
+        raise UsageError(f"the folder {Path(args.png).parent} does not exist; create it or choose another file", "png")
     if args.follow:
         from .live import follow_gates
 
@@ -455,13 +373,7 @@ def run_gates(args: argparse.Namespace) -> int:
             print(f"{folder} does not exist yet; waiting for the run to create it")
         follow_gates(folder, interval=args.interval, png=None if args.no_plot else (args.png or "auto"))
         return 0
-    path = Path(args.path)
-    log = path / GATES_NAME if path.is_dir() else path
-    if not log.is_file():
-        return _fail(f"{log}: no gate log; pass a run folder written by 'adapterlab finetune' or its gates.jsonl")
-    records = read_gates(log)
-    if not records:
-        return _fail(f"{log} holds no records yet")
+    log, records = recipes.load_gate_log(args.path)
     summary = summarize(records)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     if not args.no_plot:
@@ -474,7 +386,7 @@ def run_gates(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- demo
 def add_demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--samples", type=int, default=None,
+    p.add_argument("--samples", type=count, default=None,
                    help="held-out questions to show before/after (default 4; with --multimodal: pictures in samples.png, 8)")
     p.add_argument("--multimodal", action="store_true",
                    help="the multi-modal adapter (Sec. 3.3) on embedded pictures: ScienceQA-style questions with an image, "
@@ -512,6 +424,7 @@ def run_multimodal_demo_command(args: argparse.Namespace) -> int:
     config = replace(default, **changes)
     if args.out == "runs/demo":
         args.out = "runs/multimodal"
+    recipes.check_out_dir(args.out)
     print(f"Multi-modal LLaMA-Adapter demo -> {args.out}/ (config: "
           + (", ".join(f"{k}={v}" for k, v in changes.items()) or "defaults") + ")")
     m = run_multimodal_demo(args.out, config, progress=not args.no_progress, verbose=True,
@@ -527,59 +440,9 @@ def run_demo(args: argparse.Namespace) -> int:
     """The whole story on the embedded default: base -> answers before -> adapter tuning -> answers after."""
     if args.multimodal:
         return run_multimodal_demo_command(args)
-    from . import tinyworld
-    from .train import write_metrics
-
-    if args.samples is None:
-        args.samples = 4
-    t_start = time.perf_counter()
-    print("== 1. The frozen base: a tiny LLaMA pretrained on text about a synthetic world")
-    base = tinyworld.load_base(device=args.device)
-    tokenizer = base.tokenizer
-    world, train_records, heldout = tinyworld.load_world()
-    print(f"   {base.num_params():,} parameters; {len(world.people)} people, {len(heldout)} held-out questions "
-          f"about {len(world.heldout)} people the instruction set never mentions")
-    before = tinyworld.evaluate(base, tokenizer, heldout)
-    acc_before = sum(r["correct"] for r in before) / len(before)
-    print(f"\n== 2. Before tuning, the base does not follow the Alpaca template: held-out accuracy {acc_before:.2f}")
-    _show(before[: args.samples])
-    del base
-
-    print(f"\n== 3. LLaMA-Adapter: zero-init gated prompts on the frozen base, {len(train_records)} instruction records")
-    t_ft = time.perf_counter()
-    model, m = finetune(args, quiet=True)
-    after = tinyworld.evaluate(model, tokenizer, heldout)
-    acc_after = sum(r["correct"] for r in after) / len(after)
-    print(f"   {m['trainable_params']:,} trainable parameters = {100 * m['trainable_fraction']:.2f}% of the base; "
-          f"{m['steps']} steps in {m['train_seconds']:.0f} s; loss {m['loss_history'][0][1]:.3f} -> {m['final_loss']:.3f}")
-
-    from .gates import read_gates
-
-    gates = read_gates(Path(args.out))
-    first, last = gates[0]["gates"], gates[-1]["gates"]
-    mean_abs = lambda g: sum(abs(x) for row in g for x in row) / sum(len(row) for row in g)  # noqa: E731
-    print(f"   gates: mean |tanh(g)| {mean_abs(first):.3f} at step 0 -> {mean_abs(last):.3f} at step {gates[-1]['step']}")
-    print(f"\n== 4. After tuning: held-out accuracy {acc_after:.2f} (was {acc_before:.2f})")
-    _show(after[: args.samples])
-
-    total = time.perf_counter() - t_start
-    write_metrics(args.out, {
-        "base_params": m["base_params"], "trainable_params": m["trainable_params"],
-        "trainable_fraction": m["trainable_fraction"], "heldout_accuracy_before": acc_before,
-        "heldout_accuracy_after": acc_after, "train_seconds": m["train_seconds"],
-        "finetune_seconds": round(time.perf_counter() - t_ft, 2), "demo_seconds": round(total, 2),
-        "samples_before": before[: args.samples], "samples_after": after[: args.samples],
-        "gate_mean_abs_start": mean_abs(first), "gate_mean_abs_end": mean_abs(last),
-    })
-    print(f"\nWrote {args.out}/: metrics.json, gates.jsonl, gates.png (the gates opening), adapter.safetensors + "
-          f"adapter_config.json, checkpoint.pt. Total {total:.0f} s.")
+    recipes.demo(args.out, adapter=adapter_changes(args), train=train_changes(args), max_seq_len=args.max_seq_len,
+                 samples=4 if args.samples is None else args.samples, device=args.device, callbacks=args.callbacks)
     return 0
-
-
-def _show(rows: Sequence[dict]) -> None:
-    for r in rows:
-        mark = "right" if r["correct"] else "wrong"
-        print(f"   Q: {r['question']}\n   A: {r['answer'] or '(nothing)'}   [{mark}; expected {r['expected']}]")
 
 
 # --------------------------------------------------------------------------- entry point
@@ -595,14 +458,14 @@ register(Command("demo", "the whole story on the embedded tiny world (--multimod
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch. Default: 1 for the tiny world ($ADAPTERLAB_THREADS overrides; its "
-                        "small matrices gain little from more, and a busy machine makes more threads much slower), "
-                        "torch's own choice otherwise")
+    p.add_argument("--threads", type=count, default=None,
+                   help="CPU threads for torch (0: torch's own choice). Default: 1 for the tiny world "
+                        "($ADAPTERLAB_THREADS overrides; its small matrices gain little from more, and a busy machine "
+                        "makes more threads much slower), torch's own choice otherwise")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="adapterlab",
         description="LLaMA-Adapter (zero-init gated attention, arXiv 2303.16199): train, inspect and use adapters.",
     )
@@ -616,27 +479,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _threads(args: argparse.Namespace) -> Optional[int]:
+    """--threads, else $ADAPTERLAB_THREADS (default 1) for the tiny world, else torch's own choice."""
+    from .files import default_threads
+
+    if args.threads is not None or not _uses_tiny_world(args):
+        return args.threads
+    try:
+        return default_threads()
+    except ValueError as e:  # a bad $ADAPTERLAB_THREADS: the message names it
+        raise UsageError(str(e)) from None
+
+
 def main(argv: Optional[Sequence[str]] = None, callbacks: Sequence = ()) -> int:
-    """Run one command. ``callbacks`` go to the training loop of finetune (tests, notebooks)."""
+    """Run one command; return its exit status (0 done, 2 a mistake in the input, 130 interrupted).
+    ``callbacks`` go to the training loop of finetune and demo (tests, notebooks)."""
     from .data import DataError
-    from .distributed import BatchSizeError, DistributedError, cleanup, rank_and_world
+    from .distributed import DistributedError, cleanup, rank_and_world
+    from .files import cpu_threads
     from .train import CheckpointMismatch, TrainingDiverged
 
-    args = build_parser().parse_args(argv)
-    args.callbacks = list(callbacks)
-    from .tinyworld import cpu_threads, default_threads
-
-    threads = getattr(args, "threads", None)
-    if threads is None and _uses_tiny_world(args):
-        threads = default_threads()
     try:
-        with cpu_threads(threads):
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or a flag mistake, already printed as one line (2)
+        return e.code if isinstance(e.code, int) else 2
+    args.callbacks = list(callbacks)
+    try:
+        with cpu_threads(_threads(args)):
             code = args.run(args)
         cleanup()  # leave the process group, if finetune joined one
         return code
-    except (DataError, TrainingDiverged, BatchSizeError, CheckpointMismatch, DistributedError) as e:
+    except (UsageError, DataError, TrainingDiverged, CheckpointMismatch, DistributedError) as e:
+        message = _usage_message(e) if isinstance(e, UsageError) else str(e)
         rank, world = rank_and_world()
-        return _fail(f"[rank {rank}] {e}" if world > 1 and not str(e).startswith("rank ") else str(e))
+        return _fail(f"[rank {rank}] {message}" if world > 1 and not message.startswith("rank ") else message)
     except KeyboardInterrupt:
         print("\ninterrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
         return 130

@@ -17,6 +17,7 @@ does: examples of similar length share a batch, so little compute goes to paddin
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,10 @@ TEXT_FIELDS = ("instruction", "input", "output")
 
 class DataError(ValueError):
     """A data file or record is not usable; the message says where and what to do."""
+
+
+class BatchSizeError(DataError):
+    """The global batch does not fit the data set, or cannot be split evenly over the processes."""
 
 
 def format_prompt(instruction: str, input: str = "") -> str:
@@ -135,7 +140,11 @@ def encode_example(tokenizer, record: dict, max_seq_len: int) -> tuple[list[int]
 class TokenDataset:
     """Examples as (tokens, labels) lists of equal length; labels are the tokens, with
     IGNORE_INDEX where no loss is taken. Position t predicts labels[t + 1]
-    (see :func:`adapterlab.train.loss_sum`).
+    (see :func:`adapterlab.losses.loss_sum`).
+
+    forward_args: extra inputs of the model, one row per example, passed by the training loop
+    as ``model(tokens, **forward_args_of(batch))``: e.g. ``{"image_features": (N, visual_dim)}``
+    for the multi-modal adapter. Empty for text.
     """
 
     tokens: list[list[int]]
@@ -144,12 +153,25 @@ class TokenDataset:
     n_dropped: int = 0
     source: str = ""
     records: list[dict] = field(default_factory=list, repr=False)
+    forward_args: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for name, rows in self.forward_args.items():
+            if not isinstance(rows, torch.Tensor) or rows.dim() == 0 or len(rows) != len(self.tokens):
+                shape = tuple(rows.shape) if isinstance(rows, torch.Tensor) else type(rows).__name__
+                raise DataError(f"TokenDataset.forward_args[{name!r}] must be a tensor with one row per example "
+                                f"({len(self.tokens)} rows); got {shape}")
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def __getitem__(self, i: int) -> tuple[list[int], list[int]]:
         return self.tokens[i], self.labels[i]
+
+    def forward_args_of(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The extra model inputs of these examples, stacked: {name: (len(indices), ...)}; {} for text."""
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        return {name: rows[index] for name, rows in self.forward_args.items()}
 
     @property
     def lengths(self) -> list[int]:
@@ -212,8 +234,7 @@ def length_grouped_batches(
     global batch can be split evenly across gradient-accumulation steps and ranks.
     """
     n = len(lengths)
-    if batch_size > n:
-        raise DataError(f"batch size {batch_size} is larger than the data set ({n} examples); lower --batch-size")
+    check_batch_sizes(batch_size, n_examples=n)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(n, generator=g).tolist()
     n_used = (n // batch_size) * batch_size
@@ -231,29 +252,57 @@ def steps_per_epoch(n_examples: int, batch_size: int) -> int:
     return n_examples // batch_size
 
 
+def check_batch_sizes(global_batch: int, world_size: int = 1, micro_batch: Optional[int] = None,
+                      n_examples: Optional[int] = None) -> tuple[int, int]:
+    """-> (examples per rank per step, micro-batches per rank per step). Raises :class:`BatchSizeError`.
+
+    Every rank must get the same number of examples, so the global batch must be divisible by
+    the world size (the number of processes). A rank's share is then cut into micro-batches of
+    ``micro_batch`` examples (gradient accumulation); the last one may be smaller - the loss is
+    normalised by the number of targets in the whole global batch, so the update is the same
+    however the batch is cut. n_examples: the data set must hold at least one global batch.
+    """
+    if global_batch < 1 or world_size < 1:
+        raise BatchSizeError(f"global batch ({global_batch}) and world size ({world_size}) must be >= 1")
+    if micro_batch is not None and micro_batch < 1:
+        raise BatchSizeError(f"micro-batch size must be >= 1; got {micro_batch}")
+    if global_batch % world_size:
+        lower = (global_batch // world_size) * world_size
+        options = f"--batch-size {lower} or {lower + world_size}" if lower else f"--batch-size {world_size}"
+        raise BatchSizeError(
+            f"the global batch size {global_batch} is not divisible by the world size {world_size} (the number of "
+            f"processes): every rank must get the same number of examples. Use {options}, or start a number of "
+            f"processes that divides {global_batch}."
+        )
+    if n_examples is not None and n_examples < global_batch:
+        raise BatchSizeError(f"the data set has {n_examples} examples, fewer than one global batch of "
+                             f"{global_batch}; lower --batch-size or add data")
+    per_rank = global_batch // world_size
+    return per_rank, math.ceil(per_rank / (micro_batch or per_rank))
+
+
 class StepSampler:
     """Which examples step ``s`` trains on: global batch s of the length-grouped order.
 
     Every process computes the same global batches (a pure function of seed and step) and
-    keeps its share ``batch[rank::world_size]``; the share is cut into micro-batches of
-    ``micro_batch`` examples (gradient accumulation). The position in the data is just the
-    global step, so a checkpoint needs to store nothing else.
+    keeps its share ``batch[rank::world_size]``: length-grouped batches are sorted by length, so
+    striding gives every rank a similar mix of lengths (similar compute) where contiguous slices
+    would give rank 0 the short ones. The share is cut into micro-batches of ``micro_batch``
+    examples (gradient accumulation). The position in the data is just the global step (samples
+    seen = step * global batch), so a checkpoint needs to store nothing else, and a run written
+    by 8 processes resumes on 1 and the other way round.
     """
 
     def __init__(self, lengths: Sequence[int], global_batch: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, micro_batch: Optional[int] = None, group: int = 8):
-        if global_batch % world_size:
-            raise DataError(f"the global batch size {global_batch} is not divisible by the number of processes "
-                            f"{world_size}; choose a multiple of {world_size}")
+        if not 0 <= rank < world_size:
+            raise BatchSizeError(f"rank {rank} is outside 0..{world_size - 1}")
+        self.per_rank, self.accumulation = check_batch_sizes(global_batch, world_size, micro_batch, len(lengths))
         self.lengths = list(lengths)
         self.global_batch_size = global_batch
         self.seed, self.rank, self.world_size, self.group = seed, rank, world_size, group
-        self.per_rank = global_batch // world_size
         self.micro_batch = micro_batch or self.per_rank
         self.steps_per_epoch = steps_per_epoch(len(self.lengths), global_batch)
-        if self.steps_per_epoch < 1:
-            raise DataError(f"the data set has {len(self.lengths)} examples, fewer than one global batch of "
-                            f"{global_batch}; lower --batch-size or add data")
         self._epoch, self._batches = -1, []
 
     def global_batch(self, step: int) -> list[int]:
@@ -268,6 +317,12 @@ class StepSampler:
         """This process's share of step ``step``, cut into micro-batches."""
         share = self.global_batch(step)[self.rank::self.world_size]
         return [share[i:i + self.micro_batch] for i in range(0, len(share), self.micro_batch)]
+
+    def position(self, step: int) -> dict:
+        """World-size independent position after ``step`` global steps (what a checkpoint stores)."""
+        epoch, batch = divmod(step, self.steps_per_epoch)
+        return {"global_step": step, "samples_seen": step * self.global_batch_size, "epoch": epoch,
+                "batch_in_epoch": batch, "global_batch": self.global_batch_size, "seed": self.seed}
 
 
 def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,17 +339,22 @@ def collate(examples: Sequence[tuple[list[int], list[int]]], pad_id: int = 0) ->
     return tokens, labels
 
 
-def load_instruction_data(spec: str, world=None) -> list[dict]:
-    """``"tinyworld"`` -> the tiny world's training records; anything else -> an Alpaca file path."""
-    if spec == "tinyworld":
-        from .tinyworld import instruction_set, make_world
+def get_batch(data: TokenDataset, indices: Sequence[int], device: Optional[torch.device] = None
+              ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The examples ``indices`` of ``data`` as model inputs on ``device``: tokens (B, T), labels (B, T)
+    (:func:`collate`) and the extra model inputs ``{name: (B, ...)}`` (:meth:`TokenDataset.forward_args_of`).
 
-        return instruction_set(world if world is not None else make_world())[0]
-    return load_alpaca(spec)
+        tokens, labels, forward_args = get_batch(data, [0, 1, 2])
+        loss = loss_sum(model, tokens, labels, **forward_args)
+    """
+    tokens, labels = collate([data[i] for i in indices])
+    forward_args = {name: x.to(device) for name, x in data.forward_args_of(indices).items()}
+    return tokens.to(device), labels.to(device), forward_args
 
 
 __all__ = [
-    "IGNORE_INDEX", "PROMPT_WITH_INPUT", "PROMPT_NO_INPUT", "DataError", "format_prompt", "validate_records",
+    "IGNORE_INDEX", "PROMPT_WITH_INPUT", "PROMPT_NO_INPUT", "DataError", "BatchSizeError", "check_batch_sizes",
+    "format_prompt", "validate_records",
     "load_alpaca", "save_alpaca", "encode_example", "TokenDataset", "instruction_dataset", "text_windows",
-    "length_grouped_batches", "collate", "StepSampler", "load_instruction_data", "steps_per_epoch",
+    "length_grouped_batches", "collate", "get_batch", "StepSampler", "steps_per_epoch",
 ]

@@ -1,12 +1,14 @@
 """Data-parallel training on several processes (torchrun): DDP or FSDP, with the same loop.
 
-The recipe of the release (PAPER.md) trains on 8 GPUs with torchrun + DDP, total batch 64.
+Layer 3 (beside data): imports adapter. The training loop (:mod:`adapterlab.train`) calls it.
+
+The release's recipe (docs/method.md) trains on 8 GPUs with torchrun + DDP, total batch 64.
 Here every process ("rank") holds the frozen base and a replica of the adapter:
 
     torchrun --nproc_per_node 8 -m adapterlab finetune --strategy ddp --batch-size 64 ...
 
     every rank: the same global batch order (a pure function of seed and step)
-                -> its share of every global batch (batch[rank::world])
+                -> its share of every global batch (batch[rank::world], adapterlab.data.StepSampler)
                 -> forward / backward on its share
     DDP:        all-reduce (average) the gradients of the parameters that require grad -
                 only the adapter (1.2M values at 7B), never the 7B frozen weights
@@ -32,17 +34,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import math
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .data import StepSampler
+from .adapter import gate_values, trainable_parameters
 
 STRATEGIES = ("none", "ddp", "fsdp")
 DEFAULT_TIMEOUT_S = 600.0  # a collective waiting longer than this means a rank died or hangs
@@ -51,10 +52,6 @@ TIMEOUT_ENV = "ADAPTERLAB_DIST_TIMEOUT"
 
 class DistributedError(RuntimeError):
     """A rank died, hung, or disagrees with the others; the message says which and what to do."""
-
-
-class BatchSizeError(ValueError):
-    """The global batch cannot be split evenly over the ranks and micro-batches."""
 
 
 # --------------------------------------------------------------------------- process group
@@ -276,84 +273,6 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-# --------------------------------------------------------------------------- batches
-def check_batch_sizes(global_batch: int, world_size: int, micro_batch: Optional[int] = None) -> tuple[int, int]:
-    """-> (examples per rank per step, micro-batches per rank per step). Raises :class:`BatchSizeError`.
-
-    Every rank must get the same number of examples, so the global batch must be divisible by
-    the world size. A rank's share is then cut into micro-batches of ``micro_batch`` examples
-    (gradient accumulation); the last one may be smaller - the loss is normalised by the number
-    of targets in the whole global batch, so the update is the same however the batch is cut.
-    """
-    if global_batch < 1 or world_size < 1:
-        raise BatchSizeError(f"global batch ({global_batch}) and world size ({world_size}) must be >= 1")
-    if micro_batch is not None and micro_batch < 1:
-        raise BatchSizeError(f"micro-batch size must be >= 1; got {micro_batch}")
-    if global_batch % world_size:
-        lower = (global_batch // world_size) * world_size
-        options = f"--batch-size {lower} or {lower + world_size}" if lower else f"--batch-size {world_size}"
-        raise BatchSizeError(
-            f"the global batch size {global_batch} is not divisible by the world size {world_size} (the number of "
-            f"processes): every rank must get the same number of examples. Use {options}, or start a number of "
-            f"processes that divides {global_batch}."
-        )
-    per_rank = global_batch // world_size
-    return per_rank, math.ceil(per_rank / (micro_batch or per_rank))
-
-
-def rank_share(global_batch: Sequence[int], rank: int, world_size: int) -> list[int]:
-    """This rank's share of one global batch: every world_size-th example, starting at ``rank``.
-
-    Length-grouped batches are sorted by length, so striding gives every rank a similar mix of
-    lengths (similar compute) where contiguous slices would give rank 0 the short ones.
-    """
-    return list(global_batch[rank::world_size])
-
-
-class DistributedLengthGroupedSampler(StepSampler):
-    """Deterministic, world-size independent batches for data-parallel training.
-
-    :class:`adapterlab.data.StepSampler` (every rank computes the same length-grouped global
-    batches, a pure function of (seed, epoch), and keeps ``batch[rank::world_size]``) with the
-    checks and bookkeeping of a distributed run: rank and world size default to the process
-    group's, the global batch must split evenly over ranks x micro-batches
-    (:func:`check_batch_sizes`), and the position in the data is the *global* step, so a
-    checkpoint resumes at any world size: step s always means global batch s, samples
-    s * global_batch.
-    """
-
-    def __init__(self, lengths: Sequence[int], global_batch: int, seed: int = 0, rank: Optional[int] = None,
-                 world_size: Optional[int] = None, micro_batch: Optional[int] = None, group: Optional[int] = None):
-        r, w = rank_and_world()
-        rank = r if rank is None else rank
-        world_size = w if world_size is None else world_size
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
-        self.per_rank, self.accumulation = check_batch_sizes(global_batch, world_size, micro_batch)
-        grouping = {} if group is None else {"group": group}  # None: StepSampler's default
-        super().__init__(lengths, global_batch, seed, rank, world_size, micro_batch, **grouping)
-
-    def shard(self, step: int) -> list[int]:
-        """This rank's examples of global batch ``step``."""
-        return rank_share(self.global_batch(step), self.rank, self.world_size)
-
-    def position(self, step: int) -> dict:
-        """World-size independent position after ``step`` global steps (what a checkpoint stores)."""
-        epoch, batch = divmod(step, self.steps_per_epoch)
-        return {"global_step": step, "samples_seen": step * self.global_batch_size, "epoch": epoch,
-                "batch_in_epoch": batch, "global_batch": self.global_batch_size, "seed": self.seed}
-
-    def check_position(self, position: dict, source: str = "the checkpoint") -> int:
-        """Validate a saved position against this sampler; return the global step to resume at."""
-        for key, mine in (("global_batch", self.global_batch_size), ("seed", self.seed)):
-            if key in position and position[key] != mine:
-                raise BatchSizeError(
-                    f"{source} was written with {key}={position[key]}, this run has {key}={mine}: the data order "
-                    f"depends on it. Resume with the same value (any number of processes is fine)."
-                )
-        return int(position["global_step"])
-
-
 # --------------------------------------------------------------------------- wrapping
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's model inside a DDP wrapper (FSDP2 keeps the model object itself)."""
@@ -371,10 +290,6 @@ def strategy_of(model: nn.Module) -> str:
     if isinstance(model, DistributedDataParallel):
         return "ddp"
     return getattr(model, "_adapterlab_strategy", "none")
-
-
-def trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
 
 
 def base_fingerprint(model: nn.Module) -> torch.Tensor:
@@ -413,7 +328,7 @@ def broadcast_trainable(model: nn.Module, src: int = 0) -> None:
     if rank_and_world()[1] == 1:
         return
     with collective_guard("broadcasting the initial adapter"), torch.no_grad():
-        for _, p in trainable(model):
+        for _, p in trainable_parameters(unwrap(model)):
             buf = p.detach().to(_comm_device()).contiguous()
             dist.broadcast(buf, src=src)
             p.copy_(buf.to(p.device))
@@ -483,7 +398,7 @@ def sync_gradients(model: nn.Module) -> None:
     DDP and a single process need nothing (no-op). One flat all-reduce, in a fixed order."""
     if strategy_of(model) != "fsdp" or rank_and_world()[1] == 1:
         return
-    params = [p for _, p in trainable(model)]
+    params = [p for _, p in trainable_parameters(unwrap(model))]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1).float() for g in grads]).to(_comm_device())
     with collective_guard("averaging adapter gradients"):
@@ -510,7 +425,7 @@ def reduced_elements(model: nn.Module) -> dict:
     For DDP it reads DDP's own record of its gradient buckets, so a test can check that the
     frozen base is not in them. For FSDP it counts what :func:`sync_gradients` reduces.
     """
-    params = [p for _, p in trainable(model)]
+    params = [p for _, p in trainable_parameters(unwrap(model))]
     counted = {"tensors": len(params), "elements": sum(p.numel() for p in params),
                "bytes": sum(p.numel() * p.element_size() for p in params), "buckets": None}
     if strategy_of(model) == "ddp":
@@ -537,11 +452,10 @@ def check_replicas(model: nn.Module, step: Optional[int] = None) -> None:
     rank, world = rank_and_world()
     if world == 1:
         return
-    from .adapter import gate_values
-
     inner = unwrap(model)
     gates = gate_values(inner).reshape(-1).double()  # (L*H,)
-    sums = torch.stack([p.detach().double().sum() for _, p in trainable(inner)]) if trainable(inner) else gates[:0]
+    trained = trainable_parameters(inner)
+    sums = torch.stack([p.detach().double().sum() for _, p in trained]) if trained else gates[:0]
     local = torch.cat([gates, sums])
     with collective_guard("checking adapter replicas"):
         everyone = _gather(local)
@@ -561,9 +475,9 @@ def check_replicas(model: nn.Module, step: Optional[int] = None) -> None:
 
 
 __all__ = [
-    "STRATEGIES", "DistEnv", "DistributedError", "BatchSizeError", "init_distributed", "cleanup", "rank_and_world",
+    "STRATEGIES", "DistEnv", "DistributedError", "init_distributed", "cleanup", "rank_and_world",
     "is_main", "main_only", "print0", "barrier", "collective_guard", "is_comm_failure", "all_reduce_sum",
-    "broadcast_object", "check_batch_sizes", "rank_share", "DistributedLengthGroupedSampler", "unwrap",
+    "broadcast_object", "unwrap",
     "strategy_of", "wrap_model", "sync_gradients", "no_sync", "reduced_elements", "check_replicas",
     "check_same_base", "broadcast_trainable", "base_fingerprint", "launched_by_torchrun", "default_timeout",
 ]

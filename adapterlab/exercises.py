@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -77,20 +78,30 @@ def _is_blank(answer) -> bool:
 
 
 # --------------------------------------------------------------------------- helpers
+def _one_number(answer, what: str):
+    """A tensor, numpy array or numpy scalar holding one number -> that Python number (else a CheckResult)."""
+    if isinstance(answer, (torch.Tensor, np.ndarray)):
+        if answer.shape != () and math.prod(answer.shape) != 1:
+            return _no(f"{what} should be one number; got an array of shape {tuple(answer.shape)}.")
+        return answer.item()
+    if isinstance(answer, np.generic):  # np.int64 from .argmax(), np.float32 from a mean
+        return answer.item()
+    return answer
+
+
 def _as_int(answer, what: str) -> tuple[Optional[int], Optional[CheckResult]]:
     """Turn a numeric answer into an int, or explain why it cannot be one."""
-    if isinstance(answer, bool):
+    if isinstance(answer, (bool, np.bool_)):
         return None, _no(f"{what} should be a whole number, not {answer!r}.")
     if isinstance(answer, str):
         try:
             answer = float(answer.replace(",", "").replace("_", ""))
         except ValueError:
             return None, _no(f"{what} should be a number; got the text {answer!r}.")
-    if isinstance(answer, torch.Tensor):
-        if answer.numel() != 1:
-            return None, _no(f"{what} should be one number; got a tensor of shape {tuple(answer.shape)}.")
-        answer = answer.item()
-    if not isinstance(answer, (int, float)):
+    answer = _one_number(answer, what)
+    if isinstance(answer, CheckResult):
+        return None, answer
+    if not isinstance(answer, (int, float)) or isinstance(answer, bool):
         return None, _no(f"{what} should be a number; got {type(answer).__name__}.")
     if isinstance(answer, float) and not answer.is_integer():
         return None, _no(f"{what} is a whole number; got {answer!r}. Give the exact count, not a rounded value.")
@@ -416,18 +427,17 @@ def check_step0_gradients(answer: Optional[Iterable[str]]) -> CheckResult:
 
 # --------------------------------------------------------------------------- notebook 4: pretraining
 def _as_float(answer, what: str) -> tuple[Optional[float], Optional[CheckResult]]:
-    if isinstance(answer, bool):
+    if isinstance(answer, (bool, np.bool_)):
         return None, _no(f"{what} should be a number, not {answer!r}.")
-    if isinstance(answer, torch.Tensor):
-        if answer.numel() != 1:
-            return None, _no(f"{what} should be one number; got a tensor of shape {tuple(answer.shape)}.")
-        answer = answer.item()
+    answer = _one_number(answer, what)
+    if isinstance(answer, CheckResult):
+        return None, answer
     if isinstance(answer, str):
         try:
             answer = float(answer)
         except ValueError:
             return None, _no(f"{what} should be a number; got the text {answer!r}.")
-    if not isinstance(answer, (int, float)):
+    if not isinstance(answer, (int, float)) or isinstance(answer, bool):
         return None, _no(f"{what} should be a number; got {type(answer).__name__}.")
     return float(answer), None
 

@@ -1,5 +1,9 @@
 """Watching the gates open: record tanh(g) during training, read the log back, draw it.
 
+Layer 4 (beside losses and generate): imports files and adapter. The training loop
+(:mod:`adapterlab.train`) attaches a :class:`GateRecorder` to every run with an adapter and an
+output folder; matplotlib and ipywidgets are imported only when a picture is drawn.
+
 Every zero-init gate starts at 0 (Eq. 7), so at step 0 the adapted model is the frozen model.
 :class:`GateRecorder` appends one JSON line per logged step to ``DIR/gates.jsonl``::
 
@@ -26,7 +30,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .adapter import adapted_layers, gate_values
-from .train import Callback, atomic_write_text
+from .files import atomic_write_text
 
 GATES_NAME = "gates.jsonl"
 PLOT_NAME = "gates.png"
@@ -43,7 +47,7 @@ def _in_notebook() -> bool:
     return ip is not None and "IPKernelApp" in getattr(ip, "config", {})
 
 
-def _pyplot():
+def pyplot():
     """matplotlib.pyplot, with the Agg (file-only) backend unless we are inside a notebook."""
     import matplotlib
 
@@ -67,8 +71,18 @@ def gate_record(model, step: int, epoch: float, loss: Optional[float], lr: float
     }
 
 
-class GateRecorder(Callback):
+def start_record(state: dict) -> dict:
+    """The gate record of the step a run starts from (0, or a resumed run's checkpoint step), with
+    the epoch and learning rate the run has there (``state``: what train() passes to on_start;
+    another caller that gives no epoch or lr gets 0.0)."""
+    return gate_record(state["model"], state["start_step"], state.get("epoch", 0.0), None, state.get("lr", 0.0))
+
+
+class GateRecorder:
     """Append a gate record to ``DIR/gates.jsonl`` every ``every`` steps; draw ``gates.png`` at the end.
+
+    A training callback (on_start / on_step / on_end, see :class:`adapterlab.train.Callback`);
+    :func:`adapterlab.train.train` adds one by itself to a run with an adapter and an ``out_dir``.
 
     On a resumed run, lines written after the checkpoint's step are dropped first, so the log of
     a run killed and resumed is identical to an uninterrupted one.
@@ -88,13 +102,7 @@ class GateRecorder(Callback):
             kept = [r for r in read_gates(self.path, missing_ok=True) if r["step"] <= state["start_step"]]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         else:
-            schedule = state.get("schedule")
-            lr0 = 0.0
-            if schedule is not None:
-                from .train import lr_at
-
-                lr0 = lr_at(0, schedule, state["config"].peak_lr, state["config"].min_lr)
-            atomic_write_text(self.path, json.dumps(gate_record(state["model"], 0, 0.0, None, lr0)) + "\n")
+            atomic_write_text(self.path, json.dumps(start_record(state)) + "\n")
 
     def on_step(self, step: int, info: dict) -> None:
         if step % self.every == 0 or step == info["total_steps"]:
@@ -202,7 +210,7 @@ def format_summary(summary: dict) -> str:
 # --------------------------------------------------------------------------- plots
 def plot_heatmap(source, ax=None, reduce: str = "mean_abs"):
     """Layer x step picture of the gates (mean |gate| over heads, or one head with reduce=int)."""
-    plt = _pyplot()
+    plt = pyplot()
     log = _as_log(source)
     ax = ax or plt.figure(figsize=(6, 3)).gca()
     data = np.abs(log.gates).mean(-1) if reduce == "mean_abs" else log.gates[:, :, int(reduce)]  # (S, L)
@@ -224,7 +232,7 @@ def plot_heatmap(source, ax=None, reduce: str = "mean_abs"):
 
 def plot_head_curves(source, layer: Optional[int] = None, ax=None, heads: Optional[Sequence[int]] = None):
     """The gate of every head of one adapted layer (default: the top one) against the step."""
-    plt = _pyplot()
+    plt = pyplot()
     log = _as_log(source)
     layer = log.layers[-1] if layer is None else layer
     if layer not in log.layers:
@@ -244,7 +252,7 @@ def plot_head_curves(source, layer: Optional[int] = None, ax=None, heads: Option
 
 def plot_final_bars(source, ax=None, step_index: int = -1):
     """Mean |gate| per adapted layer at one logged step (default: the last), with the head range."""
-    plt = _pyplot()
+    plt = pyplot()
     log = _as_log(source)
     ax = ax or plt.figure(figsize=(4, 3)).gca()
     g = np.abs(log.gates[step_index])  # (L, H)
@@ -261,7 +269,7 @@ def plot_final_bars(source, ax=None, step_index: int = -1):
 
 def plot_loss_and_gates(source, ax=None):
     """Training loss (left axis) beside the mean |gate| of every layer (right axis)."""
-    plt = _pyplot()
+    plt = pyplot()
     log = _as_log(source)
     ax = ax or plt.figure(figsize=(5, 3)).gca()
     ok = np.isfinite(log.loss)
@@ -281,7 +289,7 @@ def plot_loss_and_gates(source, ax=None):
 
 def plot_summary(source, layer: Optional[int] = None, fig=None):
     """The four pictures in one figure (what gates.png shows)."""
-    plt = _pyplot()
+    plt = pyplot()
     log = _as_log(source)
     fig = fig or plt.figure(figsize=(11, 7))
     fig.clf()
@@ -296,7 +304,7 @@ def plot_summary(source, layer: Optional[int] = None, fig=None):
 
 def save_plot(source, out_path: str | os.PathLike) -> Path:
     """Draw :func:`plot_summary` of a log into a PNG file."""
-    plt = _pyplot()
+    plt = pyplot()
     fig = plot_summary(source)
     out_path = Path(out_path)
     fig.savefig(out_path, dpi=90)
@@ -305,7 +313,7 @@ def save_plot(source, out_path: str | os.PathLike) -> Path:
 
 
 # --------------------------------------------------------------------------- notebooks
-class LivePlot(Callback):
+class LivePlot:
     """A training callback that redraws the gate pictures in a notebook every ``every`` steps.
 
     Usage: ``train(model, data, config, callbacks=[LivePlot(every=20)])``. Outside a notebook it
@@ -320,7 +328,7 @@ class LivePlot(Callback):
         self._fig = None
 
     def on_start(self, state: dict) -> None:
-        self.records = [gate_record(state["model"], state["start_step"], 0.0, None, 0.0)]
+        self.records = [start_record(state)]  # a resumed run starts at its own step, epoch and lr
         self._draw()
 
     def on_step(self, step: int, info: dict) -> None:
@@ -333,7 +341,7 @@ class LivePlot(Callback):
             return
         from IPython.display import display
 
-        plt = _pyplot()
+        plt = pyplot()
         if self._fig is None:
             self._fig = plt.figure(figsize=(11, 7))
             plt.close(self._fig)  # we display it ourselves, not at the end of the cell
@@ -352,7 +360,7 @@ def explorer(source):
     import ipywidgets as widgets
     from IPython.display import display
 
-    plt = _pyplot()
+    plt = pyplot()
     log = _as_log(source)
     n_heads = log.gates.shape[2]
     step = widgets.IntSlider(min=0, max=len(log.steps) - 1, value=len(log.steps) - 1, description="record",
@@ -382,7 +390,7 @@ def explorer(source):
 
 
 __all__ = [
-    "GATES_NAME", "PLOT_NAME", "GateRecorder", "gate_record", "read_gates", "GateLog", "summarize", "format_summary",
+    "GATES_NAME", "PLOT_NAME", "GateRecorder", "gate_record", "start_record", "read_gates", "GateLog", "summarize", "format_summary",
     "plot_heatmap", "plot_head_curves", "plot_final_bars", "plot_loss_and_gates", "plot_summary", "save_plot",
-    "LivePlot", "explorer",
+    "LivePlot", "explorer", "pyplot",
 ]

@@ -1,5 +1,7 @@
 """Text generation with a KV cache: prefill the prompts, then one token per step.
 
+Layer 4 (beside losses): imports model and tokenizer.
+
 Prompts of different lengths need no padding mask (Meta's scheme): decoding starts at the
 shortest prompt's length; at a position where a longer prompt still has a token, that token
 is kept instead of the sampled one. Every row therefore only ever attends to real tokens.
@@ -12,12 +14,11 @@ Decoding: greedy (argmax), or temperature + top-p (nucleus) sampling as in the r
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Sequence, Union
 
 import torch
 
-from .model import KVCache, Llama
+from .model import KVCache, Llama, autocast_for
 from .tokenizer import Tokenizer
 
 
@@ -77,9 +78,7 @@ def generate_tokens(
         tokens[i, : len(p)] = torch.tensor(list(p), dtype=torch.long, device=device)
         is_prompt[i, : len(p)] = True
 
-    use_autocast = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
-    cache_dtype = torch.bfloat16 if use_autocast else model.tok_embeddings.weight.dtype
+    cache_dtype = torch.bfloat16 if device.type == "cuda" else model.tok_embeddings.weight.dtype  # autocast's dtype
     cache = KVCache(model.config, B, total_len, device=device, dtype=cache_dtype)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     greedy = greedy or temperature <= 0
@@ -90,7 +89,7 @@ def generate_tokens(
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         prev_pos, end = 0, min(lengths)
         for cur_pos in range(min(lengths), total_len):
-            with autocast:  # feed what the cache has not seen yet: the whole prompt first, then 1 token
+            with autocast_for(device):  # feed what the cache has not seen yet: the whole prompt first, then 1 token
                 hidden = model(tokens[:, prev_pos:cur_pos], start_pos=prev_pos, cache=cache, visual=visual, return_hidden=True)
                 logits = model.output(hidden[:, -1]).float()  # (B, vocab): only the last position is needed
             next_token = logits.argmax(-1) if greedy else sample_top_p(logits, temperature, top_p, generator)

@@ -1,5 +1,7 @@
 """Watch the gates open while a training job runs (in a terminal or a notebook).
 
+Layer 7 (tooling): reads what train.py and gates.py write; imports files, train and gates.
+
 A run writes one JSON line per logged step to ``DIR/gates.jsonl`` (see :mod:`adapterlab.gates`);
 rank 0 of a torchrun job does the same. This module tails that file:
 
@@ -26,8 +28,10 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, TextIO
 
-GATES_NAME = "gates.jsonl"
-METRICS_NAME = "metrics.json"
+from .files import atomic_write_bytes
+from .gates import GATES_NAME
+from .train import METRICS_NAME
+
 LIVE_PNG = "gates_live.png"
 
 
@@ -179,10 +183,7 @@ def render_png(records: Sequence[dict], path: Optional[str | os.PathLike] = None
     draw(records, title=title).savefig(buf, format="png", dpi=90)
     data = buf.getvalue()
     if path is not None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")  # (not .tmp: a starting run deletes those)
-        tmp.write_bytes(data)
-        os.replace(tmp, path)  # an image viewer never sees half a PNG
+        atomic_write_bytes(path, data)  # an image viewer never sees half a PNG
     return data
 
 

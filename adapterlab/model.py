@@ -13,6 +13,7 @@ The LLaMA-Adapter hooks in at one place only: :class:`Attention` calls
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
@@ -167,8 +168,9 @@ class Attention(nn.Module):
         )  # (B, H, T, d)
 
         # LLaMA-Adapter: add the gated attention over the adaption prompts (Eq. 7, "sum" form).
+        # (An ungated adapter, gate="none", needs the token keys and attention for its joint softmax.)
         if self.adapter is not None:
-            out = out + self.adapter(q, self, cache=cache, visual=visual)
+            out = out + self.adapter(q, self, cache=cache, visual=visual, keys=k, token_out=out)
 
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -224,12 +226,16 @@ class Llama(nn.Module):
         cache: Optional[KVCache] = None,
         visual: Optional[torch.Tensor] = None,
         return_hidden: bool = False,
+        image_features: Optional[torch.Tensor] = None,
+        has_image: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab) in float32.
 
         start_pos/cache: generation with a KV cache. visual: optional (B, dim) image token that
-        the multi-modal adapter adds to its prompts. return_hidden: return the final normalised
-        hidden states (B, T, dim) instead of logits (for chunked losses).
+        the multi-modal adapter adds to its prompts. image_features (B, visual_dim): make that
+        token here with the adapter's trainable projection, ``visual = visual_proj(image_features)``
+        (has_image (B,): 0/False for rows without a picture, whose token is 0). return_hidden:
+        return the final normalised hidden states (B, T, dim) instead of logits (for chunked losses).
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape (batch, seq_len); got {tuple(tokens.shape)}")
@@ -240,25 +246,39 @@ class Llama(nn.Module):
             )
         positions = torch.arange(start_pos, start_pos + T, device=tokens.device)
         cos, sin = rope_angles(self.config.head_dim, positions, self.config.rope_theta)
+        if image_features is not None:
+            visual = self.image_token(image_features, has_image)  # (B, dim)
 
-        # Layers below the first trainable one need no autograd graph: run them without it.
-        n_frozen = self.frozen_prefix() if torch.is_grad_enabled() else 0
-        with torch.set_grad_enabled(torch.is_grad_enabled() and n_frozen == 0):
-            h = self.tok_embeddings(tokens)  # (B, T, dim)
-        for i, layer in enumerate(self.layers):
-            if i < n_frozen:
-                with torch.no_grad():
-                    h = layer(h, cos, sin, start_pos, cache, visual)
-            elif self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(
-                    layer, h, cos, sin, start_pos, cache, visual, use_reentrant=False
-                )
-            else:
-                h = layer(h, cos, sin, start_pos, cache, visual)
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        h = self.run_layers(h, cos, sin, start_pos, cache, visual)
         h = self.norm(h)
         if return_hidden:
             return h
         return self.output(h).float()
+
+    def run_layers(self, h, cos, sin, start_pos: int = 0, cache: Optional[KVCache] = None, visual=None):
+        """The blocks, bottom first: (B, T, dim) -> (B, T, dim). Two savings in training, same numbers:
+        blocks below the first trainable one run without autograd (no graph to keep), and with
+        ``activation_checkpointing`` the others keep no activations (recomputed in backward)."""
+        n_frozen = self.frozen_prefix() if torch.is_grad_enabled() else 0
+        checkpointing = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for i, layer in enumerate(self.layers):
+            if i < n_frozen:
+                with torch.no_grad():
+                    h = layer(h, cos, sin, start_pos, cache, visual)
+            elif checkpointing:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, start_pos, cache, visual, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, start_pos, cache, visual)
+        return h
+
+    def image_token(self, image_features: torch.Tensor, has_image: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The multi-modal adapter's image token I_p (B, dim) from frozen-encoder features (B, visual_dim)."""
+        projection = getattr(self, "visual_proj", None)  # set by adapterlab.adapter.add_adapter
+        if projection is None:
+            raise ValueError("image_features need a multi-modal adapter: attach one with "
+                             "add_adapter(model, AdapterConfig(visual_dim=...)) first")
+        return projection(image_features, has_image)
 
     def frozen_prefix(self) -> int:
         """How many bottom layers (with the embedding) have no trainable parameter."""
@@ -269,8 +289,9 @@ class Llama(nn.Module):
                 return i
         return len(self.layers)
 
-    def num_params(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+    def num_params(self) -> int:
+        """All parameters, frozen or not (``adapterlab.adapter.count_trainable`` counts those that train)."""
+        return sum(p.numel() for p in self.parameters())
 
     @property
     def device(self) -> torch.device:
@@ -290,3 +311,11 @@ def init_weights(model: Llama, seed: Optional[int] = None, std: float = 0.02) ->
             with torch.no_grad():
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
     return model
+
+
+# --------------------------------------------------------------------------- device policy
+def autocast_for(device: torch.device):
+    """How the model runs on ``device``: bf16 autocast on CUDA, plain fp32 elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,34 +1,16 @@
-"""The multi-modal LLaMA-Adapter (Sec. 3.3) on the embedded scenes: tasks, BLEU-4, training, demo.
+"""The multi-modal LLaMA-Adapter on the embedded scenes: the base, the image token, training, the demo.
 
-Tasks, in the style of ScienceQA (multiple choice, three context categories) and COCO (captions):
-
-    Question: What colour are the shapes in the picture?
-    Context: N/A
-    Options: (A) red (B) green (C) blue (D) yellow
-    Answer: The colour is blue. The answer is (C).
-
-- context "image": the answer is in the picture only (the text context is "N/A");
-- context "text":  the answer is in the text context (a description of a scene, no picture);
-- context "none":  general knowledge that the base model read in pretraining (colours of
-  things, corners of shapes, small sums); tested on facts the adapter never trained on.
-- captions: "Caption the picture." -> "three red circles in the top left corner", scored with
-  corpus BLEU-4 against five reference captions per picture, as COCO does.
-
-The response is a one-sentence solution, then the answer - ScienceQA's chain-of-thought
-format (solution, then "The answer is (X)."), answered by greedy decoding as in the paper.
-
-One simplification keeps a tiny base able to do this after about a minute of pretraining:
-each attribute has exactly four values and the options list them in a fixed order, so the
-letter is a lookup of the solution's word. With shuffled options the letter needs in-context
-matching ("which option says blue?"), which a ~1M-parameter base had not learned after
-3,000 pretraining steps (accuracy still at chance, measured while building this module).
+Layer 7 (beside tinyworld and live): glue on top of the scenes (:mod:`adapterlab.scenes`, the
+pictures; :mod:`adapterlab.scenetext`, what is asked and told about them), the adapter and its
+visual projection, the training loop, greedy generation and the frozen scene encoder
+(:mod:`adapterlab.vision`).
 
 The frozen base is a small LLaMA pretrained by :func:`pretrain_scene_base` on text about the
 scenes (descriptions, reading exercises, quizzes with a text context, facts): the "LLaMA that
 already reads", to which the adapter must bring the pictures. The tiny-world base
 (:mod:`adapterlab.tinyworld`) has never read about shapes, colours of shapes or corners.
 
-The multi-modal forward (Sec. 3.3):
+The multi-modal forward (Sec. 3.3; docs/method.md, "Multi-modal adapter"):
 
     feats = encoder(images)               # frozen, computed once for every picture  (N, visual_dim)
     I_p   = model.visual_proj(feats)       # learnable projection                   (B, C)
@@ -38,225 +20,33 @@ An example without a picture gets no image token (I_p = 0: the prompts stay P_l)
 """
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import math
-import re
 import time
-from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from .scenes import COLOURS, CORNERS, COUNTS, NUMBER_WORDS, PLURAL, SHAPES, Scene, make_scenes
-
-LETTERS = "ABCD"
-CONTEXTS = ("image", "text", "none")
-ANSWER_RE = re.compile(r"answer is \(([A-D])\)")
-NONE_CONTEXT = "N/A"
-
-
-@dataclass
-class Example:
-    """One training or evaluation record.
-
-    prompt/response: what the model reads and what it must write. context: "image", "text",
-    "none" or "caption". image: index of the picture in the image tensor (None: no picture).
-    answer: the correct letter (multiple choice). kind: the question's kind ("colour", ...,
-    "knowledge", "caption"). references: the reference captions (captions only).
-    """
-
-    prompt: str
-    response: str
-    context: str
-    image: Optional[int] = None
-    answer: Optional[str] = None
-    kind: str = ""
-    references: list[str] = field(default_factory=list)
-
-
-# --------------------------------------------------------------------------- words about scenes
-def there_is(scene: Scene) -> str:
-    return "there is" if scene.count == 1 else "there are"
-
-
-def captions(scene: Scene) -> list[str]:
-    """Five COCO-style reference captions of one scene (lower case, no final full stop)."""
-    np_, corner = scene.noun_phrase(), scene.corner
-    return [
-        f"{np_} in the {corner} corner",
-        f"{np_} in the {corner} of the picture",
-        f"{there_is(scene)} {np_} in the {corner}",
-        f"a picture of {np_} at the {corner}",
-        f"{np_} sitting in the {corner} corner of the image",
-    ]
-
-
-def describe(scene: Scene, rng: np.random.Generator) -> str:
-    """A sentence stating everything a picture shows (a text context, or pretraining text)."""
-    np_, corner = scene.noun_phrase(), scene.corner
-    they = "They are" if scene.count > 1 else "It is"
-    templates = [
-        f"The picture shows {np_} in the {corner} corner.",
-        f"In the picture {there_is(scene)} {np_}. {they} in the {corner} corner.",
-        f"A drawing of {np_} in the {corner} corner.",
-    ]
-    return templates[rng.integers(len(templates))]
-
-
-IMAGE_QUESTIONS = {
-    "colour": ("What colour are the shapes in the picture?", "Which colour do the shapes have?"),
-    "shape": ("Which shape is in the picture?", "What shape are the objects?"),
-    "count": ("How many shapes are in the picture?", "How many objects can you see?"),
-    "corner": ("Where are the shapes in the picture?", "In which corner are the shapes?"),
-}
-KINDS = tuple(IMAGE_QUESTIONS)
-OPTIONS = {  # the fixed option lists: every attribute has exactly four values
-    "colour": COLOURS,
-    "shape": SHAPES,
-    "count": tuple(NUMBER_WORDS[c] for c in COUNTS),
-    "corner": CORNERS,
-}
-
-
-def scene_answer(scene: Scene, kind: str) -> tuple[str, str]:
-    """(the answer word, the solution sentence) of one question kind about one scene."""
-    if kind == "colour":
-        return scene.colour, f"The colour is {scene.colour}."
-    if kind == "shape":
-        return scene.shape, f"The shape is a {scene.shape}."
-    if kind == "count":
-        word = NUMBER_WORDS[scene.count]
-        return word, f"The number of shapes is {word}."
-    if kind == "corner":
-        return scene.corner, f"The shapes are in the {scene.corner} corner."
-    raise ValueError(f"unknown question kind {kind!r}; expected one of {KINDS}")
-
-
-# --------------------------------------------------------------------------- general knowledge ("none")
-@dataclass(frozen=True)
-class Fact:
-    question: str
-    answer: str
-    options: tuple[str, ...]
-    solution: str  # also the sentence the base reads in pretraining
-
-
-def knowledge_facts() -> list[Fact]:
-    """The general-knowledge facts behind the no-context questions (each with 4 fixed options)."""
-    facts = []
-    things = {
-        "the sky on a sunny day": "blue", "grass": "green", "a banana": "yellow", "a tomato": "red",
-        "a lemon": "yellow", "a strawberry": "red", "a leaf in summer": "green", "the sea": "blue",
-        "a fire engine": "red", "a frog": "green", "a blueberry": "blue", "the sun in a drawing": "yellow",
-    }
-    for thing, colour in things.items():
-        facts.append(Fact(f"What colour is {thing}?", colour, COLOURS, f"{thing[0].upper() + thing[1:]} is {colour}."))
-    corners = {"circle": "zero", "triangle": "three", "square": "four", "cross": "twelve"}
-    for shape, n in corners.items():
-        facts.append(Fact(f"How many corners does a {shape} have?", n, tuple(corners.values()),
-                          f"A {shape} has {n} corners."))
-    shaped = {"a wheel": "circle", "a coin": "circle", "a slice of pizza": "triangle", "a plus sign": "cross",
-              "a chess board": "square", "a window pane": "square", "a tent seen from the front": "triangle",
-              "a hospital sign": "cross"}
-    for thing, shape in shaped.items():
-        facts.append(Fact(f"What shape is {thing}?", shape, SHAPES, f"{thing[0].upper() + thing[1:]} is shaped like a {shape}."))
-    words = ("zero", "one", "two", "three", "four", "five")
-    for a in range(1, 5):
-        for b in range(1, 5):
-            if a + b <= 5:
-                facts.append(Fact(f"What is {words[a]} plus {words[b]}?", words[a + b], words[2:6],
-                                  f"{words[a].capitalize()} plus {words[b]} is {words[a + b]}."))
-    return facts
-
-
-# --------------------------------------------------------------------------- prompts
-def mc_prompt(question: str, context: str, options: Sequence[str]) -> str:
-    """ScienceQA-style prompt: Question / Context / Options (A)...(D) / Answer:"""
-    opts = " ".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(options))
-    return f"Question: {question}\nContext: {context}\nOptions: {opts}\nAnswer:"
-
-
-def mc_response(solution: str, letter: str) -> str:
-    return f" {solution} The answer is ({letter})."
-
-
-CAPTION_PROMPT = "Caption the picture.\nCaption:"
-
-
-def parse_answer(text: str) -> Optional[str]:
-    """The letter in '... The answer is (X).' or None when the text gives no such answer."""
-    m = ANSWER_RE.search(text)
-    return m.group(1) if m else None
-
-
-def scene_question(scene: Scene, kind: str, rng: np.random.Generator, context: str, image: Optional[int]) -> Example:
-    """A question about one scene, seen in a picture (context "image") or described in text ("text")."""
-    answer, solution = scene_answer(scene, kind)
-    options = OPTIONS[kind]
-    letter = LETTERS[options.index(answer)]
-    question = IMAGE_QUESTIONS[kind][rng.integers(len(IMAGE_QUESTIONS[kind]))]
-    text = NONE_CONTEXT if context == "image" else describe(scene, rng)
-    return Example(mc_prompt(question, text, options), mc_response(solution, letter), context, image, letter, kind)
-
-
-def knowledge_question(fact: Fact) -> Example:
-    letter = LETTERS[fact.options.index(fact.answer)]
-    return Example(mc_prompt(fact.question, NONE_CONTEXT, fact.options), mc_response(fact.solution, letter),
-                   "none", None, letter, "knowledge")
-
-
-def caption_example(scene: Scene, image: int, rng: np.random.Generator) -> Example:
-    refs = captions(scene)
-    return Example(CAPTION_PROMPT, " " + refs[rng.integers(len(refs))] + ".", "caption", image, None, "caption", refs)
-
-
-# --------------------------------------------------------------------------- BLEU-4
-def caption_tokens(text: str) -> list[str]:
-    """COCO-style tokenisation for scoring: lower case, punctuation dropped, split on spaces."""
-    return re.sub(r"[^a-z0-9 ]", " ", text.lower()).split()
-
-
-def ngrams(words: Sequence[str], n: int) -> Counter:
-    return Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-
-
-def corpus_bleu(candidates: Sequence[str], references: Sequence[Sequence[str]], max_n: int = 4) -> dict:
-    """Corpus BLEU (Papineni et al., 2002), the standard definition used for COCO captions.
-
-    p_n = sum over sentences of clipped n-gram matches / sum of candidate n-grams, where a
-    candidate n-gram's count is clipped to its largest count in any one reference.
-    BP = 1 if c > r else exp(1 - r / c), c = total candidate length, r = sum over sentences of
-    the reference length closest to the candidate's (ties: the shorter one).
-    BLEU = BP * exp(mean_n log p_n); 0 when some p_n is 0 (no smoothing).
-    Returns {"bleu": .., "precisions": [p_1..p_N], "brevity_penalty": .., "c": .., "r": ..}.
-    """
-    if len(candidates) != len(references):
-        raise ValueError(f"corpus_bleu: {len(candidates)} candidates but {len(references)} reference lists")
-    matches, totals = [0] * max_n, [0] * max_n
-    c = r = 0
-    for cand, refs in zip(candidates, references):
-        if isinstance(refs, str) or not refs:
-            raise ValueError(f"corpus_bleu: candidate {cand!r} needs a list of reference captions; got {refs!r}")
-        cw = caption_tokens(cand)
-        rws = [caption_tokens(ref) for ref in refs]
-        c += len(cw)
-        r += min((abs(len(rw) - len(cw)), len(rw)) for rw in rws)[1]  # closest length, shorter on ties
-        for n in range(1, max_n + 1):
-            counts = ngrams(cw, n)
-            max_ref = Counter()
-            for rw in rws:
-                max_ref |= ngrams(rw, n)  # element-wise max over the references
-            matches[n - 1] += sum(min(k, max_ref[g]) for g, k in counts.items())
-            totals[n - 1] += max(len(cw) - n + 1, 0)
-    precisions = [m / t if t else 0.0 for m, t in zip(matches, totals)]
-    bp = 1.0 if c > r else (math.exp(1 - r / c) if c else 0.0)
-    bleu = bp * math.exp(sum(math.log(p) for p in precisions) / max_n) if min(precisions) > 0 else 0.0
-    return {"bleu": bleu, "precisions": precisions, "brevity_penalty": bp, "c": c, "r": r}
+from .adapter import AdapterConfig, add_adapter, count_trainable
+from .checkpoints import load_llama, save_llama
+from .data import IGNORE_INDEX, TokenDataset, text_windows
+from .files import cache_root, file_lock, publish_folder
+from .gates import pyplot
+from .generate import generate_tokens
+from .model import Llama, LlamaConfig, init_weights
+from .scenes import Scene, make_scenes
+from .scenetext import (
+    KINDS, Example, Fact, caption_example, knowledge_facts, knowledge_question, parse_answer, pretrain_corpus,
+    scene_answer, scene_question, score,
+)
+from .tokenizer import Tokenizer
+from .train import TrainConfig, train, write_metrics
+from .vision import encode_images, pretrain_scene_encoder
 
 
 # --------------------------------------------------------------------------- the data of a run
@@ -308,34 +98,6 @@ class SceneData:
     test: list[Example]  # evaluation (image indices into test_images)
 
 
-def pretrain_corpus(scenes: Sequence[Scene], facts: Sequence[Fact], rng: np.random.Generator) -> list[str]:
-    """Text the base reads: reading exercises, captions, quizzes with a text context, facts.
-
-    Like web text for LLaMA: it states what scenes look like and how quizzes are answered, but
-    never shows a picture. Every fact is stated and asked in a quiz (the base knows them all;
-    the adapter trains on half of them and is tested on the other half).
-
-    The reading exercises (a description, then its colour, shape, number and corner, one
-    sentence each) matter: with descriptions and quizzes alone the base learned to repeat the
-    number it had read but, after 600 steps, still guessed colours and shapes at chance.
-    """
-    docs = []
-    for scene in scenes:
-        statements = [scene_answer(scene, kind)[1] for kind in KINDS]
-        for _ in range(2):
-            docs.append(" ".join([describe(scene, rng)] + [statements[i] for i in rng.permutation(len(KINDS))]))
-        docs.append(f"{scene.noun_phrase().capitalize()}. {statements[0]} {statements[1]}")  # short: colour, shape
-        docs.append(captions(scene)[rng.integers(5)].capitalize() + ".")
-        ex = scene_question(scene, KINDS[rng.integers(len(KINDS))], rng, "text", None)
-        docs.append(ex.prompt + ex.response)
-    for fact in facts:
-        ex = knowledge_question(fact)
-        docs += [fact.solution] * 10 + [f"Question: {fact.question}\nAnswer: {fact.solution}"] * 4
-        docs += [ex.prompt + ex.response] * 8
-    order = rng.permutation(len(docs))
-    return [docs[i] for i in order]
-
-
 def make_data(config: MultimodalConfig) -> SceneData:
     """Render the pictures and write every text of a run."""
     rng = np.random.default_rng(config.seed)
@@ -365,6 +127,7 @@ def make_data(config: MultimodalConfig) -> SceneData:
     return SceneData(train_scenes, train_images, test_scenes, test_images, train_facts, test_facts, corpus, train, test)
 
 
+
 # --------------------------------------------------------------------------- the base LLaMA
 def pretrain_scene_base(corpus: Sequence[str], config: MultimodalConfig, progress: bool = True):
     """Train a SentencePiece tokenizer and pretrain a small LLaMA on the scene corpus.
@@ -373,11 +136,6 @@ def pretrain_scene_base(corpus: Sequence[str], config: MultimodalConfig, progres
     token stream BOS doc EOS BOS doc EOS ... Returns (model, tokenizer, metrics); the model is
     frozen (requires_grad False) and in eval mode.
     """
-    from .data import text_windows
-    from .model import Llama, LlamaConfig, init_weights
-    from .tokenizer import Tokenizer
-    from .train import TrainConfig, train
-
     tokenizer = Tokenizer.train(corpus, vocab_size=config.vocab_size)
     stream: list[int] = []
     for doc in corpus:
@@ -397,17 +155,14 @@ def pretrain_scene_base(corpus: Sequence[str], config: MultimodalConfig, progres
     return model, tokenizer, metrics
 
 
-BASE_VERSION = 1  # bump when the corpus or the pretraining code changes what gets built
+BASE_VERSION = 2  # bump when the corpus, the pretraining code or the folder's files change what gets built
 BASE_FIELDS = ("seed", "train_scenes", "vocab_size", "dim", "n_layers", "n_heads", "pretrain_steps",
                "pretrain_batch_size", "pretrain_seq_len", "pretrain_lr")
+BASE_INFO = "scenes.json"  # beside the Meta files: how the base was made (final loss, steps, config)
 
 
 def scene_base_dir(config: MultimodalConfig, corpus: Sequence[str]) -> Path:
     """The cache folder of a config's base: ``<cache>/scenes-<hash of the base settings and corpus>``."""
-    import hashlib
-
-    from .tinyworld import cache_root
-
     blob = json.dumps({"config": {k: getattr(config, k) for k in BASE_FIELDS}, "version": BASE_VERSION,
                        "corpus": hashlib.sha256("\n".join(corpus).encode()).hexdigest()}, sort_keys=True)
     return cache_root() / f"scenes-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
@@ -415,10 +170,11 @@ def scene_base_dir(config: MultimodalConfig, corpus: Sequence[str]) -> Path:
 
 def load_scene_base(corpus: Sequence[str], config: MultimodalConfig, progress: bool = True, cache: bool = True):
     """The pretrained base for a config: from the cache folder when it is there, else pretrained
-    (and, with cache=True, saved there atomically; concurrent callers wait for one build).
-    Returns (model, tokenizer, info) with info["cached"] telling which happened."""
-    from .tinyworld import file_lock, publish_base, read_base
+    (and, with cache=True, published there whole; concurrent callers wait for one build).
+    Returns (model, tokenizer, info) with info["cached"] telling which happened.
 
+    The folder is a one-shard Meta folder (:func:`adapterlab.checkpoints.save_llama`) plus
+    ``scenes.json``, so ``load_llama(folder)`` reads it like any other LLaMA."""
     if not cache:
         model, tokenizer, metrics = pretrain_scene_base(corpus, config, progress)
         return model, tokenizer, {"cached": False, "final_loss": metrics["final_loss"], "steps": metrics["steps"]}
@@ -426,66 +182,36 @@ def load_scene_base(corpus: Sequence[str], config: MultimodalConfig, progress: b
     with file_lock(folder.with_name(folder.name + ".lock")):  # another process building the same base: wait
         if not (folder / "params.json").is_file():
             model, tokenizer, metrics = pretrain_scene_base(corpus, config, progress)
-            publish_base(model, tokenizer, folder, extra={"final_loss": metrics["final_loss"], "steps": metrics["steps"],
-                                                          "config": config.to_dict(), "version": BASE_VERSION})
+            info = {"final_loss": metrics["final_loss"], "steps": metrics["steps"], "config": config.to_dict(),
+                    "version": BASE_VERSION}
+            publish_folder(folder, lambda tmp: save_llama(model, tokenizer, tmp, extra={BASE_INFO: info}))
             return model, tokenizer, {"cached": False, "final_loss": metrics["final_loss"],
                                       "steps": metrics["steps"], "folder": str(folder)}
-    model = read_base(folder)
-    info = json.loads((folder / "tinyworld.json").read_text())
+    model = load_llama(folder, device="cpu").requires_grad_(False)
+    info = json.loads((folder / BASE_INFO).read_text())
     return model, model.tokenizer, {"cached": True, "final_loss": info["final_loss"], "steps": info["steps"],
                                     "folder": str(folder)}
 
 
 # --------------------------------------------------------------------------- images into the model
-def image_tokens(model: nn.Module, features: Optional[torch.Tensor], image_ids: torch.Tensor) -> Optional[torch.Tensor]:
-    """I_p = visual_proj(features[image_ids]) per example; 0 where image_ids < 0 (no picture).
+def image_inputs(features: Optional[torch.Tensor], image_ids: Sequence[Optional[int]]) -> dict[str, torch.Tensor]:
+    """The model's picture inputs for examples showing pictures ``image_ids`` (None: no picture).
 
-    features: (N, visual_dim) frozen encoder features of all pictures, or None (text-only
-    model: returns None). image_ids: (B,) long. Returns (B, dim) or None.
+    features: (N, visual_dim) frozen encoder features of all pictures, or None (a text-only
+    model: returns {}). Returns {"image_features": (B, visual_dim), "has_image": (B,) bool},
+    the keywords ``model(tokens, image_features=..., has_image=...)`` turns into the image token
+    I_p = visual_proj(features) (0 where has_image is False).
     """
     if features is None:
-        return None
-    image_ids = image_ids.to(features.device)
-    device = model.visual_proj.fc1.weight.device
-    has_image = (image_ids >= 0).to(device=device, dtype=features.dtype)[:, None]  # (B, 1)
-    feats = features[image_ids.clamp(min=0)].to(device)  # (B, visual_dim)
-    return model.visual_proj(feats) * has_image  # (B, dim)
+        return {}
+    ids = torch.tensor([-1 if i is None else i for i in image_ids], dtype=torch.long)  # (B,)
+    return {"image_features": features[ids.clamp(min=0)], "has_image": ids >= 0}
 
 
-class ImageTokenBridge(nn.Module):
-    """Lets :func:`adapterlab.train.train`, which calls ``model(tokens)``, train with pictures.
-
-    Interim bridge until the loop can pass per-example model inputs: column 0 of ``tokens``
-    carries each example's picture (index + 1; 0 = none); the bridge looks up the frozen
-    features, makes the image token I_p with the model's projection, runs the model on the
-    rest and puts a dummy position in front of the logits, so the loop's shift of labels
-    against logits still lines up (the dummy position's label is always ignored).
-    """
-
-    def __init__(self, model: nn.Module, features: Optional[torch.Tensor]):
-        super().__init__()
-        self.model = model
-        self.register_buffer("features", features, persistent=False)
-
-    @property
-    def layers(self):  # the gate recorder reads model.layers and model.config
-        return self.model.layers
-
-    @property
-    def config(self):
-        return self.model.config
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        image_ids = tokens[:, 0] - 1  # (B,)
-        visual = image_tokens(self.model, self.features, image_ids)
-        logits = self.model(tokens[:, 1:], visual=visual)  # (B, T-1, vocab)
-        return F.pad(logits, (0, 0, 1, 0))  # (B, T, vocab): dummy position 0
-
-
-def example_dataset(tokenizer, examples: Sequence[Example], max_seq_len: int):
-    """Examples -> a TokenDataset for the bridge: [picture code] + BOS prompt response EOS."""
-    from .data import IGNORE_INDEX, TokenDataset
-
+def example_dataset(tokenizer, examples: Sequence[Example], max_seq_len: int,
+                    features: Optional[torch.Tensor] = None) -> TokenDataset:
+    """Examples -> a TokenDataset: BOS prompt response EOS, loss on the response only, and (with
+    ``features``) each example's picture inputs as per-example model inputs (:func:`image_inputs`)."""
     tokens, labels = [], []
     for ex in examples:
         prompt = tokenizer.encode(ex.prompt, bos=True, eos=False)
@@ -493,63 +219,42 @@ def example_dataset(tokenizer, examples: Sequence[Example], max_seq_len: int):
         if len(prompt) + len(response) > max_seq_len:
             raise ValueError(f"example {ex.prompt!r:.60} has {len(prompt) + len(response)} tokens, more than "
                              f"max_seq_len={max_seq_len}")
-        code = 0 if ex.image is None else ex.image + 1
-        tokens.append([code] + prompt + response)
-        labels.append([IGNORE_INDEX] * (1 + len(prompt)) + response)
-    return TokenDataset(tokens, labels, source="scene examples")
+        tokens.append(prompt + response)
+        labels.append([IGNORE_INDEX] * len(prompt) + response)
+    return TokenDataset(tokens, labels, source="scene examples",
+                        forward_args=image_inputs(features, [ex.image for ex in examples]))
 
 
-def train_adapter(model: nn.Module, tokenizer, examples: Sequence[Example], features: Optional[torch.Tensor],
+def train_adapter(model: Llama, tokenizer, examples: Sequence[Example], features: Optional[torch.Tensor],
                   config: MultimodalConfig, out_dir: Optional[str | Path], progress: bool = True,
                   desc: str = "adapter") -> dict:
-    """Tune the adapter of ``model`` (already attached) on the examples with the project's loop."""
-    from .train import TrainConfig, train
+    """Tune the adapter of ``model`` (already attached) on the examples with the project's loop.
 
-    data = example_dataset(tokenizer, examples, model.config.max_seq_len)
+    features: the frozen encoder features of the pictures the examples show (multi-modal
+    adapter), or None (text-only adapter: the examples' pictures are left out)."""
+    data = example_dataset(tokenizer, examples, model.config.max_seq_len, features)
     tc = TrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr,
                      warmup_steps=max(1, config.steps // 10), weight_decay=0.02, seed=config.seed,
                      out_dir=str(out_dir) if out_dir is not None else None, checkpoint=False,
                      progress=progress, desc=desc, log_every=10)
-    return train(ImageTokenBridge(model, features), data, tc)
+    return train(model, data, tc)
 
 
 # --------------------------------------------------------------------------- answering
 @torch.no_grad()
-def answer(model: nn.Module, tokenizer, examples: Sequence[Example], features: Optional[torch.Tensor],
+def answer(model: Llama, tokenizer, examples: Sequence[Example], features: Optional[torch.Tensor],
            max_new_tokens: int = 24, batch_size: int = 128) -> list[str]:
     """Greedy answers (the paper decodes greedily) to the examples' prompts, with their pictures."""
-    from .generate import generate_tokens
-
     outputs = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         prompts = [tokenizer.encode(ex.prompt, bos=True, eos=False) for ex in chunk]
-        ids = torch.tensor([-1 if ex.image is None else ex.image for ex in chunk], device=model.device)
-        visual = image_tokens(model, features, ids)
+        inputs = image_inputs(features, [ex.image for ex in chunk])
+        visual = model.image_token(**{k: v.to(model.device) for k, v in inputs.items()}) if inputs else None  # (B, dim)
         new = generate_tokens(model, prompts, max_new_tokens=max_new_tokens, greedy=True, visual=visual,
                               eos_id=tokenizer.eos_id)
         outputs += [tokenizer.decode(t).strip() for t in new]
     return outputs
-
-
-def score(examples: Sequence[Example], outputs: Sequence[str]) -> dict:
-    """Accuracy overall / per context / per kind of picture question, and caption BLEU-4."""
-    mc = [(ex, out) for ex, out in zip(examples, outputs) if ex.context in CONTEXTS]
-    correct = [parse_answer(out) == ex.answer for ex, out in mc]
-    by_context = {c: float(np.mean([ok for (ex, _), ok in zip(mc, correct) if ex.context == c] or [float("nan")]))
-                  for c in CONTEXTS}
-    by_kind = {k: float(np.mean([ok for (ex, _), ok in zip(mc, correct) if ex.context == "image" and ex.kind == k]))
-               for k in KINDS}
-    caps = [(ex, out) for ex, out in zip(examples, outputs) if ex.context == "caption"]
-    bleu = corpus_bleu([out for _, out in caps], [ex.references for ex, _ in caps]) if caps else None
-    return {
-        "accuracy": float(np.mean(correct)),
-        "accuracy_by_context": by_context,
-        "image_accuracy_by_kind": by_kind,
-        "counts": {c: sum(ex.context == c for ex, _ in mc) for c in CONTEXTS} | {"caption": len(caps)},
-        "bleu4": None if bleu is None else bleu["bleu"],
-        "bleu": bleu,
-    }
 
 
 # --------------------------------------------------------------------------- pictures of the results
@@ -559,9 +264,7 @@ def save_prediction_grid(path: str | Path, images: torch.Tensor, rows: Sequence[
     rows: dicts with "image" (index into images), "question", "truth" (letter), "truth_text",
     "multimodal", "text_only", "caption" (strings).
     """
-    from .gates import _pyplot
-
-    plt = _pyplot()
+    plt = pyplot()
     n = len(rows)
     n_rows = max(1, math.ceil(n / columns))
     fig, axes = plt.subplots(n_rows, columns, figsize=(4.2 * columns, 5.0 * n_rows), squeeze=False)
@@ -605,12 +308,6 @@ def run_multimodal_demo(out_dir: str | Path = "runs/multimodal", config: Optiona
     cache: keep the pretrained base in the user cache (``$ADAPTERLAB_CACHE`` or
     ~/.cache/adapterlab, as the tiny-world base) and reuse it next time.
     """
-    import copy
-
-    from .adapter import AdapterConfig, add_adapter, count_trainable
-    from .train import write_metrics
-    from .vision import encode_images, pretrain_scene_encoder
-
     config = config or MultimodalConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,8 @@
 """The embedded image set: small rendered scenes of shapes, drawn by our own code.
 
+Layer 1 (beside model and tokenizer): numpy and torch only, nothing from adapterlab. What the
+scenes are asked and told is in :mod:`adapterlab.scenetext`.
+
 Every scene shows ``count`` copies of one shape in one colour, grouped in one corner:
 
     shape    in SHAPES     circle, square, triangle, cross
@@ -127,8 +130,3 @@ def make_scenes(n: int, seed: int = 0, size: int = IMAGE_SIZE) -> tuple[list[Sce
     scenes = [random_scene(rng) for _ in range(n)]
     images = np.stack([render_scene(s, rng, size) for s in scenes])
     return scenes, torch.from_numpy(images)
-
-
-def blank_image(size: int = IMAGE_SIZE) -> torch.Tensor:
-    """An empty picture (background only) -> uint8 (3, size, size)."""
-    return torch.full((3, size, size), 235, dtype=torch.uint8)

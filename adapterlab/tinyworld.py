@@ -1,5 +1,9 @@
 """The embedded default: a tiny synthetic world, its tokenizer and a small LLaMA pretrained on it.
 
+Layer 7 (tooling): imports files, model, tokenizer, data, generate, train and checkpoints. It also
+gives the package its names for embedded things: ``adapterlab.load_llama`` is :func:`load_llama`
+here ("tinyworld" or a folder), and :func:`load_instruction_data` reads "tinyworld" or an Alpaca file.
+
 No weights or data sets can be downloaded here, and a tiny model pretrained on real web text
 knows nothing useful. So we make a world small enough to learn on a laptop CPU in minutes:
 
@@ -25,21 +29,23 @@ builds anew.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import random
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
+from . import checkpoints
+from .checkpoints import save_llama
+from .data import format_prompt, load_alpaca, text_windows
+from .files import cache_root, cpu_threads, default_threads, file_lock, publish_folder
+from .generate import generate
 from .model import Llama, LlamaConfig, init_weights
 from .tokenizer import Tokenizer
 
@@ -290,8 +296,6 @@ def instruction_set(world: World, per_fact: int = 3, input_fraction: float = 0.4
 def tokenizer_texts(corpus: Sequence[str], records: Sequence[dict]) -> list[str]:
     """What the tokenizer is trained on: the corpus, plus the Alpaca templates and records so
     that "### Instruction:" has tokens (real LLaMA's tokenizer, too, covers such text)."""
-    from .data import format_prompt
-
     return list(corpus) + [format_prompt(r["instruction"], r["input"]) + r["output"] for r in records]
 
 
@@ -314,11 +318,15 @@ def answer_is_correct(answer: str, value: str, alternatives: Sequence[str]) -> b
 
 def answer_questions(model: Llama, tokenizer: Tokenizer, records: Sequence[dict], max_new_tokens: int = 16,
                      batch_size: int = 64) -> list[str]:
-    """Greedy answers of the model to the records' Alpaca prompts."""
-    from .data import format_prompt
-
+    """Greedy answers of the model to the records' Alpaca prompts, ``batch_size`` prompts at a time."""
+    if batch_size < 1:
+        raise ValueError(f"answer_questions: batch_size must be >= 1; got {batch_size}")
     prompts = [format_prompt(r["instruction"], r.get("input", "")) for r in records]
-    return _generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        answers += generate(model, tokenizer, prompts[start:start + batch_size], max_new_tokens=max_new_tokens,
+                            greedy=True)
+    return answers
 
 
 def evaluate(model: Llama, tokenizer: Tokenizer, records: Sequence[dict], max_new_tokens: int = 16) -> list[dict]:
@@ -338,79 +346,32 @@ def heldout_accuracy(model: Llama, tokenizer: Tokenizer, records: Sequence[dict]
     return sum(r["correct"] for r in rows) / len(rows)
 
 
-PROBES = {"city": "{n} lives in", "pet": "The pet of {n} is", "job": "The job of {n} is",
-          "color": "The favourite colour of {n} is", "instrument": "The instrument of {n} is"}
-
-
-def probe_base(model: Llama, tokenizer: Tokenizer, world: World, people: Optional[Sequence[Person]] = None,
-               max_new_tokens: int = 4) -> dict[str, float]:
-    """What the base knows, asked in its own pretraining style (no template): accuracy per attribute.
-
-    E.g. "Mara lives in" -> greedy continuation -> contains the right city?
-    """
-    people = list(world.people if people is None else people)
-    prompts, keys = [], []
-    for p in people:
-        for a in ATTRIBUTES:
-            prompts.append(PROBES[a].format(n=p.name))
-            keys.append((a, p.get(a)))
-    outs = _generate(model, tokenizer, prompts, max_new_tokens)
-    scores: dict[str, list[bool]] = {a: [] for a in ATTRIBUTES}
-    for (a, v), out in zip(keys, outs):
-        scores[a].append(answer_is_correct(out, v, [x for x in ATTRIBUTES[a] if x != v]))
-    result = {a: sum(s) / len(s) for a, s in scores.items()}
-    result["all"] = sum(sum(s) for s in scores.values()) / len(prompts)
-    return result
-
-
-def _generate(model: Llama, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int,
-              batch_size: int = 64) -> list[str]:
-    """Greedy decoding with adapterlab.generate when present, else a small KV-cache loop."""
-    try:
-        from .generate import generate
-    except ImportError:
-        generate = None
-    if generate is not None:
-        return generate(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, greedy=True)
-    return _greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
-
-
 @torch.no_grad()
-def _greedy(model: Llama, tokenizer: Tokenizer, prompts: Sequence[str], max_new_tokens: int,
-            batch_size: int = 64) -> list[str]:
-    from .model import KVCache
+def sentence_logprobs(model: Llama, tokenizer: Tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    """Sum of log p(token | earlier tokens) over each text (BOS first) -> (N,). One right-padded batch."""
+    encoded = [tokenizer.encode(t, bos=True) for t in texts]
+    T = max(len(e) for e in encoded)
+    tokens = torch.zeros(len(texts), T, dtype=torch.long)
+    mask = torch.zeros(len(texts), T, dtype=torch.bool)
+    for i, e in enumerate(encoded):
+        tokens[i, : len(e)] = torch.tensor(e)
+        mask[i, : len(e)] = True
+    tokens, mask = tokens.to(model.device), mask.to(model.device)
+    logp = model(tokens)[:, :-1].float().log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]  # (N, T-1)
+    return (logp * mask[:, 1:]).sum(-1)
 
-    was_training = model.training
-    model.eval()
-    encoded = [tokenizer.encode(p, bos=True) for p in prompts]
-    out: list[Optional[str]] = [None] * len(prompts)
-    by_len: dict[int, list[int]] = {}
-    for i, e in enumerate(encoded):  # prompts of equal length share a batch: no padding needed
-        by_len.setdefault(len(e), []).append(i)
-    device = model.device
-    for T, idx in sorted(by_len.items()):
-        for s in range(0, len(idx), batch_size):
-            chunk = idx[s:s + batch_size]
-            tokens = torch.tensor([encoded[i] for i in chunk], device=device)  # (B, T)
-            cache = KVCache(model.config, len(chunk), T + max_new_tokens, device=device)
-            logits = model(tokens, 0, cache)
-            new = []
-            done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
-            for t in range(max_new_tokens):
-                nxt = logits[:, -1].argmax(-1)  # (B,)
-                new.append(nxt)
-                done |= nxt == tokenizer.eos_id
-                if done.all() or t == max_new_tokens - 1:
-                    break
-                logits = model(nxt[:, None], T + t, cache)
-            gen = torch.stack(new, 1).tolist()
-            for b, i in enumerate(chunk):
-                ids = gen[b]
-                if tokenizer.eos_id in ids:
-                    ids = ids[: ids.index(tokenizer.eos_id)]
-                out[i] = tokenizer.decode(ids).strip()
-    model.train(was_training)
-    return out  # type: ignore[return-value]
+
+def probe_base(model: Llama, tokenizer: Tokenizer, people: Sequence[Person]) -> dict[str, float]:
+    """What the base knows, without generating: per attribute, the fraction of ``people`` whose
+    true value gets the highest log-probability among all values, in the instruction set's
+    answer sentence (:data:`ANSWERS`, e.g. "Mara lives in Oslo." against every other city)."""
+    result = {}
+    for attribute, values in ATTRIBUTES.items():
+        texts = [ANSWERS[attribute].format(n=p.name, v=v, a=article(v)) for p in people for v in values]
+        scores = sentence_logprobs(model, tokenizer, texts).view(len(people), len(values))
+        truth = torch.tensor([values.index(p.get(attribute)) for p in people], device=scores.device)
+        result[attribute] = (scores.argmax(-1) == truth).float().mean().item()
+    return result
 
 
 # --------------------------------------------------------------------------- the base model recipe
@@ -434,26 +395,6 @@ class Recipe:
     def key(self, corpus_hash: str) -> str:
         blob = json.dumps({"recipe": asdict(self), "corpus": corpus_hash, "version": RECIPE_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-# The adapter and tuning settings that `adapterlab demo` uses on this world (held-out accuracy
-# about 0.9 after 300 steps; about 0.5 after 60). One place, so notebooks and the CLI agree.
-ADAPTER_SETTINGS = dict(prompt_len=10, layers=4)
-TUNING_SETTINGS = dict(steps=300, batch_size=32, lr=5e-2, warmup_steps=10, length_group=4, log_every=10)
-
-
-def adapter_config(**overrides):
-    """AdapterConfig for the tiny base: K=10 prompts in all 4 layers (7,704 values, 0.38% of the base)."""
-    from .adapter import AdapterConfig
-
-    return AdapterConfig(**{**ADAPTER_SETTINGS, **overrides})
-
-
-def tuning_config(**overrides):
-    """TrainConfig for adapter tuning on the tiny world's instruction set (overrides: any TrainConfig field)."""
-    from .train import TrainConfig
-
-    return TrainConfig(**{**TUNING_SETTINGS, "desc": "adapter tuning", **overrides})
 
 
 def build_world(recipe: Recipe):
@@ -483,7 +424,6 @@ def pretrain(recipe: Recipe, out_dir: Optional[str | os.PathLike] = None, progre
 
     out_dir: where the training loop writes its metrics/checkpoint (None: nowhere).
     """
-    from .data import text_windows
     from .train import TrainConfig, train
 
     world, corpus, train_records, heldout = build_world(recipe)
@@ -507,32 +447,6 @@ def pretrain(recipe: Recipe, out_dir: Optional[str | os.PathLike] = None, progre
 
 
 # --------------------------------------------------------------------------- the cache
-def default_threads() -> int:
-    """CPU threads for the tiny world's own work: $ADAPTERLAB_THREADS, else 1.
-
-    Its matrices are small (192 wide): a second thread gains little on an idle machine, and on a
-    busy one (other processes, a notebook beside a test run) torch's thread pool made a training
-    step 3-8 times *slower* than one thread in our measurements. 0 means torch's own choice.
-    """
-    return int(os.environ.get("ADAPTERLAB_THREADS", "1"))
-
-
-@contextlib.contextmanager
-def cpu_threads(n: Optional[int]):
-    """Run the block with torch using ``n`` CPU threads (None or 0: leave torch's setting)."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("ADAPTERLAB_CACHE") or Path.home() / ".cache" / "adapterlab")
-
-
 def corpus_hash(corpus: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(corpus).encode()).hexdigest()
 
@@ -544,50 +458,11 @@ def base_dir(recipe: Optional[Recipe] = None) -> Path:
     return cache_root() / f"tinyworld-{recipe.key(corpus_hash(corpus))}"
 
 
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive fcntl lock: other processes wait here until the holder leaves (or dies)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def save_base(model: Llama, tokenizer: Tokenizer, folder: str | os.PathLike, extra: Optional[dict] = None) -> Path:
-    """Write a Meta-style folder: params.json, consolidated.00.pth, tokenizer.model (+ tinyworld.json)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    c = model.config
-    params = {"dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads,
-              "vocab_size": c.vocab_size, "multiple_of": c.multiple_of, "ffn_dim_multiplier": c.ffn_dim_multiplier,
-              "norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "max_seq_len": c.max_seq_len}
-    (folder / "params.json").write_text(json.dumps(params, indent=2))
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if ".adapter." not in k}
-    torch.save(state, folder / "consolidated.00.pth")
-    tokenizer.save(folder / "tokenizer.model")
-    if extra is not None:
-        (folder / "tinyworld.json").write_text(json.dumps(extra, indent=2, default=str))
-    return folder
-
-
-def read_base(folder: str | os.PathLike, device=None) -> Llama:
-    """Load a folder written by :func:`save_base` (weights_only=True: no code runs from the file)."""
-    folder = Path(folder)
-    params = json.loads((folder / "params.json").read_text())
-    model = Llama(LlamaConfig.from_dict(params))
-    state = torch.load(folder / "consolidated.00.pth", map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    model.tokenizer = Tokenizer(folder / "tokenizer.model")
-    model.requires_grad_(False)
-    model.eval()
-    return model.to(device) if device is not None else model
-
-
 def build_base(recipe: Optional[Recipe] = None, progress: bool = True, force: bool = False) -> Path:
-    """Make sure the recipe's base is in the cache; return its folder. Safe to call concurrently."""
+    """Make sure the recipe's base is in the cache; return its folder. Safe to call concurrently:
+    the first caller builds it under a lock while the others wait, and the folder appears complete
+    or not at all (a Meta folder written by :func:`adapterlab.checkpoints.save_llama`, with the
+    recipe and the pretraining numbers in ``tinyworld.json``)."""
     recipe = recipe or Recipe()
     final = base_dir(recipe)
     if (final / "params.json").is_file() and not force:
@@ -604,29 +479,36 @@ def build_base(recipe: Optional[Recipe] = None, progress: bool = True, force: bo
                 "final_loss": metrics["final_loss"], "loss_history": metrics["loss_history"],
                 "pretrain_seconds": round(time.perf_counter() - t0, 1), "corpus_tokens": metrics["corpus_tokens"],
                 "params": model.num_params()}
-        publish_base(model, tokenizer, final, extra=info)
-    return final
-
-
-def publish_base(model: Llama, tokenizer: Tokenizer, final: Path, extra: Optional[dict] = None) -> Path:
-    """save_base into a temporary sibling folder, then rename it to ``final`` (replacing an old
-    one): readers of the cache see no folder or a complete one, never a half-written one.
-    Call it holding the folder's lock (``file_lock``)."""
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.building")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_base(model, tokenizer, tmp, extra=extra)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+        publish_folder(final, lambda tmp: save_llama(model, tokenizer, tmp, extra={"tinyworld.json": info}))
     return final
 
 
 def load_base(device=None, recipe: Optional[Recipe] = None, progress: bool = True) -> Llama:
     """The pretrained tiny-world base with ``model.tokenizer`` attached; built on first use.
 
-    All parameters are frozen (requires_grad False); attach an adapter to train.
+    device: None -> CPU. All parameters are frozen (requires_grad False); attach an adapter to train.
     """
-    return read_base(build_base(recipe, progress=progress), device=device)
+    folder = build_base(recipe, progress=progress)
+    return checkpoints.load_llama(folder, device=device or "cpu").requires_grad_(False)
+
+
+# --------------------------------------------------------------------------- names: the embedded base and data
+def load_llama(path_or_name: Union[str, os.PathLike], device=None, dtype: Optional[torch.dtype] = None,
+               max_seq_len: Optional[int] = None) -> Llama:
+    """``adapterlab.load_llama``: the name "tinyworld" -> the embedded base (:func:`load_base`, on
+    ``device`` or the CPU, frozen); a Meta or Hugging Face folder -> :func:`adapterlab.checkpoints.load_llama`
+    (see there for device, dtype and max_seq_len)."""
+    if str(path_or_name) == "tinyworld":
+        return load_base(device=device)
+    return checkpoints.load_llama(path_or_name, device=device, dtype=dtype, max_seq_len=max_seq_len)
+
+
+def load_instruction_data(spec: Union[str, os.PathLike], world: Optional[World] = None) -> list[dict]:
+    """``"tinyworld"`` -> the tiny world's training records (of ``world``, default :func:`make_world`);
+    anything else -> the Alpaca file at that path (:func:`adapterlab.data.load_alpaca`, validated)."""
+    if str(spec) == "tinyworld":
+        return instruction_set(world if world is not None else make_world())[0]
+    return load_alpaca(spec)
 
 
 def load_world(recipe: Optional[Recipe] = None) -> tuple[World, list[dict], list[dict]]:
@@ -637,7 +519,7 @@ def load_world(recipe: Optional[Recipe] = None) -> tuple[World, list[dict], list
 
 __all__ = [
     "World", "Person", "WorldConfig", "Recipe", "make_world", "pretrain_corpus", "instruction_set",
-    "heldout_accuracy", "evaluate", "probe_base", "answer_questions", "answer_is_correct", "load_base", "build_base",
-    "base_dir", "save_base", "read_base", "pretrain", "train_tokenizer", "corpus_tokens", "load_world",
-    "cache_root", "ATTRIBUTES", "cpu_threads", "default_threads", "adapter_config", "tuning_config",
+    "heldout_accuracy", "evaluate", "probe_base", "sentence_logprobs", "answer_questions", "answer_is_correct",
+    "load_base", "build_base", "base_dir", "pretrain", "train_tokenizer", "corpus_tokens", "load_world",
+    "load_llama", "load_instruction_data", "ATTRIBUTES",
 ]

@@ -1,18 +1,22 @@
 """One training loop for pretraining, adapter tuning and the baselines.
 
+Layer 5: imports files, model, adapter, data, distributed, losses and gates; the tooling above
+it (checkpoints, baselines, vision, tinyworld, recipes, cli) imports it.
+
     for step in range(start, total):
         batch   = the step's global batch (a deterministic function of seed and step)
-        for micro in the batch (gradient accumulation):
-            loss = cross-entropy on the response tokens / targets in the global batch
-            loss.backward()
-        clip, AdamW step, lr for the next step (linear warm-up, half-cycle cosine)
+        train_step:  for micro in the batch (gradient accumulation):
+                         loss = cross-entropy on the response tokens / targets in the global batch
+                         loss.backward()
+                     clip, AdamW step
+        lr for the next step (linear warm-up, half-cycle cosine)
         callbacks(step, info)       # gate recorder, live plots, your own
         every ckpt_every steps: atomic checkpoint (trainable tensors, optimizer, RNG, step)
 
 Only parameters with ``requires_grad`` reach the optimizer, so the same loop pretrains a whole
-model, tunes an adapter on a frozen base (PAPER.md "Training recipe"), or fine-tunes all
-weights for a baseline. The data order is a pure function of (seed, step), the learning rate a
-pure function of step, and the checkpoint holds everything else, so a run resumed after a
+model, tunes an adapter on a frozen base (the release's recipe, docs/method.md), or fine-tunes
+all weights for a baseline. The data order is a pure function of (seed, step), the learning rate
+a pure function of step, and the checkpoint holds everything else, so a run resumed after a
 SIGKILL finishes bit-identical to an uninterrupted one on the same machine.
 
 Distributed runs (torchrun, :mod:`adapterlab.distributed`): every rank computes the same global
@@ -20,30 +24,34 @@ batch order and takes its share; the gradients of the adapter are averaged acros
 or :func:`~adapterlab.distributed.sync_gradients` for FSDP), so the loss of each rank is scaled
 by the world size to keep the global mean. Only rank 0 writes files. The checkpoint counts the
 position in global steps, so a run resumes at any world size.
+
+A run with ``out_dir`` and an adapter records its gates with
+:class:`adapterlab.gates.GateRecorder` (``gates.jsonl``, and ``gates.png`` at the end).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE_INDEX, TokenDataset, collate
-from .losses import lm_loss
-from .model import Llama
+from .adapter import trainable_parameters
+from .data import StepSampler, TokenDataset, check_batch_sizes, get_batch
 from .distributed import (
-    DistributedLengthGroupedSampler, all_reduce_sum, check_replicas, collective_guard, no_sync, rank_and_world,
-    reduced_elements, strategy_of, sync_gradients, unwrap, wrap_model,
+    all_reduce_sum, check_replicas, collective_guard, no_sync, rank_and_world, reduced_elements, strategy_of,
+    sync_gradients, unwrap, wrap_model,
 )
+from .files import atomic_torch_save, atomic_write_text, remove_stale_temps
+from .gates import GateRecorder
+from .losses import loss_sum
+from .model import autocast_for
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
@@ -52,14 +60,15 @@ METRICS_NAME = "metrics.json"
 # --------------------------------------------------------------------------- config
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one run. Defaults follow the release's recipe (PAPER.md).
+    """Hyper-parameters of one run. Defaults follow the release's recipe (docs/method.md).
 
     steps / epochs: give exactly one. batch_size: the global batch (all ranks, all
     accumulation steps). micro_batch_size: examples per forward pass on one rank (None: the
     whole share at once). lr: absolute learning rate; None -> base_lr * batch_size / 256.
     warmup_steps overrides warmup_epochs. length_group: how many batches' worth of examples are
-    sorted by length together (1: random batches; more: less padding, more uniform batches). ckpt_every: steps between checkpoints (0: only at
-    the end). out_dir None: write nothing (notebooks, tests).
+    sorted by length together (1: random batches; more: less padding, more uniform batches).
+    ckpt_every: steps between checkpoints (0: only at the end). out_dir None: write nothing
+    (notebooks, tests).
     """
 
     steps: Optional[int] = None
@@ -94,10 +103,7 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 1; got {self.steps}")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"epochs must be > 0; got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1; got {self.batch_size}")
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1; got {self.micro_batch_size}")
+        check_batch_sizes(self.batch_size, micro_batch=self.micro_batch_size)
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1; got {self.log_every}")
         self.betas = tuple(self.betas)
@@ -121,12 +127,8 @@ class Schedule:
 
     @classmethod
     def resolve(cls, config: TrainConfig, n_examples: int) -> "Schedule":
+        check_batch_sizes(config.batch_size, n_examples=n_examples)
         spe = n_examples // config.batch_size
-        if spe < 1:
-            raise ValueError(
-                f"the data set has {n_examples} examples, fewer than one global batch of {config.batch_size}; "
-                "lower --batch-size or add data"
-            )
         total = config.steps if config.steps is not None else max(1, math.ceil(config.epochs * spe))
         warmup = config.warmup_steps if config.warmup_steps is not None else round(config.warmup_epochs * spe)
         return cls(total_steps=total, steps_per_epoch=spe, warmup_steps=min(warmup, total))
@@ -141,7 +143,6 @@ def lr_at(step: int, schedule: Schedule, peak: float, min_lr: float = 0.0) -> fl
     return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-# --------------------------------------------------------------------------- small helpers
 class TrainingDiverged(RuntimeError):
     """The loss or the gradient became NaN/inf; the last good checkpoint is kept."""
 
@@ -150,10 +151,12 @@ class CheckpointMismatch(ValueError):
     """A checkpoint to resume from was written for another model, adapter or data order."""
 
 
+# --------------------------------------------------------------------------- callbacks
 class Callback:
     """Base class for callbacks. A plain function ``f(step, info)`` works too (called every step).
 
-    on_start(state): before the first step; state has start_step, total_steps, resumed, out_dir, model.
+    on_start(state): before the first step; state has start_step, total_steps, resumed, out_dir,
+    model, config, schedule, and the epoch and lr at start_step.
     on_step(step, info): after every optimizer step (info: see :func:`train`).
     on_end(info): after the last step, with the final metrics.
     """
@@ -168,43 +171,15 @@ class Callback:
         pass
 
 
-def _call(cb: Any, event: str, *args) -> None:
-    if hasattr(cb, event):
-        getattr(cb, event)(*args)
-    elif event == "on_step" and callable(cb):
-        cb(*args)
+def _notify(callbacks: Iterable[Any], event: str, *args) -> None:
+    for cb in callbacks:
+        if hasattr(cb, event):
+            getattr(cb, event)(*args)
+        elif event == "on_step" and callable(cb):
+            cb(*args)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync, then rename over it: readers (and a
-    process killed at any moment) see the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
+# --------------------------------------------------------------------------- the step
 def make_optimizer(named: Sequence[tuple[str, nn.Parameter]], config: TrainConfig) -> torch.optim.AdamW:
     """AdamW with the release's betas; weight decay on matrices (ndim >= 2) only, as timm's
     ``param_groups_weight_decay`` used by the release (norm weights, biases, 1-d gates: none)."""
@@ -215,61 +190,50 @@ def make_optimizer(named: Sequence[tuple[str, nn.Parameter]], config: TrainConfi
     return torch.optim.AdamW(groups, lr=config.peak_lr, betas=config.betas)
 
 
-def loss_sum(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over the positions whose label is not IGNORE_INDEX.
+def train_step(model: nn.Module, micro_batches: Sequence[tuple], n_targets: int, optimizer: torch.optim.Optimizer,
+               clip: Optional[float] = None) -> tuple[float, float]:
+    """One optimizer step on this rank's share of a global batch -> (loss, gradient norm).
 
-    tokens, labels: (B, T). Position t predicts labels[:, t + 1]. What it computes is this:
-
-        logits = model(tokens)                                   # (B, T, vocab)
-        F.cross_entropy(logits[:, :-1], labels[:, 1:], reduction="sum", ignore_index=-100)
-
-    Speed (marked, see benchmarks/README.md): when the output head is frozen (adapter or LoRA
-    tuning of an adapterlab Llama, alone or in DDP) the same value comes from
-    :func:`adapterlab.losses.lm_loss`, which never builds the (B, T, vocab) logits and skips the
-    head on prompt tokens (label -100): less memory, and +33% tokens/s on a 32,000-word
-    vocabulary on the CPU. Other models (full fine-tuning, FSDP, wrappers) take the line above.
+    micro_batches: [(tokens (B, T), labels (B, T), forward_args), ...] on the model's device
+    (:func:`adapterlab.data.get_batch`). n_targets: labelled tokens in the whole global batch, so
+    the loss is their mean however the batch is cut over micro-batches and ranks. The loss is
+    summed over the ranks. If the loss or the gradient is not finite the update is not applied
+    (the caller stops).
     """
-    if _head_is_fusable(model):
-        return lm_loss(model, tokens, labels, reduction="sum", mode="fused")
-    logits = model(tokens)  # (B, T, vocab)
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-
-
-def _head_is_fusable(model: nn.Module) -> bool:
-    """An adapterlab Llama (or DDP around one) whose output head is frozen."""
-    raw = unwrap(model)
-    return isinstance(raw, Llama) and strategy_of(model) != "fsdp" and not raw.output.weight.requires_grad
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA, plain fp32 elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():  # (the run may resume on fewer GPUs)
-        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(s, i)
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a training checkpoint (tensors and plain values only: ``weights_only=True``)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    params = [p for _, p in trainable_parameters(unwrap(model))]
+    world = rank_and_world()[1]
+    loss_total = 0.0
+    for i, (tokens, labels, forward_args) in enumerate(micro_batches):
+        with no_sync(model, skip=i < len(micro_batches) - 1):  # DDP: all-reduce after the last one only
+            with autocast_for(tokens.device):
+                loss = loss_sum(model, tokens, labels, **forward_args) / n_targets
+            (loss * world).backward()  # DDP averages the ranks' gradients: x world keeps the global mean
+        loss_total += loss.item()
+    sync_gradients(model)  # FSDP: average the (unsharded) adapter gradients; DDP did it already
+    loss_total = all_reduce_sum(loss_total)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf")))
+    if math.isfinite(loss_total) and math.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_total, grad_norm
 
 
 # --------------------------------------------------------------------------- the loop
+@dataclass
+class RunState:
+    """Where a run stands: what a checkpoint restores besides the tensors, and running counts."""
+
+    start_step: int = 0
+    train_seconds: float = 0.0
+    history: dict = field(default_factory=lambda: {"loss": [], "eval": []})
+    resumed: bool = False
+    tokens: int = 0
+
+    @property
+    def last_loss(self) -> float:
+        return self.history["loss"][-1][1] if self.history["loss"] else float("nan")
+
+
 def train(
     model: nn.Module,
     train_data: TokenDataset,
@@ -279,10 +243,11 @@ def train(
 ) -> dict:
     """Train the parameters of ``model`` that require grad on ``train_data``; return the metrics.
 
-    train_data: a :class:`~adapterlab.data.TokenDataset` (instruction examples or text windows).
+    train_data: a :class:`~adapterlab.data.TokenDataset` (instruction examples or text windows,
+    with per-example model inputs in ``forward_args`` if the model takes any).
     eval_fn(model) -> dict of numbers (or one number), run every ``eval_every`` steps and at the end.
     callbacks: objects with on_start/on_step/on_end (see :class:`Callback`) or functions
-    ``f(step, info)``; info = {step, total_steps, epoch, loss, lr, grad_norm, tokens, eval, model}.
+    ``f(step, info)``; info = {step, total_steps, epoch, loss, lr, grad_norm, tokens, eval, model, log}.
     With ``out_dir`` set, writes checkpoint.pt, metrics.json and (for a model with an adapter)
     gates.jsonl and gates.png there.
 
@@ -292,149 +257,161 @@ def train(
     """
     rank, world = rank_and_world()
     is_main = rank == 0
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("the model has no trainable parameter (requires_grad=True); attach an adapter or unfreeze it")
-    if world > 1 and strategy_of(model) == "none":
-        model = wrap_model(model, "ddp")  # the ranks' gradients must be averaged
+    model = _wrap_for(model, world)
     raw = unwrap(model)  # the user's model: names, gates, checkpoints (the same at any world size)
     named = trainable_parameters(raw)
     device = named[0][1].device
     schedule = Schedule.resolve(config, len(train_data))
-    sampler = DistributedLengthGroupedSampler(train_data.lengths, config.batch_size, config.seed, rank, world,
-                                              config.micro_batch_size, group=config.length_group)
+    sampler = StepSampler(train_data.lengths, config.batch_size, config.seed, rank, world,
+                          config.micro_batch_size, group=config.length_group)
     optimizer = make_optimizer(named, config)
-    out_dir = Path(config.out_dir) if config.out_dir else None
-    if out_dir is not None and is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in out_dir.glob(".*.tmp"):  # left by a run killed while writing a file
-            stale.unlink(missing_ok=True)
+    out_dir = _prepare_out_dir(config, is_main)
     ckpt_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
+    callbacks = _with_gate_recorder(list(callbacks), raw, config, out_dir, is_main)
 
-    callbacks = list(callbacks)
-    if out_dir is not None and config.record_gates and is_main and _has_adapter(raw):
-        from .gates import GateRecorder
-
-        if not any(isinstance(cb, GateRecorder) for cb in callbacks):
-            callbacks.insert(0, GateRecorder(out_dir, every=config.log_every))
-
-    # ---- state, fresh or resumed
     torch.manual_seed(config.seed)
-    start_step, train_seconds = 0, 0.0
-    history: dict[str, list] = {"loss": [], "eval": []}
-    resumed = False
-    if config.resume and ckpt_path is not None and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
-        _restore(raw, optimizer, named, ckpt, config, ckpt_path)
-        start_step, train_seconds, history = ckpt["step"], ckpt["train_seconds"], ckpt["history"]
-        resumed = True
-    elif config.resume and is_main:
-        print(f"[{config.desc}] --resume: no checkpoint in {out_dir}, starting from step 0")
-
-    state = {"start_step": start_step, "total_steps": schedule.total_steps, "resumed": resumed,
-             "out_dir": out_dir, "model": raw, "config": config, "schedule": schedule}
-    for cb in callbacks:
-        _call(cb, "on_start", state)
-
-    peak = config.peak_lr
-    loss_scale = float(world)  # gradients are averaged over ranks; the loss is a mean over the global batch
-    params = [p for _, p in named]
-    tokens_seen = 0
+    run = _resume(raw, optimizer, named, config, ckpt_path, is_main)
+    _notify(callbacks, "on_start", {
+        "start_step": run.start_step, "total_steps": schedule.total_steps, "resumed": run.resumed,
+        "out_dir": out_dir, "model": raw, "config": config, "schedule": schedule,
+        "epoch": run.start_step / schedule.steps_per_epoch,
+        "lr": lr_at(run.start_step, schedule, config.peak_lr, config.min_lr)})
+    bar = _progress_bar(config, schedule, run.start_step) if is_main else None
     model.train()
-    bar = None
-    if config.progress and is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=schedule.total_steps, initial=start_step, desc=config.desc, unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
-    last_loss = history["loss"][-1][1] if history["loss"] else float("nan")
     try:
-        for step in range(start_step, schedule.total_steps):
-            global_batch = sampler.global_batch(step)
-            n_targets = max(1, train_data.n_targets(global_batch))  # the loss is a mean over the global batch
-            lr = lr_at(step, schedule, peak, config.min_lr)
+        for step in range(run.start_step, schedule.total_steps):
+            lr = lr_at(step, schedule, config.peak_lr, config.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-
-            step_loss = 0.0
-            micro_batches = sampler.micro_batches(step)
+            micro_batches = [get_batch(train_data, part, device) for part in sampler.micro_batches(step)]
+            n_targets = max(1, train_data.n_targets(sampler.global_batch(step)))
             with collective_guard(f"training step {step + 1}", hint=_resume_hint(ckpt_path)):
-                for i, part in enumerate(micro_batches):
-                    tokens, labels = collate([train_data[j] for j in part])
-                    tokens, labels = tokens.to(device), labels.to(device)
-                    with no_sync(model, skip=i < len(micro_batches) - 1):  # DDP: all-reduce after the last one
-                        with autocast_for(device):
-                            loss = loss_sum(model, tokens, labels) / n_targets
-                        (loss * loss_scale).backward()
-                    step_loss += loss.item()
-                    tokens_seen += tokens.numel()
-                sync_gradients(model)  # FSDP: average the (unsharded) adapter gradients; DDP did it already
-                step_loss = all_reduce_sum(step_loss)
-
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip if config.clip else float("inf"))
-            if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
-                raise TrainingDiverged(_diverged_message(step, step_loss, float(grad_norm), lr, ckpt_path))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+                loss, grad_norm = train_step(model, micro_batches, n_targets, optimizer, config.clip)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                raise TrainingDiverged(_diverged_message(step, loss, grad_norm, lr, ckpt_path))
             done = step + 1
             if config.check_replicas:
                 check_replicas(model, done)
-            last_loss = step_loss
-
-            log_now = done % config.log_every == 0 or done == schedule.total_steps
-            if log_now:
-                history["loss"].append([done, step_loss])
-            eval_result = None
-            if eval_fn is not None and config.eval_every and done % config.eval_every == 0 and done != schedule.total_steps:
-                eval_result = _run_eval(raw, eval_fn, done)
-                history["eval"].append(eval_result)
-            info = {"step": done, "total_steps": schedule.total_steps, "epoch": done / schedule.steps_per_epoch,
-                    "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens_seen,
-                    "eval": eval_result, "model": raw, "log": log_now}
-            for cb in callbacks:
-                _call(cb, "on_step", done, info)
-            if bar is not None:
-                bar.update(1)
-                if log_now:
-                    bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
-
-            if ckpt_path is not None and config.checkpoint and is_main and (
-                (config.ckpt_every and done % config.ckpt_every == 0) or done == schedule.total_steps
-            ):
-                elapsed = train_seconds + time.perf_counter() - t0
-                _save(ckpt_path, optimizer, named, config, done, schedule, elapsed, history, sampler, world)
+            run.tokens += sum(tokens.numel() for tokens, _, _ in micro_batches)
+            info = _record_step(run, done, schedule, loss, lr, grad_norm, raw, eval_fn, config)
+            _notify(callbacks, "on_step", done, info)
+            _show_progress(bar, info)
+            if ckpt_path is not None and is_main and _checkpoint_due(config, done, schedule):
+                elapsed = run.train_seconds + time.perf_counter() - t0
+                _save_checkpoint(ckpt_path, optimizer, named, config, done, schedule, elapsed, run.history, sampler,
+                                 world)
     finally:
         if bar is not None:
             bar.close()
-    train_seconds += time.perf_counter() - t0
+    run.train_seconds += time.perf_counter() - t0
 
-    if eval_fn is not None and (not history["eval"] or history["eval"][-1]["step"] != schedule.total_steps):
-        history["eval"].append(_run_eval(raw, eval_fn, schedule.total_steps))
+    if eval_fn is not None and (not run.history["eval"] or run.history["eval"][-1]["step"] != schedule.total_steps):
+        run.history["eval"].append(_run_eval(raw, eval_fn, schedule.total_steps))
+    metrics = _final_metrics(run, schedule, config, model, raw, named, train_data, world)
+    _notify(callbacks, "on_end", metrics)
+    if out_dir is not None and is_main:
+        write_metrics(out_dir, metrics, update=False)  # a new file: nothing left from an older run
+    return metrics
+
+
+# --------------------------------------------------------------------------- set-up
+def _wrap_for(model: nn.Module, world: int) -> nn.Module:
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameter (requires_grad=True); attach an adapter or unfreeze it")
+    if world > 1 and strategy_of(model) == "none":
+        return wrap_model(model, "ddp")  # the ranks' gradients must be averaged
+    return model
+
+
+def _prepare_out_dir(config: TrainConfig, is_main: bool) -> Optional[Path]:
+    out_dir = Path(config.out_dir) if config.out_dir else None
+    if out_dir is not None and is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out_dir)  # left by a run killed while writing a file
+    return out_dir
+
+
+def _with_gate_recorder(callbacks: list, raw: nn.Module, config: TrainConfig, out_dir: Optional[Path],
+                        is_main: bool) -> list:
+    """A model with an adapter records its gates in out_dir/gates.jsonl unless told not to."""
+    wanted = out_dir is not None and config.record_gates and is_main and _has_adapter(raw)
+    if wanted and not any(isinstance(cb, GateRecorder) for cb in callbacks):
+        callbacks.insert(0, GateRecorder(out_dir, every=config.log_every))
+    return callbacks
+
+
+def _has_adapter(model: nn.Module) -> bool:
+    layers = getattr(model, "layers", None)
+    return layers is not None and any(getattr(l.attention, "adapter", None) is not None for l in layers)
+
+
+def _progress_bar(config: TrainConfig, schedule: Schedule, start_step: int):
+    if not config.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=schedule.total_steps, initial=start_step, desc=config.desc, unit="step", dynamic_ncols=True)
+
+
+def _show_progress(bar, info: dict) -> None:
+    if bar is not None:
+        bar.update(1)
+        if info["log"]:
+            bar.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{info['lr']:.2e}")
+
+
+# --------------------------------------------------------------------------- after each step, at the end
+def _record_step(run: RunState, done: int, schedule: Schedule, loss: float, lr: float, grad_norm: float,
+                 raw: nn.Module, eval_fn: Optional[Callable], config: TrainConfig) -> dict:
+    """Log the loss every log_every steps, evaluate every eval_every steps; -> the callbacks' info."""
+    log_now = done % config.log_every == 0 or done == schedule.total_steps
+    if log_now:
+        run.history["loss"].append([done, loss])
+    eval_result = None
+    if eval_fn is not None and config.eval_every and done % config.eval_every == 0 and done != schedule.total_steps:
+        eval_result = _run_eval(raw, eval_fn, done)
+        run.history["eval"].append(eval_result)
+    return {"step": done, "total_steps": schedule.total_steps, "epoch": done / schedule.steps_per_epoch,
+            "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": run.tokens, "eval": eval_result,
+            "model": raw, "log": log_now}
+
+
+def _run_eval(model: nn.Module, eval_fn: Callable, step: int) -> dict:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        result = eval_fn(model)
+    model.train(was_training)
+    if not isinstance(result, dict):
+        result = {"eval": float(result)}
+    return {"step": step, **result}
+
+
+def _final_metrics(run: RunState, schedule: Schedule, config: TrainConfig, model: nn.Module, raw: nn.Module,
+                   named: Sequence[tuple[str, nn.Parameter]], train_data: TokenDataset, world: int) -> dict:
     metrics = {
         "steps": schedule.total_steps,
         "epochs": schedule.total_steps / schedule.steps_per_epoch,
         "steps_per_epoch": schedule.steps_per_epoch,
         "batch_size": config.batch_size,
-        "lr": peak,
-        "final_loss": last_loss,
-        "loss_history": history["loss"],
-        "eval_history": history["eval"],
-        "train_seconds": round(train_seconds, 2),
-        "trainable_params": sum(p.numel() for p in params),
+        "lr": config.peak_lr,
+        "final_loss": run.last_loss,
+        "loss_history": run.history["loss"],
+        "eval_history": run.history["eval"],
+        "train_seconds": round(run.train_seconds, 2),
+        "trainable_params": sum(p.numel() for _, p in named),
         "total_params": sum(p.numel() for p in raw.parameters()),
         "world_size": world,
         "strategy": strategy_of(model),
         "all_reduced_elements": reduced_elements(model)["elements"] if world > 1 else 0,
         "examples": len(train_data),
         "truncated_examples": train_data.n_truncated,
-        "resumed_from_step": start_step if resumed else None,
+        "resumed_from_step": run.start_step if run.resumed else None,
         "config": config.to_dict(),
     }
-    if history["eval"]:
-        metrics["eval"] = history["eval"][-1]
-    for cb in callbacks:
-        _call(cb, "on_end", metrics)
-    if out_dir is not None and is_main:
-        write_metrics(out_dir, metrics, update=False)  # a new file: nothing left from an older run
+    if run.history["eval"]:
+        metrics["eval"] = run.history["eval"][-1]
     return metrics
 
 
@@ -460,22 +437,6 @@ def _json_default(x):
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def _has_adapter(model: nn.Module) -> bool:
-    layers = getattr(model, "layers", None)
-    return layers is not None and any(getattr(l.attention, "adapter", None) is not None for l in layers)
-
-
-def _run_eval(model: nn.Module, eval_fn: Callable, step: int) -> dict:
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        result = eval_fn(model)
-    model.train(was_training)
-    if not isinstance(result, dict):
-        result = {"eval": float(result)}
-    return {"step": step, **result}
-
-
 def _diverged_message(step: int, loss: float, grad_norm: float, lr: float, ckpt: Optional[Path]) -> str:
     where = (f"The last good checkpoint is kept at {ckpt} (resume with --resume)."
              if ckpt is not None and ckpt.is_file() else "No checkpoint was written before this step.")
@@ -489,8 +450,19 @@ def _resume_hint(ckpt: Optional[Path]) -> str:
     return ""
 
 
-def _save(path: Path, optimizer, named, config: TrainConfig, step: int, schedule: Schedule,
-          train_seconds: float, history: dict, sampler: DistributedLengthGroupedSampler, world: int) -> None:
+# --------------------------------------------------------------------------- checkpoints and resume
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a training checkpoint (tensors and plain values only: ``weights_only=True``)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _checkpoint_due(config: TrainConfig, done: int, schedule: Schedule) -> bool:
+    return config.checkpoint and bool((config.ckpt_every and done % config.ckpt_every == 0)
+                                      or done == schedule.total_steps)
+
+
+def _save_checkpoint(path: Path, optimizer, named, config: TrainConfig, step: int, schedule: Schedule,
+                     train_seconds: float, history: dict, sampler: StepSampler, world: int) -> None:
     """Everything a resumed run needs, nothing that depends on the number of processes (the data
     position is the global step; ``world_size`` is recorded for information only)."""
     atomic_torch_save({
@@ -507,7 +479,27 @@ def _save(path: Path, optimizer, named, config: TrainConfig, step: int, schedule
     }, path)
 
 
-def _restore(model, optimizer, named, ckpt: dict, config: TrainConfig, path: Path) -> None:
+def _resume(model: nn.Module, optimizer, named, config: TrainConfig, path: Optional[Path], is_main: bool) -> RunState:
+    """A fresh RunState, or the one saved in ``path`` with the tensors, optimizer and RNG restored."""
+    if not config.resume:
+        return RunState()
+    if path is None or not path.is_file():
+        if is_main:
+            where = path.parent if path is not None else None
+            print(f"[{config.desc}] --resume: no checkpoint in {where}, starting from step 0")
+        return RunState()
+    ckpt = load_checkpoint(path)
+    _check_resumable(ckpt, named, config, path)
+    with torch.no_grad():
+        for n, p in named:
+            p.copy_(ckpt["trainable"][n].to(p.device, p.dtype))
+    optimizer.load_state_dict(ckpt["optimizer"])
+    _set_rng_state(ckpt["rng"])
+    return RunState(start_step=ckpt["step"], train_seconds=ckpt["train_seconds"], history=ckpt["history"],
+                    resumed=True)
+
+
+def _check_resumable(ckpt: dict, named, config: TrainConfig, path: Path) -> None:
     saved = ckpt["trainable"]
     names = [n for n, _ in named]
     if set(saved) != set(names):
@@ -520,26 +512,33 @@ def _restore(model, optimizer, named, ckpt: dict, config: TrainConfig, path: Pat
     for n, p in named:
         if saved[n].shape != p.shape:
             raise CheckpointMismatch(f"{path}: tensor {n} has shape {tuple(saved[n].shape)}, the model has {tuple(p.shape)}; "
-                             "resume with the same model and adapter settings, or use a new --out folder")
+                                     "resume with the same model and adapter settings, or use a new --out folder")
     for key in ("batch_size", "seed"):
         if ckpt["config"].get(key) != getattr(config, key):
             raise CheckpointMismatch(f"{path} was written with {key}={ckpt['config'].get(key)}, this run has "
-                             f"{key}={getattr(config, key)}; resume with the same value (the data order depends on it)")
+                                     f"{key}={getattr(config, key)}; resume with the same value (the data order depends on it)")
     # micro_batch_size (like the number of processes) only changes how a global batch is cut: same run
     changed = [k for k in ("steps", "epochs", "lr", "base_lr", "warmup_steps", "warmup_epochs")
                if ckpt["config"].get(k) != getattr(config, k)]
     if changed:
         warnings.warn(f"resuming {path} with changed settings {changed}: the run will differ from an uninterrupted one")
-    with torch.no_grad():
-        for n, p in named:
-            p.copy_(saved[n].to(p.device, p.dtype))
-    optimizer.load_state_dict(ckpt["optimizer"])
-    _set_rng_state(ckpt["rng"])
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():  # (the run may resume on fewer GPUs)
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
 
 
 __all__ = [
-    "TrainConfig", "Schedule", "lr_at", "train", "Callback", "TrainingDiverged", "CheckpointMismatch", "loss_sum",
-    "make_optimizer",
-    "load_checkpoint", "write_metrics", "atomic_write_text", "atomic_write_bytes", "atomic_torch_save",
-    "rank_and_world", "trainable_parameters", "autocast_for",
+    "TrainConfig", "Schedule", "lr_at", "train", "train_step", "make_optimizer", "RunState", "Callback",
+    "TrainingDiverged", "CheckpointMismatch", "load_checkpoint", "write_metrics", "CHECKPOINT_NAME", "METRICS_NAME",
 ]

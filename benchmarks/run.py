@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from adapterlab import AdapterConfig, Llama, LlamaConfig, add_adapter  # noqa: E402
 from adapterlab.adapter import adapted_layers, remove_adapter  # noqa: E402
+from adapterlab.checkpoints import HF_LAYER_NAMES, HF_TOP_NAMES  # noqa: E402
 from adapterlab.losses import IGNORE_INDEX, compile_model, lm_loss, uncompile_model  # noqa: E402
 
 GIB = 2**30
@@ -177,13 +178,9 @@ def meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, d // 2, 2, -1).transpose(1, 2).reshape(w.shape)
 
 
-_HF_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
-_HF_LAYER = {"attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
-             "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
-             "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
-             "feed_forward.w3.weight": "mlp.up_proj.weight", "attention_norm.weight": "input_layernorm.weight",
-             "ffn_norm.weight": "post_attention_layernorm.weight"}
+# Meta name -> Hugging Face name: the loader's maps (adapterlab.checkpoints), inverted.
+_HF_TOP = {meta: hf for hf, meta in HF_TOP_NAMES.items()}
+_HF_LAYER = {meta: hf for hf, meta in HF_LAYER_NAMES.items()}
 
 
 def meta_to_hf_state_dict(state: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict[str, torch.Tensor]:

@@ -105,6 +105,7 @@ def small_base(tmp_path_factory):
     """A Meta-format folder (params.json, consolidated.00.pth, tokenizer.model) with a small random LLaMA,
     and an Alpaca file: stands in for a real LLaMA folder and alpaca_data.json."""
     from adapterlab import tinyworld as tw
+    from adapterlab.checkpoints import save_llama
     from adapterlab.data import save_alpaca
     from adapterlab.model import init_weights
 
@@ -114,6 +115,6 @@ def small_base(tmp_path_factory):
     tok = tw.train_tokenizer(tw.pretrain_corpus(world, passes=2), records, vocab_size=300)
     model = init_weights(Llama(LlamaConfig(dim=32, n_layers=2, n_heads=4, vocab_size=tok.n_words, multiple_of=16,
                                            max_seq_len=128)), seed=0)
-    tw.save_base(model, tok, root / "base")
+    save_llama(model, tok, root / "base")
     save_alpaca(records[:48], root / "alpaca.json")
     return root

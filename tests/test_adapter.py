@@ -281,3 +281,127 @@ def test_bad_model_config():
     model = small_model()
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------- the ungated variant (gate="none")
+def literal_joint_layer_output(attn, x, cos, sin):
+    """One ungated attention layer computed literally: keys/values [P; T], one softmax."""
+    from adapterlab.adapter import joint_attention_literal
+
+    ap = attn.adapter
+    q = apply_rope(attn.split_heads(attn.wq(x), attn.n_heads), cos, sin)
+    k = apply_rope(attn.split_heads(attn.wk(x), attn.n_kv_heads), cos, sin)
+    v = attn.split_heads(attn.wv(x), attn.n_kv_heads)
+    pk = attn.split_heads(attn.wk(ap.prompt[None]), attn.n_kv_heads)
+    pv = attn.split_heads(attn.wv(ap.prompt[None]), attn.n_kv_heads)
+    rep = attn.n_heads // attn.n_kv_heads
+    k, v, pk, pv = (t.repeat_interleave(rep, dim=1) for t in (k, v, pk, pv))
+    out = joint_attention_literal(q, k, v, pk, pv)
+    B, T = x.shape[:2]
+    return attn.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+@pytest.mark.parametrize("n_kv", [None, 2])
+def test_ungated_efficient_equals_literal_one_softmax(n_kv):
+    model = small_model(n_kv)
+    add_adapter(model, AdapterConfig(prompt_len=6, layers=2, gate="none"))
+    x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(5))
+    cos, sin = rope_angles(16, torch.arange(9), 10000.0)
+    for i in adapted_layers(model):
+        attn = model.layers[i].attention
+        assert attn.adapter.gate is None
+        with torch.no_grad():
+            fast = attn(x, cos, sin)
+            slow = literal_joint_layer_output(attn, x, cos, sin)
+        assert (fast - slow).abs().max() < 1e-5
+
+
+def test_joint_literal_is_one_softmax_not_two():
+    """With token values 0 and prompt values 1, the output is the prompts' share of ONE softmax:
+    strictly between 0 and 1 (Eq. 7's separate prompt softmax would give exactly the gate)."""
+    from adapterlab.adapter import joint_attention_literal, joint_prompt_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 4, 8, generator=g) for _ in range(2))
+    pk = torch.randn(1, 2, 3, 8, generator=g)
+    out = joint_attention_literal(q, k, torch.zeros_like(q), pk, torch.ones(1, 2, 3, 8))
+    assert (out > 0.01).all() and (out < 0.99).all()
+    S = torch.cat([q @ pk.transpose(-2, -1), (q @ k.transpose(-2, -1)).masked_fill(
+        ~torch.ones(4, 4, dtype=torch.bool).tril(), float("-inf"))], -1) / math.sqrt(8)
+    share = S.softmax(-1)[..., :3].sum(-1, keepdim=True)  # the mass the prompts take
+    assert torch.allclose(out, share.expand_as(out), atol=1e-6)
+    token_out = torch.zeros_like(q)  # attention over tokens whose values are 0
+    assert torch.allclose(joint_prompt_attention(q, pk, torch.ones(1, 2, 3, 8), k, token_out), out, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_kv", [None, 2])
+def test_ungated_changes_the_output_at_step_0_and_prompts_get_gradients(n_kv):
+    model = small_model(n_kv)
+    x = tokens()
+    with torch.no_grad():
+        base = model(x)
+    add_adapter(model, AdapterConfig(prompt_len=5, layers=2, gate="none"))
+    assert count_trainable(model) == 2 * 5 * 64  # prompts only: no gate parameter
+    logits = model(x)
+    assert (logits.detach() - base).abs().max() > 1e-3, "the prompts take attention from the tokens at step 0"
+    logits.logsumexp(-1).mean().backward()
+    for i in adapted_layers(model):
+        assert model.layers[i].attention.adapter.prompt.grad.abs().min() > 0, "every prompt value gets a gradient"
+
+
+@pytest.mark.parametrize("n_kv", [None, 2])
+def test_ungated_kv_cache_decoding_equals_the_full_forward(n_kv):
+    from adapterlab.model import KVCache
+
+    model = small_model(n_kv).eval()
+    add_adapter(model, AdapterConfig(prompt_len=5, layers=3, gate="none"))
+    x = tokens(T=12)
+    with torch.no_grad():
+        full = model(x)
+        cache = KVCache(model.config, 2, 16)
+        parts = [model(x[:, :6], 0, cache), model(x[:, 6:9], 6, cache), model(x[:, 9:10], 9, cache),
+                 model(x[:, 10:], 10, cache)]  # prefill, a shifted prefill, then single tokens
+    assert (torch.cat(parts, 1) - full).abs().max() < 1e-5
+
+
+def test_ungated_adapter_has_no_gate_value_and_needs_the_token_attention():
+    model = small_model()
+    add_adapter(model, AdapterConfig(prompt_len=4, layers=2, gate="none"))
+    assert gate_values(model).shape == (0, 4)
+    assert set(adapter_state_dict(model)) == {f"layers.{i}.attention.adapter.prompt" for i in (2, 3)}
+    ap = model.layers[3].attention.adapter
+    with pytest.raises(ValueError, match="ungated"):
+        ap.gate_value()
+    with pytest.raises(ValueError, match="token keys"):
+        ap(torch.zeros(1, 4, 3, 16), model.layers[3].attention)
+    with pytest.raises(ValueError, match="gate='none' has no gate"):
+        AdapterConfig(gate="none", init="random")
+
+
+def test_ungated_adapter_round_trips_in_our_format(tmp_path):
+    from adapterlab import load_adapter, save_adapter
+
+    model = small_model()
+    add_adapter(model, AdapterConfig(prompt_len=4, layers=2, gate="none"), seed=3)
+    x = tokens()
+    with torch.no_grad():
+        expected = model(x)
+    save_adapter(model, tmp_path / "ungated")
+    fresh = small_model()
+    load_adapter(fresh, tmp_path / "ungated")
+    assert fresh.adapter_config.gate == "none"
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)
+
+
+def test_official_file_into_an_ungated_adapter_is_refused_clearly(tmp_path):
+    """Official and PEFT files are gated; loading one into an ungated adapter names the mismatch."""
+    from adapterlab import load_adapter
+
+    model = small_model()
+    add_adapter(model, AdapterConfig(prompt_len=10, layers=2, gate="none"))
+    sd = {"adapter_query.weight": torch.randn(10 * 2, 64)}
+    sd.update({f"layers.{i}.attention.gate": torch.zeros(1, 4, 1, 1) for i in range(4)})
+    torch.save(sd, tmp_path / "official.pth")
+    with pytest.raises(ValueError, match="ungated adapter.*only\\s+in adapterlab's own format"):
+        load_adapter(model, tmp_path / "official.pth")

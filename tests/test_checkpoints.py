@@ -62,9 +62,10 @@ def test_load_llama_dtype_and_tokenizer(tmp_path):
 
 
 # =========================================================================== official release .pth
-def literal_forward(model: Llama, tokens, prompts: dict, gates: dict):
+def literal_forward(model: Llama, tokens, prompts: dict, gates: dict, activation=torch.tanh):
     """The whole model with every attention written as Eq. 5-8 (zero_init_attention_literal),
-    prompts/gates taken from the raw file: prompts[i] (K, C), gates[i] raw g (tanh applied here)."""
+    prompts/gates taken from the raw file: prompts[i] (K, C), gates[i] raw g (``activation``
+    applied here: tanh as the release's fine-tuning code, or none as its inference code)."""
     cfg = model.config
     B, T = tokens.shape
     cos, sin = rope_angles(cfg.head_dim, torch.arange(T), cfg.rope_theta)
@@ -82,7 +83,7 @@ def literal_forward(model: Llama, tokens, prompts: dict, gates: dict):
         if i in prompts:
             pk = heads(attn.wk(prompts[i][None]), cfg.n_kv_heads).repeat_interleave(rep, 1)
             pv = heads(attn.wv(prompts[i][None]), cfg.n_kv_heads).repeat_interleave(rep, 1)
-            o = zero_init_attention_literal(q, k, v, pk, pv, torch.tanh(gates[i]))
+            o = zero_init_attention_literal(q, k, v, pk, pv, activation(gates[i]))
         else:
             s = (q @ k.transpose(-2, -1) / math.sqrt(cfg.head_dim)).masked_fill(
                 ~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
@@ -133,6 +134,111 @@ def test_official_pth_with_wrong_prompt_len_is_explained(tmp_path):
     write_official(tmp_path / "a.pth", 4, 2, 3, model.config.dim, model.config.n_heads)  # 6 rows
     with pytest.raises(ValueError, match=r"a\.pth.*6 rows.*prompt_len=10.*prompt_len"):
         load_adapter(model, tmp_path / "a.pth")  # default K = 10 does not divide 6 rows
+
+
+def test_official_pth_both_forwards_of_the_release(tmp_path):
+    """The release trains with tanh(g) and runs inference with g: both are reproducible, they
+    differ once the gate is open, and the choice survives save_adapter/load_adapter."""
+    N, K, L = 4, 3, 2
+    path = tmp_path / "adapter.pth"
+    sd = write_official(path, N, L, K, 64, 4)
+    prompts = {N - L + j: sd["adapter_query.weight"][j * K:(j + 1) * K] for j in range(L)}
+    gates = {i: sd[f"layers.{i}.attention.gate"] for i in prompts}
+    x = random_tokens(2, 9)
+    out = {}
+    for activation, literal in (("tanh", torch.tanh), ("identity", lambda g: g)):
+        model = load_adapter(make_tiny_model(n_layers=N), path, prompt_len=K, gate_activation=activation)
+        assert model.adapter_config.gate_activation == activation
+        with torch.no_grad():
+            out[activation] = model(x)
+            ref = literal_forward(model, x, prompts, gates, literal)
+        assert (out[activation] - ref).abs().max() <= 1e-5, activation
+        save_adapter(model, tmp_path / activation)  # the choice is recorded and comes back
+        again = load_adapter(make_tiny_model(n_layers=N), tmp_path / activation)
+        assert again.adapter_config.gate_activation == activation
+        assert torch.equal(logits(again, x), out[activation])
+    assert (out["tanh"] - out["identity"]).abs().max() > 1e-2  # open gates: the two forwards differ
+    with pytest.raises(ValueError, match=r"identity.*adapter_config\.json.*gate_activation='tanh'.*leave gate_activation unset"):
+        load_adapter(make_tiny_model(n_layers=N), tmp_path / "identity", gate_activation="tanh")
+    with pytest.raises(ValueError, match=r"gate_activation must be one of \('tanh', 'identity'\).*'sigmoid'"):
+        load_adapter(make_tiny_model(n_layers=N), path, gate_activation="sigmoid")
+
+
+def test_official_training_checkpoint_with_its_namespace_loads_safely(tmp_path):
+    """The release's fine-tuning code saves {"model", "optimizer", "epoch", "args": argparse.Namespace}:
+    read with weights_only=True (Namespace allowed, nothing else), the adapter is found under "model"."""
+    import argparse
+
+    sd = write_official(tmp_path / "adapter.pth", 4, 2, 10, 64, 4)
+    frozen = {k: v for k, v in make_tiny_model(n_layers=4).state_dict().items()}  # the base rides along
+    torch.save({"model": {**frozen, **sd}, "optimizer": {"state": {}, "param_groups": [{"lr": 9e-3}]}, "epoch": 4,
+                "args": argparse.Namespace(batch_size=4, adapter_len=10, adapter_layer=2, output_dir="./out")},
+               tmp_path / "checkpoint-4.pth")
+    direct = load_adapter(make_tiny_model(n_layers=4), tmp_path / "adapter.pth")
+    wrapped = load_adapter(make_tiny_model(n_layers=4), tmp_path / "checkpoint-4.pth")
+    for k, v in adapter_state_dict(direct).items():
+        assert torch.equal(adapter_state_dict(wrapped)[k], v), k
+
+
+class NotATensor:  # anything but tensors and the training arguments is refused, never run
+    pass
+
+
+def test_pickled_objects_are_refused_with_the_file_named(tmp_path):
+    torch.save({"adapter_query.weight": torch.zeros(20, 64), "extra": NotATensor()}, tmp_path / "odd.pth")
+    with pytest.raises(ValueError, match=r"odd\.pth holds Python objects other than tensors.*weights_only=True"):
+        load_adapter(make_tiny_model(n_layers=4), tmp_path / "odd.pth")
+
+
+def test_gate_of_wrong_shape_in_a_higher_layer_is_named(tmp_path):
+    path = tmp_path / "a.pth"
+    sd = write_official(path, 4, 3, 10, 64, 4)
+    sd["layers.3.attention.gate"] = torch.zeros(1, 8, 1, 1)  # the top layer, not the first adapted one
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match=r"a\.pth: the number of heads \(the shape of layers\.3\.attention\.gate.*"
+                                         r"is \(1, 8, 1, 1\) but the model has \(1, 4, 1, 1\)"):
+        load_adapter(make_tiny_model(n_layers=4), path)
+
+
+@pytest.mark.parametrize("kind", ["official", "ours", "peft"])
+@pytest.mark.parametrize("cut", ["empty", "half"])
+def test_truncated_adapter_file_is_named(tmp_path, kind, cut):
+    model = make_tiny_model(n_layers=4)
+    if kind == "official":
+        write_official(tmp_path / "adapter.pth", 4, 2, 10, 64, 4)
+        target = load_from = tmp_path / "adapter.pth"
+    elif kind == "ours":
+        donor = add_adapter(make_tiny_model(n_layers=4), AdapterConfig(prompt_len=2, layers=2))
+        load_from = save_adapter(donor, tmp_path / "ours")
+        target = load_from / "adapter.safetensors"
+    else:
+        load_from = tmp_path / "peft"
+        load_from.mkdir()
+        (load_from / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "ADAPTION_PROMPT", "adapter_len": 2, "adapter_layers": 2, "target_modules": "self_attn"}))
+        target = load_from / "adapter_model.bin"
+        torch.save({f"base_model.model.model.layers.{i}.self_attn.adaption_prompt": torch.zeros(1, 2, 64)
+                    for i in (2, 3)}, target)
+    data = target.read_bytes()
+    target.write_bytes(b"" if cut == "empty" else data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"{target.name} \([\d,]+ bytes\) cannot be read.*empty or cut short.*again"):
+        load_adapter(model, load_from)
+
+
+def test_save_llama_writes_a_meta_folder_that_load_llama_reads_exactly(tmp_path):
+    from adapterlab.checkpoints import save_llama
+
+    model = add_adapter(make_tiny_model(), AdapterConfig(prompt_len=2, layers=1))  # the adapter is left out
+    texts = [f"the {w} number {i} is {i * 7}" for i, w in enumerate(["red", "blue", "green", "big", "small"] * 8)]
+    tok = Tokenizer.train(texts, vocab_size=60)
+    folder = save_llama(model, tok, tmp_path / "base", extra={"made.json": {"steps": 3}})
+    assert sorted(p.name for p in folder.iterdir()) == ["consolidated.00.pth", "made.json", "params.json", "tokenizer.model"]
+    assert json.loads((folder / "made.json").read_text()) == {"steps": 3}
+    loaded = load_llama(folder, device="cpu")
+    assert not adapted_layers(loaded) and loaded.tokenizer.model_proto == tok.model_proto
+    remove_adapter(model)
+    x = random_tokens()
+    assert torch.equal(logits(loaded, x), logits(model, x))
 
 
 # =========================================================================== our format

@@ -8,9 +8,13 @@ from adapterlab import tinyworld
 from adapterlab.data import (
     IGNORE_INDEX,
     DataError,
+    BatchSizeError,
     StepSampler,
+    TokenDataset,
+    check_batch_sizes,
     collate,
     format_prompt,
+    get_batch,
     instruction_dataset,
     length_grouped_batches,
     load_alpaca,
@@ -67,6 +71,31 @@ def test_collate_pads_right_with_ignored_labels():
     tokens, labels = collate([([1, 5, 6], [IGNORE_INDEX, 5, 6]), ([1, 7], [IGNORE_INDEX, 7])])
     assert tokens.tolist() == [[1, 5, 6], [1, 7, 0]]
     assert labels.tolist() == [[IGNORE_INDEX, 5, 6], [IGNORE_INDEX, 7, IGNORE_INDEX]]
+
+
+def test_forward_args_travel_with_their_examples():
+    """Per-example model inputs (e.g. image features) are rows of forward_args, batched like the tokens."""
+    rows = {"image_features": torch.arange(6.0).view(3, 2), "has_image": torch.tensor([True, False, True])}
+    data = TokenDataset([[1, 5], [1, 6, 7], [1, 8]], [[IGNORE_INDEX, 5], [IGNORE_INDEX, 6, 7], [IGNORE_INDEX, 8]],
+                        forward_args=rows)
+    tokens, labels, forward_args = get_batch(data, [2, 0])
+    assert tokens.tolist() == [[1, 8], [1, 5]] and labels.tolist() == [[IGNORE_INDEX, 8], [IGNORE_INDEX, 5]]
+    assert forward_args["image_features"].tolist() == [[4.0, 5.0], [0.0, 1.0]]
+    assert forward_args["has_image"].tolist() == [True, True]
+    assert get_batch(TokenDataset([[1, 2]], [[1, 2]]), [0])[2] == {}  # text: no extra inputs
+    with pytest.raises(DataError, match=r"forward_args\['image_features'\] .* \(3 rows\); got \(2, 4\)"):
+        TokenDataset([[1]] * 3, [[1]] * 3, forward_args={"image_features": torch.zeros(2, 4)})
+
+
+def test_one_batch_size_check_for_data_ranks_and_micro_batches():
+    assert check_batch_sizes(64, 8, micro_batch=3, n_examples=64) == (8, 3)
+    with pytest.raises(BatchSizeError, match="fewer than one global batch of 8"):
+        check_batch_sizes(8, n_examples=5)
+    with pytest.raises(BatchSizeError, match="fewer than one global batch of 8"):
+        length_grouped_batches([3] * 5, 8, seed=0, epoch=0)
+    with pytest.raises(BatchSizeError, match="micro-batch size must be >= 1"):
+        StepSampler([3] * 16, 8, micro_batch=0)
+    assert issubclass(BatchSizeError, DataError)  # the CLI reports both the same way
 
 
 def test_length_grouped_batches_are_deterministic_full_and_grouped():

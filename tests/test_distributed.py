@@ -92,7 +92,8 @@ def world_files(tmp_path_factory) -> dict:
     """A small random base (Meta folder with tokenizer.model) and an Alpaca file of 64 records."""
     from adapterlab import Llama, LlamaConfig
     from adapterlab.data import save_alpaca
-    from adapterlab.tinyworld import instruction_set, make_world, save_base
+    from adapterlab.checkpoints import save_llama
+    from adapterlab.tinyworld import instruction_set, make_world
     from adapterlab.tokenizer import Tokenizer
 
     root = tmp_path_factory.mktemp("dist")
@@ -107,7 +108,7 @@ def world_files(tmp_path_factory) -> dict:
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(torch.ones_like(p) if name.endswith("norm.weight") else torch.randn_like(p) / math.sqrt(p.shape[-1]))
-    base = save_base(model, tokenizer, root / "base")
+    base = save_llama(model, tokenizer, root / "base")
     data = root / "data.json"
     save_alpaca(records, data)
     return {"base": str(base), "data": str(data), "root": root}

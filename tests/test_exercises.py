@@ -436,3 +436,18 @@ def test_notebook_shape(path: Path):
             assert out.get("name") != "stderr", f"{path.name}: a checked cell writes to stderr"
             assert not any(k.startswith("image/") for k in out.get("data", {})), f"{path.name}: image in checked cell"
     assert any("NBVAL_CHECK_OUTPUT" in c for c in code), f"{path.name}: no checked cell"
+
+
+def test_checkers_accept_numpy_and_torch_scalars_as_numbers():
+    """A student's `log.gates[-1].mean(-1).argmax()` is a numpy int64; `x.sum()` a 0-d tensor: both are numbers."""
+    import numpy as np
+
+    from adapterlab.exercises import _as_float, _as_int
+
+    for value in (np.int64(7), np.int32(7), np.float64(7.0), np.array(7), np.array([7]), torch.tensor(7), 7, 7.0, "7"):
+        assert _as_int(value, "x") == (7, None), value
+        assert _as_float(value, "x") == (7.0, None), value
+    for bad in (np.array([1, 2]), torch.tensor([1.0, 2.0]), np.bool_(True), True):
+        number, problem = _as_int(bad, "x")
+        assert number is None and not problem, bad
+    assert "whole number" in _as_int(np.float32(2.5), "x")[1].message

@@ -9,12 +9,12 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "adapterlab"
 LAYERS = [
     {"files"},
-    {"model", "tokenizer", "scenes"},
-    {"adapter"},
-    {"data"},
-    {"losses", "generate", "distributed"},
+    {"model", "tokenizer", "scenes", "bleu"},
+    {"adapter", "scenetext"},
+    {"data", "distributed"},
+    {"losses", "generate", "gates"},
     {"train"},
-    {"checkpoints", "baselines", "gates", "vision", "encoders", "squad", "vtab"},
+    {"checkpoints", "baselines", "vision", "encoders", "squad", "vtab"},
     {"tinyworld", "multimodal", "live"},
     {"recipes", "ablate", "beyond"},
     {"cli", "exercises"},

@@ -30,6 +30,7 @@ from adapterlab.losses import (
 from adapterlab.model import init_weights
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
 
 
 def problem(N=37, C=16, V=53, seed=0, ignored=11, dtype=torch.float32):
@@ -221,6 +222,66 @@ def test_lm_loss_sum_reduction_and_default_labels():
     assert abs(lm_loss(model, tokens, reduction="sum").item() - ref.item()) < 1e-3
     with pytest.raises(ValueError, match="labels"):
         lm_loss(model, tokens, tokens[:, :-1])
+
+
+def test_loss_sum_fast_path_equals_the_readable_formula():
+    """train()'s loss (loss_sum): the fused head (adapter: frozen head) and the full-logits line give the same value and gradients."""
+    import torch.nn.functional as F
+
+    from adapterlab.losses import _head_is_fusable, loss_sum
+    from test_train import tiny_model
+
+    model = tiny_model()
+    add_adapter(model, AdapterConfig(prompt_len=3, layers=2), seed=0)
+    with torch.no_grad():
+        for layer in model.layers:
+            if layer.attention.adapter is not None:
+                layer.attention.adapter.gate.fill_(0.3)  # open gates: the prompts matter
+    tokens = torch.randint(0, model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0))
+    labels = tokens.clone()
+    labels[:, :4] = IGNORE_INDEX  # prompt tokens carry no loss
+    assert _head_is_fusable(model)
+    fast = loss_sum(model, tokens, labels)
+    fast_grads = torch.autograd.grad(fast, [p for p in model.parameters() if p.requires_grad])
+    logits = model(tokens)
+    slow = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    slow_grads = torch.autograd.grad(slow, [p for p in model.parameters() if p.requires_grad])
+    assert abs(fast.item() - slow.item()) < 1e-4 * slow.item()
+    for a, b in zip(fast_grads, slow_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    model.requires_grad_(True)  # full fine-tuning trains the head: the readable line is used
+    assert not _head_is_fusable(model)
+    assert abs(loss_sum(model, tokens, labels).item() - slow.item()) < 1e-4 * slow.item()
+
+
+def test_loss_sum_passes_per_example_forward_args_to_the_model():
+    """A multi-modal batch: image_features (and has_image) reach the model's forward; the image token
+    is made inside it by the trainable projection, so its gradient flows; rows without a picture get 0."""
+    from adapterlab.losses import loss_sum
+
+    cfg = LlamaConfig(dim=32, n_layers=2, n_heads=4, vocab_size=61, multiple_of=16, max_seq_len=64)
+    model = init_weights(Llama(cfg), seed=0, std=0.2)
+    add_adapter(model, AdapterConfig(prompt_len=3, layers=2, visual_dim=8, visual_hidden=16))
+    with torch.no_grad():
+        for i in adapted_layers(model):
+            model.layers[i].attention.adapter.gate.fill_(0.5)
+    tokens, labels = batch()
+    feats = torch.randn(3, 8, generator=torch.Generator().manual_seed(5))
+    has_image = torch.tensor([True, False, True])
+    loss = loss_sum(model, tokens, labels, image_features=feats, has_image=has_image)
+    visual = model.visual_proj(feats) * has_image[:, None].float()
+    assert visual[1].abs().sum() == 0 and visual[0].abs().sum() > 0
+    logits = model(tokens, visual=visual)
+    ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+                          reduction="sum")
+    assert abs(loss.item() - ref.item()) < 1e-4 * ref.item()
+    loss.backward()
+    assert model.visual_proj.fc1.weight.grad.abs().max() > 0
+    no_picture = loss_sum(model, tokens, labels, image_features=feats, has_image=torch.zeros(3, dtype=torch.bool))
+    assert abs(no_picture.item() - loss_sum(model, tokens, labels).item()) < 1e-5 * no_picture.item()
+    with pytest.raises(ValueError, match="multi-modal adapter"):
+        loss_sum(adapted_model(), tokens, labels, image_features=feats)
 
 
 @pytest.mark.slow

@@ -1,74 +1,22 @@
-"""Multi-modal tasks, BLEU-4, the training bridge and the demo's outputs."""
+"""The multi-modal run: its data, the scene base, pictures as per-example model inputs, the demo's outputs."""
 import json
-import math
 
 import numpy as np
-import pytest
 import torch
 
 from adapterlab import AdapterConfig, Llama, LlamaConfig, add_adapter
 from adapterlab.adapter import adapted_layers
+from adapterlab.data import get_batch
+from adapterlab.losses import loss_sum
 from adapterlab.model import init_weights
 from adapterlab.multimodal import (
-    CONTEXTS, KINDS, LETTERS, OPTIONS, ImageTokenBridge, MultimodalConfig, captions, corpus_bleu,
-    example_dataset, image_tokens, knowledge_facts, knowledge_question, make_data, parse_answer,
-    run_multimodal_demo, scene_answer, scene_question,
+    MultimodalConfig, answer, example_dataset, image_inputs, make_data, run_multimodal_demo,
 )
 from adapterlab.scenes import Scene
-from adapterlab.train import loss_sum
-
-
-# ---------------------------------------------------------------------------- BLEU-4
-def test_bleu_matches_a_hand_computed_example():
-    cands = ["the the the cat", "a cat is on the mat"]
-    refs = [["the cat sat", "a cat sat on it"], ["a cat is on the big red mat"]]
-    # sentence 1: 1-grams the x3 (clipped to 1) + cat = 2/4; 2-grams "the cat" = 1/3; 3-grams 0/2; 4-grams 0/1
-    # sentence 2: 1-grams 6/6; 2-grams 4/5 ("the mat" missing); 3-grams 3/4; 4-grams 2/3
-    # corpus: p1 = 8/10, p2 = 5/8, p3 = 3/6, p4 = 2/4
-    # c = 4 + 6 = 10; r = 3 (lengths 3 and 5 tie at distance 1: the shorter) + 8 = 11; BP = exp(1 - 11/10)
-    expected = math.exp(1 - 11 / 10) * (0.8 * 0.625 * 0.5 * 0.5) ** 0.25
-    got = corpus_bleu(cands, refs)
-    assert got["precisions"] == pytest.approx([0.8, 0.625, 0.5, 0.5])
-    assert (got["c"], got["r"]) == (10, 11)
-    assert got["bleu"] == pytest.approx(expected, abs=1e-12)
-    assert got["bleu"] == pytest.approx(0.538019, abs=1e-6)
-
-
-def test_bleu_edge_cases():
-    assert corpus_bleu(["three red circles in the top left corner"],
-                       [["three red circles in the top left corner", "x"]])["bleu"] == pytest.approx(1.0)
-    assert corpus_bleu(["Three red circles, in the top-left corner."],
-                       [["three red circles in the top left corner"]])["bleu"] == pytest.approx(1.0)  # COCO tokens
-    assert corpus_bleu(["red circles top left"], [["three red circles in the top left corner"]])["bleu"] == 0.0
-    short = corpus_bleu(["a b c d"], [["a b c d e f g h"]])
-    assert short["precisions"] == [1, 1, 1, 1] and short["bleu"] == pytest.approx(math.exp(1 - 8 / 4))
-    with pytest.raises(ValueError, match="2 candidates but 1"):
-        corpus_bleu(["a", "b"], [["a"]])
-    with pytest.raises(ValueError, match="list of reference captions"):
-        corpus_bleu(["a"], ["a"])
+from adapterlab.scenetext import CONTEXTS, knowledge_facts, knowledge_question, scene_question
 
 
 # ---------------------------------------------------------------------------- tasks
-def test_scienceqa_style_questions():
-    rng = np.random.default_rng(0)
-    scene = Scene("triangle", "blue", 3, "bottom left")
-    for kind in KINDS:
-        img = scene_question(scene, kind, rng, "image", 7)
-        txt = scene_question(scene, kind, rng, "text", None)
-        word, solution = scene_answer(scene, kind)
-        for ex in (img, txt):
-            lines = ex.prompt.split("\n")
-            assert [l.split(":")[0] for l in lines] == ["Question", "Context", "Options", "Answer"]
-            assert lines[2] == "Options: " + " ".join(f"({L}) {o}" for L, o in zip(LETTERS, OPTIONS[kind]))
-            assert ex.answer == LETTERS[OPTIONS[kind].index(word)]
-            assert ex.response == f" {solution} The answer is ({ex.answer})."
-            assert parse_answer(ex.response) == ex.answer and word in solution
-        assert img.prompt.split("\n")[1] == "Context: N/A" and img.image == 7 and img.context == "image"
-        assert "three blue triangles" in txt.prompt and txt.image is None and txt.context == "text"
-    assert parse_answer("The shapes are red.") is None
-    assert captions(Scene("circle", "red", 1, "top right"))[0] == "a red circle in the top right corner"
-
-
 def test_knowledge_facts_and_data_split():
     facts = knowledge_facts()
     assert all(len(f.options) == 4 and f.answer in f.options and f.answer in f.solution for f in facts)
@@ -96,15 +44,16 @@ def small_adapted(visual_dim=8):
     return model
 
 
-def test_image_tokens_are_zero_without_a_picture():
-    model = small_adapted()
+def test_image_inputs_mark_the_examples_without_a_picture():
     feats = torch.randn(5, 8)
+    inputs = image_inputs(feats, [3, None, 0])
+    assert torch.equal(inputs["image_features"], feats[[3, 0, 0]]) and inputs["has_image"].tolist() == [True, False, True]
+    assert image_inputs(None, [3, None]) == {}  # a text-only model takes no picture inputs
+    model = small_adapted()
     with torch.no_grad():
-        ip = image_tokens(model, feats, torch.tensor([3, -1, 0]))
-        assert torch.equal(ip[1], torch.zeros(32))
+        ip = model.image_token(**inputs)  # (3, dim)
+        assert torch.equal(ip[1], torch.zeros(32))  # no picture: I_p = 0, the prompts stay P_l
         assert torch.allclose(ip[0], model.visual_proj(feats[3:4])[0], atol=1e-6)
-        assert torch.allclose(ip[2], model.visual_proj(feats[0:1])[0], atol=1e-6)
-    assert image_tokens(model, None, torch.tensor([0])) is None
 
 
 class _ToyTokenizer:
@@ -114,30 +63,50 @@ class _ToyTokenizer:
         ids = [3 + (ord(ch) % 40) for ch in text]
         return ([1] if bos else []) + ids + ([2] if eos else [])
 
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
 
-def test_bridge_gives_the_loss_of_the_multimodal_forward():
-    """The loop's loss through the bridge equals the loss of model(tokens, visual=I_p) on the response."""
-    model = small_adapted()
-    feats = torch.randn(4, 8)
+
+def _examples():
     rng = np.random.default_rng(0)
     scene = Scene("circle", "red", 2, "top left")
-    examples = [scene_question(scene, "colour", rng, "image", 2), scene_question(scene, "count", rng, "text", None)]
-    data = example_dataset(_ToyTokenizer(), examples, max_seq_len=512)
-    assert data.tokens[0][0] == 3 and data.tokens[1][0] == 0  # picture codes: index + 1, 0 = none
-    from adapterlab.data import collate
+    return [scene_question(scene, "colour", rng, "image", 2), scene_question(scene, "count", rng, "text", None)]
 
-    tokens, labels = collate([data[0], data[1]])
-    bridged = loss_sum(ImageTokenBridge(model, feats), tokens, labels)
-    # direct: the same examples without the code column, I_p for example 0 only
-    direct_tokens, direct_labels = tokens[:, 1:], labels[:, 1:]
-    visual = image_tokens(model, feats, torch.tensor([2, -1]))
-    logits = model(direct_tokens, visual=visual)
-    direct = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), direct_labels[:, 1:].flatten(),
+
+def test_the_loop_trains_on_the_loss_of_the_multimodal_forward():
+    """The training loop's loss on a batch equals the cross-entropy of model(tokens, visual=I_p) on the
+    responses, with I_p from the example's picture (example 0) or 0 (example 1, no picture)."""
+    model = small_adapted()
+    feats = torch.randn(4, 8)
+    data = example_dataset(_ToyTokenizer(), _examples(), max_seq_len=512, features=feats)
+    tokens, labels, forward_args = get_batch(data, [0, 1])
+    assert forward_args["has_image"].tolist() == [True, False] and torch.equal(forward_args["image_features"][0], feats[2])
+    loop = loss_sum(model, tokens, labels, **forward_args)
+    visual = torch.stack([model.visual_proj(feats[2:3])[0], torch.zeros(32)])  # (2, dim)
+    logits = model(tokens, visual=visual)
+    direct = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
                                                ignore_index=-100, reduction="sum")
-    assert torch.allclose(bridged, direct, rtol=1e-5)
-    assert data.n_targets([0, 1]) == int((direct_labels[:, 1:] != -100).sum())
-    bridged.backward()
+    assert torch.allclose(loop, direct, rtol=1e-5)
+    assert data.n_targets([0, 1]) == int((labels[:, 1:] != -100).sum())
+    assert not torch.allclose(loop, loss_sum(model, tokens, labels), rtol=1e-5)  # the picture counts
+    loop.backward()
     assert model.visual_proj.fc1.weight.grad.abs().max() > 0
+    text_only = example_dataset(_ToyTokenizer(), _examples(), max_seq_len=512)
+    assert text_only.forward_args == {} and text_only.tokens == data.tokens
+
+
+def test_answers_use_the_picture_only_where_there_is_one():
+    """In one batch, the example with a picture is answered with its image token, the one without as if
+    the model had no picture inputs at all."""
+    model = small_adapted()
+    model.visual_proj.out_norm.weight.data.fill_(30.0)  # a loud image token, so the picture decides the answer
+    feats = torch.randn(4, 8)
+    examples = _examples()
+    both = answer(model, _ToyTokenizer(), examples, feats, max_new_tokens=5)
+    assert both[0] == answer(model, _ToyTokenizer(), examples[:1], feats, max_new_tokens=5)[0]
+    assert both[1] == answer(model, _ToyTokenizer(), examples[1:], None, max_new_tokens=5)[0]
+    other = [type(examples[0])(**{**examples[0].__dict__, "image": 3})]  # the same question about another picture
+    assert answer(model, _ToyTokenizer(), other, feats, max_new_tokens=5)[0] != both[0]
 
 
 # ---------------------------------------------------------------------------- the demo, tiny

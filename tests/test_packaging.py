@@ -1,4 +1,5 @@
-"""environment.yml must offer the same packages as pyproject.toml (runtime + notebooks + dev extras)."""
+"""Packaging: environment.yml offers the same packages, version floors and Python as pyproject.toml
+(runtime + notebooks + dev extras), from conda-forge alone."""
 import importlib.util
 import re
 import tomllib
@@ -6,26 +7,45 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONDA_NAMES = {"torch": "pytorch"}  # conda calls torch "pytorch"
+REQUIREMENT = re.compile(r"\s*([A-Za-z0-9_.\-]+)\s*([<>=!~].*)?")
 
 
-def names(reqs):
-    return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].strip().lower() for r in reqs}
+def specs(reqs) -> dict[str, str]:
+    """{conda name: version spec} of requirement strings like "torch>=2.5"."""
+    out = {}
+    for r in reqs:
+        name, spec = REQUIREMENT.fullmatch(r.split(";")[0]).groups()
+        out[CONDA_NAMES.get(name.lower(), name.lower())] = (spec or "").replace(" ", "")
+    return out
+
+
+def environment_yml() -> tuple[list[str], dict[str, str]]:
+    """(channels, {name: version spec}) of environment.yml, pip entries included."""
+    text = (ROOT / "environment.yml").read_text()
+    channels = re.findall(r"^\s*-\s+(\S+)", text.split("channels:", 1)[1].split("dependencies:", 1)[0], re.M)
+    listed = [m.group(1) for line in text.split("dependencies:", 1)[1].splitlines()
+              if (m := re.match(r"\s*-\s+([^\s:]+)\s*$", line)) and m.group(1) not in ("pip", "-e")]
+    return channels, specs(listed)
 
 
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = names(project["dependencies"])
+    wanted = specs(project["dependencies"])
     for extra in project["optional-dependencies"].values():
-        wanted |= names(extra)
-    text = (ROOT / "environment.yml").read_text()
-    listed = set()
-    for line in text.split("dependencies:", 1)[1].splitlines():
-        m = re.match(r"\s*-\s+([A-Za-z0-9_.\-]+)", line)
-        if m and m.group(1) not in ("pip", "-e"):
-            listed.add(m.group(1).lower())
-    expected = {CONDA_NAMES.get(n, n) for n in wanted}
-    assert expected - listed == set(), f"missing in environment.yml: {sorted(expected - listed)}"
-    assert listed - expected - {"python"} == set(), f"extra in environment.yml: {sorted(listed - expected - {'python'})}"
+        wanted.update(specs(extra))
+    wanted["python"] = project["requires-python"]
+    channels, listed = environment_yml()
+    assert sorted(set(wanted) - set(listed)) == [], "missing in environment.yml"
+    assert sorted(set(listed) - set(wanted)) == [], "extra in environment.yml"
+    assert {n: s for n, s in listed.items() if s != wanted[n]} == {}, f"version floors differ from pyproject: {wanted}"
+    # conda-forge carries PyTorch now; the "pytorch" channel receives no new releases
+    assert channels == ["conda-forge", "nodefaults"], channels
+
+
+def test_python_floor_is_what_the_code_and_tests_need():
+    """tomllib (this file) is new in 3.11, and 3.10 reached its end of life in October 2026."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.11"
 
 
 def test_readme_test_command_is_what_ci_runs():

@@ -101,6 +101,30 @@ def test_gradient_accumulation_matches_one_big_batch():
             torch.testing.assert_close(other[k], finals[0][k], rtol=0, atol=1e-6)
 
 
+def test_per_example_forward_args_reach_the_model_with_their_examples():
+    """A data set with image features per example: every micro-batch's forward gets its own examples' rows,
+    and the multi-modal projection (applied inside the forward) trains."""
+    model = add_adapter(tiny_model(), AdapterConfig(prompt_len=4, layers=2, visual_dim=3, visual_hidden=8))
+    text = toy_data()
+    first = torch.tensor([t[1] for t in text.tokens], dtype=torch.float)  # each example's first prompt token
+    features = torch.stack([first, torch.zeros_like(first), torch.ones_like(first)], dim=1)  # (N, 3)
+    data = TokenDataset(text.tokens, text.labels, forward_args={
+        "image_features": features, "has_image": torch.arange(len(text)) % 2 == 0})
+    projection_before = model.visual_proj.fc1.weight.clone()
+    seen = []
+    forward = model.forward
+
+    def checking_forward(tokens, *args, image_features=None, has_image=None, **kwargs):
+        assert torch.equal(image_features[:, 0].long(), tokens[:, 1])  # the rows of these very examples
+        seen.append(len(tokens))
+        return forward(tokens, *args, image_features=image_features, has_image=has_image, **kwargs)
+
+    model.forward = checking_forward
+    train(model, data, quiet(steps=3, batch_size=8, micro_batch_size=3, lr=0.05))
+    assert seen == [3, 3, 2] * 3
+    assert not torch.equal(model.visual_proj.fc1.weight, projection_before)
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path):
     model = add_adapter(tiny_model(), AdapterConfig(prompt_len=4, layers=2))
 
@@ -214,33 +238,3 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     assert r.returncode == 0, r.stderr
     assert_same_run(full, ext)
     assert not [p for p in ext.iterdir() if p.name.endswith(".tmp")]  # no torn temporary files left behind
-
-
-def test_loss_sum_fast_path_equals_the_readable_formula():
-    """train()'s loss: the fused head (adapter: frozen head) and the full-logits line give the same value and gradients."""
-    import torch.nn.functional as F
-
-    from adapterlab.train import _head_is_fusable, loss_sum
-
-    model = tiny_model()
-    add_adapter(model, AdapterConfig(prompt_len=3, layers=2), seed=0)
-    with torch.no_grad():
-        for layer in model.layers:
-            if layer.attention.adapter is not None:
-                layer.attention.adapter.gate.fill_(0.3)  # open gates: the prompts matter
-    tokens = torch.randint(0, model.config.vocab_size, (3, 11), generator=torch.Generator().manual_seed(0))
-    labels = tokens.clone()
-    labels[:, :4] = IGNORE_INDEX  # prompt tokens carry no loss
-    assert _head_is_fusable(model)
-    fast = loss_sum(model, tokens, labels)
-    fast_grads = torch.autograd.grad(fast, [p for p in model.parameters() if p.requires_grad])
-    logits = model(tokens)
-    slow = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-    slow_grads = torch.autograd.grad(slow, [p for p in model.parameters() if p.requires_grad])
-    assert abs(fast.item() - slow.item()) < 1e-4 * slow.item()
-    for a, b in zip(fast_grads, slow_grads):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
-    model.requires_grad_(True)  # full fine-tuning trains the head: the readable line is used
-    assert not _head_is_fusable(model)
-    assert abs(loss_sum(model, tokens, labels).item() - slow.item()) < 1e-4 * slow.item()

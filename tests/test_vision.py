@@ -6,7 +6,7 @@ import torch
 from adapterlab import AdapterConfig, Llama, LlamaConfig, add_adapter
 from adapterlab.adapter import adapted_layers, adapter_state_dict, count_trainable
 from adapterlab.model import init_weights
-from adapterlab.scenes import COLOURS, CORNERS, IMAGE_SIZE, RGB, SHAPES, Scene, blank_image, make_scenes, render_scene
+from adapterlab.scenes import COLOURS, CORNERS, IMAGE_SIZE, RGB, SHAPES, Scene, make_scenes, render_scene
 from adapterlab.vision import CLIPEncoder, SceneEncoder, VisualProjection, check_images, encode_images
 
 DIM, VOCAB = 64, 97
@@ -147,7 +147,6 @@ def test_scenes_are_deterministic_and_drawn_as_described():
             assert (inside - torch.tensor(RGB[colour], dtype=torch.float)).abs().max() < 25
     with pytest.raises(ValueError, match="cannot draw"):
         render_scene(Scene("hexagon", "red", 1, "top left"), rng)
-    assert blank_image().shape == (3, IMAGE_SIZE, IMAGE_SIZE)
     assert set(SHAPES) == {"circle", "square", "triangle", "cross"}
 
 
@@ -168,7 +167,8 @@ def test_bad_images_give_clear_errors(bad, error, message):
 
 
 def test_check_images_accepts_a_single_picture():
-    assert check_images(blank_image()).shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    picture = make_scenes(1)[1][0]  # uint8 (3, H, W)
+    assert check_images(picture).shape == (1, 3, IMAGE_SIZE, IMAGE_SIZE)
     nan = torch.rand(1, 3, 8, 8)
     nan[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):

@@ -175,36 +175,13 @@ for name, text in zip(held, generate(base, tokenizer, [f"{n} lives in" for n in 
 # To measure knowledge without generating, we **probe**: for every fact, score each possible
 # value by the log-probability the model gives to the whole sentence, and see if the true
 # value wins. The sentences are the answers of the instruction set (`tinyworld.ANSWERS`).
+# `tinyworld.sentence_logprobs` sums log p(token | earlier tokens) over each sentence;
+# `tinyworld.probe_base` compares those sums across the 8 values of each attribute (both are
+# short: read them in `adapterlab/tinyworld.py`).
 
 # %%
-@torch.no_grad()
-def sentence_logprobs(model, tokenizer, texts: list[str]) -> torch.Tensor:
-    """Sum of log p(token | earlier tokens) for each text -> (N,). Right-padded batch."""
-    encoded = [tokenizer.encode(t, bos=True) for t in texts]
-    T = max(len(e) for e in encoded)
-    tokens = torch.zeros(len(texts), T, dtype=torch.long)
-    mask = torch.zeros(len(texts), T, dtype=torch.bool)
-    for i, e in enumerate(encoded):
-        tokens[i, : len(e)] = torch.tensor(e)
-        mask[i, : len(e)] = True
-    logp = model(tokens)[:, :-1].log_softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]  # (N, T-1)
-    return (logp * mask[:, 1:]).sum(-1)
-
-
-def probe(model, tokenizer, persons) -> dict[str, float]:
-    """Fraction of facts per attribute where the true value gets the highest sentence score."""
-    result = {}
-    for attribute, values in tinyworld.ATTRIBUTES.items():
-        texts = [tinyworld.ANSWERS[attribute].format(n=p.name, v=v, a=tinyworld.article(v))
-                 for p in persons for v in values]
-        scores = sentence_logprobs(model, tokenizer, texts).view(len(persons), len(values))
-        truth = torch.tensor([values.index(p.get(attribute)) for p in persons])
-        result[attribute] = (scores.argmax(-1) == truth).float().mean().item()
-    return result
-
-
-known_train = probe(base, tokenizer, world.train_people)
-known_heldout = probe(base, tokenizer, world.heldout_people)
+known_train = tinyworld.probe_base(base, tokenizer, world.train_people)
+known_heldout = tinyworld.probe_base(base, tokenizer, world.heldout_people)
 print("people in the instruction set:", {a: round(v, 2) for a, v in known_train.items()})
 print("held-out people:              ", {a: round(v, 2) for a, v in known_heldout.items()})
 

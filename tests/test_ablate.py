@@ -1,0 +1,172 @@
+"""The ablation runner: the three variants at step 0, the knowledge probe, output format, resume."""
+import json
+
+import pytest
+import torch
+
+from adapterlab import ablate
+from adapterlab import tinyworld as tw
+from adapterlab.ablate import AblationConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAST = dict(seeds=2, variants=("zero", "none"), steps=3, batch_size=8, warmup_steps=1, early_steps=2, probe_docs=4,
+            eval_every=None)
+
+
+def read_base(folder):
+    """The conftest's base, frozen, on the CPU (as tinyworld.load_base gives the cached one)."""
+    from adapterlab.checkpoints import load_llama
+
+    return load_llama(folder, device="cpu").requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def small_world(small_base):
+    """The conftest's small random base (it knows nothing) with the world its tokenizer was made from."""
+    world = tw.make_world(0)
+    train, heldout = tw.instruction_set(world)
+    corpus = tw.pretrain_corpus(world, passes=2)
+    return world, train, heldout[:10], corpus, small_base / "base"
+
+
+def bench_for(small_world, config, load_base=None):
+    world, train, heldout, corpus, folder = small_world
+    load_base = load_base or (lambda: read_base(folder))
+    return ablate.make_bench(world, load_base().tokenizer, train, heldout, corpus, config, load_base)
+
+
+# ---------------------------------------------------------------------------- the variants at step 0
+def test_zero_init_is_the_base_bit_for_bit_random_and_ungated_are_not(small_world):
+    config = AblationConfig(**{**FAST, "variants": ("zero", "random", "none")})
+    bench = bench_for(small_world, config)
+    base = bench.load_base()
+    with torch.no_grad():
+        reference = base(bench.probe_tokens)
+        for variant, same in (("zero", True), ("random", False), ("none", False)):
+            model = ablate.attach(bench.load_base(), config, variant, seed=0)
+            assert torch.equal(model(bench.probe_tokens), reference) is same, variant
+
+
+def test_scales_multiply_the_random_draws(small_world):
+    bench = bench_for(small_world, AblationConfig(**FAST))
+    one = ablate.attach(bench.load_base(), AblationConfig(**FAST), "random", seed=0)
+    big = ablate.attach(bench.load_base(), AblationConfig(**FAST, gate_scale=3.0, prompt_scale=0.5), "random", seed=0)
+    a, b = one.layers[-1].attention.adapter, big.layers[-1].attention.adapter
+    assert torch.allclose(b.gate, 3 * a.gate) and torch.allclose(b.prompt, 0.5 * a.prompt)
+    zero = ablate.attach(bench.load_base(), AblationConfig(**FAST, gate_scale=3.0), "zero", seed=0)
+    assert torch.count_nonzero(zero.layers[-1].attention.adapter.gate) == 0
+
+
+def test_prompt_share_is_zero_for_zero_gates_and_a_real_share_when_ungated(small_world):
+    bench = bench_for(small_world, AblationConfig(**FAST))
+    zero = ablate.attach(bench.load_base(), AblationConfig(**FAST), "zero", seed=0)
+    none = ablate.attach(bench.load_base(), AblationConfig(**FAST), "none", seed=0)
+    assert ablate.prompt_share(zero, bench.probe_tokens) == 0.0
+    assert 0.0 < ablate.prompt_share(none, bench.probe_tokens) < 1.0
+
+
+# ---------------------------------------------------------------------------- the knowledge probe
+def test_knowledge_probe_tells_a_base_that_knows_from_one_that_does_not(small_world):
+    """The cached tiny-world base completes most facts in its pretraining words; a random model none."""
+    knows = tw.load_base(progress=False)
+    world, _, heldout = tw.load_world()
+    _, corpus, _, _ = tw.build_world(tw.Recipe())
+    config = AblationConfig(**{**FAST, "probe_docs": 8})
+    bench = ablate.make_bench(world, knows.tokenizer, heldout * 2, heldout, corpus, config, lambda: knows)
+    knew = ablate.knowledge(knows, bench)
+    from adapterlab import Llama
+    from adapterlab.model import init_weights
+
+    blank = init_weights(Llama(knows.config), seed=1).eval()  # the same shape, randomly initialised
+    blank.tokenizer = knows.tokenizer
+    did_not = ablate.knowledge(blank, bench)
+    assert knew["fact_accuracy"] > 0.5 and did_not["fact_accuracy"] < 0.1
+    assert knew["corpus_loss"] < 1.5 < did_not["corpus_loss"]
+
+
+# ---------------------------------------------------------------------------- the runner's files
+def test_runner_writes_runs_summary_and_plot(small_world, tmp_path):
+    config = AblationConfig(**FAST)
+    summary = ablate.run_ablation(tmp_path, config, progress=False, command="test", bench=bench_for(small_world, config))
+    runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
+    assert [(r["variant"], r["seed"]) for r in runs] == [("zero", 0), ("none", 0), ("zero", 1), ("none", 1)]
+    for r in runs:
+        assert len(r["losses"]) == 3 and r["eval_history"][-1]["step"] == 3
+        assert set(r["knowledge_before"]) == set(r["knowledge_after"]) == {"corpus_loss", "fact_accuracy"}
+        assert r["gate_log"][0]["step"] == 0 and r["gate_log"][-1]["step"] == 3
+        assert (r["gate_log"][0]["gate_abs"] == 0.0) if r["variant"] == "zero" else r["gate_log"][0]["gate_abs"] is None
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["variants"].keys() == {"zero", "none"} and on_disk["command"] == "test"
+    for v in ("zero", "none"):
+        row = on_disk["variants"][v]
+        assert row["seeds"] == 2
+        for metric in ("heldout_accuracy", "early_loss", "knowledge_kept"):
+            lo, hi = row[metric]["ci95"]
+            assert lo <= row[metric]["mean"] <= hi and row[metric]["std"] >= 0
+    assert {"date", "machine", "versions", "settings"} <= set(on_disk)
+    assert summary["variants"]["zero"]["knowledge_at_init"]["mean"] == runs[0]["knowledge_before"]["corpus_loss"]
+    assert (tmp_path / "ablation.png").stat().st_size > 10_000
+    assert "ungated" in ablate.format_table(summary)
+
+
+def test_a_killed_study_resumes_with_only_the_missing_runs(small_world, tmp_path):
+    config = AblationConfig(**FAST)
+    folder = small_world[4]
+    calls = []
+
+    def dies_on_the_third_run():
+        calls.append(1)
+        if len(calls) == 4:  # (the bench loads once for the tokenizer) the third run is killed midway
+            raise KeyboardInterrupt
+        return read_base(folder)
+
+    with pytest.raises(KeyboardInterrupt):
+        ablate.run_ablation(tmp_path / "a", config, progress=False, plot=False,
+                            bench=bench_for(small_world, config, dies_on_the_third_run))
+    first = ablate.read_runs(tmp_path / "a" / "runs.jsonl")
+    assert [(r["variant"], r["seed"]) for r in first] == [("zero", 0), ("none", 0)]
+
+    loads = []
+    bench = bench_for(small_world, config, lambda: loads.append(1) or read_base(folder))
+    loads.clear()
+    ablate.run_ablation(tmp_path / "a", config, progress=False, plot=False, bench=bench)
+    assert len(loads) == 2, "only the two missing runs are done"
+    resumed = ablate.read_runs(tmp_path / "a" / "runs.jsonl")
+    ablate.run_ablation(tmp_path / "b", config, progress=False, plot=False, bench=bench_for(small_world, config))
+    straight = ablate.read_runs(tmp_path / "b" / "runs.jsonl")
+    strip = lambda runs: [{k: v for k, v in r.items() if k != "seconds"} for r in runs]  # noqa: E731
+    assert strip(resumed) == strip(straight), "a killed and resumed study equals one run straight through"
+
+
+def test_resume_refuses_other_settings_and_broken_lines(small_world, tmp_path):
+    config = AblationConfig(**{**FAST, "seeds": 1, "variants": ("zero",)})
+    ablate.run_ablation(tmp_path, config, progress=False, plot=False, bench=bench_for(small_world, config))
+    with pytest.raises(ValueError, match="other settings.*lr"):
+        ablate.run_ablation(tmp_path, AblationConfig(**{**FAST, "seeds": 1, "lr": 0.1}), progress=False)
+    with open(tmp_path / "runs.jsonl", "a") as f:
+        f.write('{"variant": "zero", "se')
+    with pytest.raises(ValueError, match="line 2: not JSON"):
+        ablate.run_ablation(tmp_path, config, progress=False)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(variants=("zero", "frozen")), "variants"),
+    (dict(variants=()), "variants"),
+    (dict(seeds=0), "seeds"),
+    (dict(steps=-1), "steps"),
+    (dict(lr=0.0), "lr"),
+    (dict(gate_scale=float("nan")), "gate_scale"),
+    (dict(steps=5, early_steps=10), "early_steps"),
+    (dict(train_records=4, batch_size=8), "train_records"),
+])
+def test_bad_settings_are_named(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        AblationConfig(**kwargs)
+
+
+def test_stats_mean_std_and_interval():
+    s = ablate.stats([1.0, 2.0, 3.0])
+    assert s["mean"] == 2.0 and s["std"] == 1.0 and s["n"] == 3
+    assert s["ci95"] == pytest.approx([2 - 4.303 / 3 ** 0.5, 2 + 4.303 / 3 ** 0.5])
+    assert ablate.stats([5.0])["ci95"] is None
