@@ -42,7 +42,8 @@ import torch
 from .adapter import AdapterConfig, adapted_layers, add_adapter
 from .data import collate, instruction_dataset, text_windows
 from .files import atomic_write_text, cpu_threads, default_threads
-from .train import TrainConfig, loss_sum, train
+from .losses import loss_sum
+from .train import TrainConfig, train
 
 VARIANTS = {
     "zero": dict(init="zero"),  # the paper: gates start at 0
@@ -177,16 +178,35 @@ def mean_loss(model, dataset, batch: int = 32) -> float:
     return total / max(n, 1)
 
 
+# How the pretraining text starts a fact; the model's greedy continuation must name the value.
+FACT_PROMPTS = {"city": "{n} lives in", "pet": "The pet of {n} is", "job": "The job of {n} is",
+                "color": "The favourite colour of {n} is", "instrument": "The instrument of {n} is"}
+
+
+@torch.no_grad()
+def fact_completion_accuracy(model, tokenizer, world, max_new_tokens: int = 4) -> float:
+    """Fraction of every person's facts the model completes in the pretraining's own words, no
+    template ("Mara lives in" -> " Oslo."): right value named, no other value of that attribute."""
+    from .generate import generate
+    from .tinyworld import ATTRIBUTES, answer_is_correct
+
+    prompts, truths = [], []
+    for p in world.people:
+        for attribute, values in ATTRIBUTES.items():
+            prompts.append(FACT_PROMPTS[attribute].format(n=p.name))
+            truths.append((p.get(attribute), [v for v in values if v != p.get(attribute)]))
+    outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, greedy=True)
+    return sum(answer_is_correct(out, v, others) for out, (v, others) in zip(outs, truths)) / len(prompts)
+
+
 @torch.no_grad()
 def knowledge(model, bench: Bench) -> dict:
     """What the model knows of its pretraining, asked in the pretraining's own words (no template):
     ``corpus_loss`` on pretraining text and ``fact_accuracy`` completing every person's facts."""
-    from .tinyworld import probe_base
-
     was_training = model.training
     model.eval()
     result = {"corpus_loss": mean_loss(model, bench.corpus_data),
-              "fact_accuracy": probe_base(model, bench.tokenizer, bench.world)["all"]}
+              "fact_accuracy": fact_completion_accuracy(model, bench.tokenizer, bench.world)}
     model.train(was_training)
     return result
 
@@ -414,6 +434,43 @@ def summarize(runs: Sequence[dict], config: AblationConfig, command: Optional[st
             "versions": versions(), "run_seconds": sum(r["seconds"] for r in runs)}
 
 
+LOWER_IS_BETTER = {"early_loss": True, "first_loss": True, "final_loss": True, "heldout_loss": True,
+                   "knowledge_kept": True, "knowledge_at_init": True, "heldout_accuracy": False, "facts_kept": False}
+METRIC_NAMES = {"heldout_accuracy": "held-out accuracy", "early_loss": "early training loss",
+                "knowledge_kept": "loss on the pretraining text after training", "facts_kept": "facts kept",
+                "first_loss": "first-step loss", "final_loss": "final training loss", "heldout_loss": "held-out loss",
+                "knowledge_at_init": "loss on the pretraining text at step 0"}
+
+
+def compare(runs: Sequence[dict], metric: str, a: str = "zero", b: str = "random") -> dict:
+    """Variant a against variant b on one metric, paired by seed (same seed: same data order and
+    prompt draws). Returns the paired difference's stats and a verdict: "better" or "worse" when its
+    95% interval excludes 0, "no clear difference" otherwise."""
+    by_seed = {v: {r["seed"]: r[metric] for r in runs if r["variant"] == v} for v in (a, b)}
+    seeds = sorted(set(by_seed[a]) & set(by_seed[b]))
+    if len(seeds) < 2:
+        raise ValueError(f"comparing {a} with {b} needs at least 2 seeds run for both; found {len(seeds)}")
+    diff = stats([by_seed[a][s] - by_seed[b][s] for s in seeds])
+    lo, hi = diff["ci95"]
+    if lo <= 0 <= hi:
+        verdict = "no clear difference"
+    else:
+        a_is_better = diff["mean"] < 0 if LOWER_IS_BETTER[metric] else diff["mean"] > 0
+        verdict = "better" if a_is_better else "worse"
+    return {"metric": metric, "a": a, "b": b, "a_mean": stats(list(by_seed[a].values()))["mean"],
+            "b_mean": stats(list(by_seed[b].values()))["mean"], "difference": diff, "verdict": verdict}
+
+
+def sentence(c: dict, digits: int = 3) -> str:
+    """A comparison from :func:`compare` in words, with its numbers."""
+    lo, hi = c["difference"]["ci95"]
+    f = f"{{:.{digits}f}}"
+    what = {"better": "beats", "worse": "loses to", "no clear difference": "is not clearly different from"}[c["verdict"]]
+    return (f"{LABELS[c['a']]} {what} {LABELS[c['b']]} on {METRIC_NAMES[c['metric']]}: "
+            f"{f.format(c['a_mean'])} vs {f.format(c['b_mean'])} (paired difference {f.format(c['difference']['mean'])}, "
+            f"95% interval [{f.format(lo)}, {f.format(hi)}], {c['difference']['n']} seeds)")
+
+
 def format_table(summary: dict) -> str:
     """The study as a text table: mean +- std over seeds per variant."""
     cols = [("heldout_accuracy", "held-out acc", 2), ("early_loss", "early loss", 3),
@@ -487,4 +544,5 @@ def plot_study(runs: Sequence[dict], path: Optional[str | os.PathLike] = None, t
 
 
 __all__ = ["AblationConfig", "VARIANTS", "Bench", "tiny_world_bench", "make_bench", "knowledge", "evaluate",
-           "prompt_share", "run_one", "run_ablation", "read_runs", "summarize", "stats", "format_table", "plot_study"]
+           "prompt_share", "run_one", "run_ablation", "read_runs", "summarize", "stats", "compare", "sentence", "format_table",
+           "plot_study", "fact_completion_accuracy"]

@@ -1,18 +1,23 @@
 """Instruction data: Alpaca records, the prompt templates, label masking and batching.
 
+Layer 3 (beside distributed): torch only, nothing from adapterlab. The loss is in
+:mod:`adapterlab.losses`, the loop that batches these examples in :mod:`adapterlab.train`.
+
 An Alpaca file is a JSON list of records ``{"instruction": str, "input": str, "output": str}``
 (about 40% of Alpaca-52K has a non-empty input). Each record becomes one training example
 
     tokens = [BOS] + encode(prompt) + encode(output) + [EOS]
     labels = [-100] * (1 + len(prompt))  + encode(output) + [EOS]
 
-so the loss is computed on the response only (PAPER.md, "Alpaca data format"); -100 is the
+so the loss is computed on the response only (docs/method.md, "templates"); -100 is the
 label torch's cross-entropy ignores (not token 0, which is a real token, <unk>). Prompt and
 response are encoded separately, so the boundary between them is exact and generation (which
 encodes the prompt alone and continues it) sees the same tokens as training.
 
 Batches are grouped by length instead of padding every example to 512 tokens as the release
-does: examples of similar length share a batch, so little compute goes to padding.
+does: examples of similar length share a batch, so little compute goes to padding. An example
+may carry extra inputs of the model (``TokenDataset.forward_args``, e.g. image features for the
+multi-modal adapter); :func:`get_batch` batches them with the tokens.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import torch
 
 IGNORE_INDEX = -100  # label value ignored by the loss (torch's cross_entropy default)
 
-# The exact templates of the Alpaca release (PAPER.md).
+# The exact templates of the Alpaca release (docs/method.md).
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"

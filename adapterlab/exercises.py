@@ -653,8 +653,8 @@ def check_accumulation_steps(answer, global_batch: int = 64, world_size: int = 8
 def check_multimodal_param_count(answer, visual_dim: int = 1024, prompt_len: int = 10, layers: int = 30,
                                  dim: int = 4096, n_heads: int = 32) -> CheckResult:
     """Exercise: trainable values of the multi-modal adapter = prompts + gates + the projection
-    ``adapterlab.vision.VisualProjection(visual_dim, dim)`` (count it from ``print(VisualProjection(...))``)."""
-    from .vision import VisualProjection
+    ``adapterlab.adapter.VisualProjection(visual_dim, dim)`` (count it from ``print(VisualProjection(...))``)."""
+    from .adapter import VisualProjection
 
     if _is_blank(answer):
         return _missing("the number of trainable values (an integer)")

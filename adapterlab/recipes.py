@@ -296,8 +296,7 @@ def finetune(
     gates.png, adapter.safetensors + adapter_config.json).
     """
     from . import distributed
-    from .baselines import prepare, save_lora
-    from .checkpoints import save_adapter, save_llama
+    from .baselines import prepare
     from .data import check_batch_sizes, instruction_dataset
     from .train import train as run_training, write_metrics
 
@@ -330,7 +329,7 @@ def finetune(
     load_device = "cpu" if strategy == "fsdp" else (str(env.device) if env.distributed else device)
     model = load_base_model(base, load_device)
     tokenizer = model.tokenizer
-    n_layers = model.config.n_layers
+    settings = _method_settings(method, adapter, lora, model.config.n_layers, tiny)  # checked before the data
     if max_seq_len is None:
         max_seq_len = TINY_WORLD.max_seq_len if tiny else min(RELEASE_MAX_SEQ_LEN, model.config.max_seq_len)
     source = str(data) if isinstance(data, (str, os.PathLike)) else "records"
@@ -340,21 +339,7 @@ def finetune(
         print(dataset.summary())
 
     n_base = model.num_params()  # before the adapter / LoRA adds its own tensors
-    if method == "adapter":
-        a = _resolve(adapter, AdapterConfig, lambda **c: adapter_config(n_layers, tiny, **c))
-        if a.layers > n_layers:
-            raise UsageError(f"the base has {n_layers} layers; choose 1..{n_layers}", "adapter.layers", a.layers)
-        prepare(model, "adapter", seed=config.seed, config=a)
-    elif method == "lora":
-        c = _resolve(lora, LoRAConfig, LoRAConfig)
-        try:
-            c.layer_indices(n_layers)
-        except ValueError as e:
-            raise UsageError(str(e), "lora.layers") from None
-        prepare(model, "lora", seed=config.seed, rank=c.rank, alpha=c.alpha, targets=c.targets, layers=c.layers,
-                dropout=c.dropout)
-    else:
-        prepare(model, "full")
+    prepare(model, method, seed=config.seed, **settings)
     if compile:
         from .losses import compile_model
 
@@ -370,20 +355,47 @@ def finetune(
         _, _, heldout = load_world()
         eval_fn = lambda m: {"heldout_accuracy": heldout_accuracy(m, tokenizer, heldout)}  # noqa: E731
     metrics = run_training(wrapped, dataset, config, eval_fn=eval_fn, callbacks=callbacks)
-    extra = {"base": str(base), "data": source, "method": method, "base_params": n_base, "trainable_fraction": metrics["trainable_params"] / n_base}
+    extra = {"base": str(base), "data": source, "method": method, "base_params": n_base,
+             "trainable_fraction": metrics["trainable_params"] / n_base}
     if eval_fn is not None:
         extra["heldout_accuracy"] = metrics["eval"]["heldout_accuracy"]
     if env.is_main:
-        if method == "adapter":
-            save_adapter(model, out)
-        elif method == "lora":
-            save_lora(model, out)
-        else:  # a whole new base in Meta's layout: load_llama(out) reads it
-            save_llama(model, tokenizer, out)
+        _save_tuned(model, method, out)
         write_metrics(out, extra)
     distributed.barrier("the end of training (rank 0 wrote the files)", env)
     metrics.update(extra)
     return model, metrics
+
+
+def _method_settings(method: str, adapter, lora, n_layers: int, tiny: bool) -> dict:
+    """What :func:`adapterlab.baselines.prepare` attaches for ``method``, checked against the base."""
+    if method == "adapter":
+        adapter = _resolve(adapter, AdapterConfig, lambda **c: adapter_config(n_layers, tiny, **c))
+        if adapter.layers > n_layers:
+            raise UsageError(f"the base has {n_layers} layers; choose 1..{n_layers}", "adapter.layers", adapter.layers)
+        return {"config": adapter}
+    if method == "lora":
+        lora = _resolve(lora, LoRAConfig, LoRAConfig)
+        try:
+            lora.layer_indices(n_layers)
+        except ValueError as e:
+            raise UsageError(str(e), "lora.layers") from None
+        return {"rank": lora.rank, "alpha": lora.alpha, "targets": lora.targets, "layers": lora.layers,
+                "dropout": lora.dropout}
+    return {}
+
+
+def _save_tuned(model: Llama, method: str, out: Path) -> None:
+    """The result of ``method``: the adapter, the LoRA, or a whole new base in Meta's layout (load_llama reads it)."""
+    from .baselines import save_lora
+    from .checkpoints import save_adapter, save_llama
+
+    if method == "adapter":
+        save_adapter(model, out)
+    elif method == "lora":
+        save_lora(model, out)
+    else:
+        save_llama(model, model.tokenizer, out)
 
 
 # --------------------------------------------------------------------------- the demo

@@ -328,7 +328,7 @@ def _prepare_out_dir(config: TrainConfig, is_main: bool) -> Optional[Path]:
     out_dir = Path(config.out_dir) if config.out_dir else None
     if out_dir is not None and is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(out_dir)  # left by a run killed while writing a file
+        remove_stale_temps(out_dir, older_than_s=0)  # one run per folder: any temp file is a killed run's
     return out_dir
 
 

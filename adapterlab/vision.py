@@ -4,9 +4,10 @@
           -> VisualProjection (learnable MLP)                 -> one image token I_p  (B, C)
           -> added to the K adaption prompts of every adapted layer: P_l^v = P_l + Repeat(I_p)
 
-This module holds the encoders (the first step). The last two steps belong to the adapter and live
-in :mod:`adapterlab.adapter` (:class:`~adapterlab.adapter.VisualProjection`, re-exported here, and
-``model(tokens, visual=I_p)``).
+Layer 6 (tooling above train): imports scenes and train. This module holds the encoders (the
+first step); the last two belong to the adapter and live in :mod:`adapterlab.adapter`
+(:class:`~adapterlab.adapter.VisualProjection`, and ``model(tokens, visual=I_p)`` or
+``model(tokens, image_features=...)``).
 
 Two encoders give the same kind of output:
 - :class:`SceneEncoder`, the embedded default: a small convolutional network that our own code
@@ -29,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import VisualProjection  # the projection belongs to the adapter; re-exported for the notebooks
 from .scenes import COLOURS, CORNERS, COUNTS, IMAGE_SIZE, SHAPES, Scene
 
 

@@ -48,8 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from adapterlab import AdapterConfig, Llama, LlamaConfig, add_adapter  # noqa: E402
 from adapterlab import distributed as D  # noqa: E402
-from adapterlab.adapter import adapted_layers  # noqa: E402
-from adapterlab.train import autocast_for, loss_sum, make_optimizer, TrainConfig  # noqa: E402
+from adapterlab.adapter import adapted_layers, trainable_parameters  # noqa: E402
+from adapterlab.losses import loss_sum  # noqa: E402
+from adapterlab.model import autocast_for  # noqa: E402
+from adapterlab.train import make_optimizer, TrainConfig  # noqa: E402
 
 GIB = 2**30
 
@@ -100,7 +102,7 @@ def run_phase(name: str, model: Llama, env: D.DistEnv, args, checkpointing: bool
     model.activation_checkpointing = checkpointing
     wrapped = D.wrap_model(model, "none" if name == "single" else name, device)
     reduced = D.reduced_elements(wrapped)
-    optimizer = make_optimizer(D.trainable(wrapped), TrainConfig(steps=1, batch_size=args.batch * env.world_size))
+    optimizer = make_optimizer(trainable_parameters(D.unwrap(wrapped)), TrainConfig(steps=1, batch_size=args.batch * env.world_size))
     gen = torch.Generator(device="cpu").manual_seed(1000 + env.rank)
     vocab = model.config.vocab_size
     times, losses = [], []

@@ -10,7 +10,7 @@ from adapterlab.ablate import AblationConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAST = dict(seeds=2, variants=("zero", "none"), steps=3, batch_size=8, warmup_steps=1, early_steps=2, probe_docs=4,
+FAST = dict(seeds=2, variants=("zero", "none"), steps=3, batch_size=8, layers=2, warmup_steps=1, early_steps=2, probe_docs=4,
             eval_every=None)
 
 
@@ -170,3 +170,16 @@ def test_stats_mean_std_and_interval():
     assert s["mean"] == 2.0 and s["std"] == 1.0 and s["n"] == 3
     assert s["ci95"] == pytest.approx([2 - 4.303 / 3 ** 0.5, 2 + 4.303 / 3 ** 0.5])
     assert ablate.stats([5.0])["ci95"] is None
+
+
+def test_compare_pairs_seeds_and_says_which_way():
+    runs = [{"variant": v, "seed": s, "heldout_accuracy": acc, "early_loss": loss}
+            for s, (za, ra) in enumerate([(0.5, 0.3), (0.6, 0.35), (0.55, 0.4)])
+            for v, acc, loss in (("zero", za, 1.0 + s), ("random", ra, 1.0 + s + 0.01 * (s - 1)))]
+    acc = ablate.compare(runs, "heldout_accuracy", "zero", "random")
+    assert acc["verdict"] == "better" and acc["difference"]["mean"] == pytest.approx(0.2)
+    assert ablate.compare(runs, "heldout_accuracy", "random", "zero")["verdict"] == "worse"
+    assert ablate.compare(runs, "early_loss", "zero", "random")["verdict"] == "no clear difference"
+    assert "zero-init gates beats random-init gates on held-out accuracy" in ablate.sentence(acc)
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        ablate.compare(runs[:2], "heldout_accuracy")

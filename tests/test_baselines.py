@@ -224,14 +224,13 @@ def test_cli_finetune_lora_and_full(small_base, tmp_path, capsys):
     assert not torch.equal(tuned.output.weight, base.output.weight)  # a new base, readable by load_llama
 
 
-def test_cli_method_flags_are_checked(small_base, tmp_path):
+def test_cli_method_flags_are_checked(small_base, tmp_path, capsys):
     from adapterlab.cli import main
 
-    with pytest.raises(SystemExit, match="needs --lr"):
-        main(finetune_args(small_base, tmp_path / "a", "--method", "full"))
-    with pytest.raises(SystemExit, match="--prompt-len do"):
-        main(finetune_args(small_base, tmp_path / "b", "--method", "lora", "--prompt-len", "4", "--lr", "0.01"))
-    with pytest.raises(SystemExit, match="--lora-rank do"):
-        main(finetune_args(small_base, tmp_path / "c", "--lora-rank", "4"))
-    with pytest.raises(SystemExit, match="targets"):
-        main(finetune_args(small_base, tmp_path / "d", "--method", "lora", "--lora-targets", "q_proj", "--lr", "0.01"))
+    for extra, needle in ((("--method", "full"), "--lr: full fine-tuning on this base needs a learning rate"),
+                          (("--method", "lora", "--prompt-len", "4", "--lr", "0.01"), "--prompt-len do"),
+                          (("--lora-rank", "4"), "--lora-rank do"),
+                          (("--method", "lora", "--lora-targets", "q_proj", "--lr", "0.01"), "--lora-targets")):
+        assert main(finetune_args(small_base, tmp_path / "a", *extra)) == 2
+        assert needle in capsys.readouterr().err
+        assert not (tmp_path / "a").exists()

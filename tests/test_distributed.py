@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from adapterlab import distributed as D
+from adapterlab.data import BatchSizeError, StepSampler, check_batch_sizes
 
 NPROC = int(os.environ.get("ADAPTERLAB_TEST_NPROC", "2"))
 STEPS = 20
@@ -36,25 +37,24 @@ REPO = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------- unit: batches
 def test_batch_split_errors_name_both_numbers():
-    assert D.check_batch_sizes(64, 8) == (8, 1)
-    assert D.check_batch_sizes(64, 1, micro_batch=8) == (64, 8)  # 1 GPU: accumulate 8 micro-batches
-    assert D.check_batch_sizes(64, 8, micro_batch=4) == (8, 2)
-    assert D.check_batch_sizes(64, 8, micro_batch=3) == (8, 3)  # 3 + 3 + 2 on every rank
-    with pytest.raises(D.BatchSizeError, match=r"global batch size 10 is not divisible by the world size 4 .*"
-                                               r"--batch-size 8 or 12"):
-        D.check_batch_sizes(10, 4)
-    with pytest.raises(D.BatchSizeError, match="global batch size 50 is not divisible by the world size 8"):
-        D.DistributedLengthGroupedSampler([5] * 100, 50, rank=0, world_size=8, micro_batch=4)
+    assert check_batch_sizes(64, 8) == (8, 1)
+    assert check_batch_sizes(64, 1, micro_batch=8) == (64, 8)  # 1 GPU: accumulate 8 micro-batches
+    assert check_batch_sizes(64, 8, micro_batch=4) == (8, 2)
+    assert check_batch_sizes(64, 8, micro_batch=3) == (8, 3)  # 3 + 3 + 2 on every rank
+    with pytest.raises(BatchSizeError, match=r"global batch size 10 is not divisible by the world size 4 .*"
+                                             r"--batch-size 8 or 12"):
+        check_batch_sizes(10, 4)
+    with pytest.raises(BatchSizeError, match="global batch size 50 is not divisible by the world size 8"):
+        StepSampler([5] * 100, 50, rank=0, world_size=8, micro_batch=4)
 
 
 @pytest.mark.parametrize("world", [1, 2, 8])
 def test_shares_partition_the_same_global_batch_at_any_world_size(world):
     lengths = [int(x) for x in torch.randint(3, 200, (400,), generator=torch.Generator().manual_seed(0))]
-    one = D.DistributedLengthGroupedSampler(lengths, 32, seed=7, rank=0, world_size=1)
-    samplers = [D.DistributedLengthGroupedSampler(lengths, 32, seed=7, rank=r, world_size=world, micro_batch=2)
-                for r in range(world)]
+    one = StepSampler(lengths, 32, seed=7, rank=0, world_size=1)
+    samplers = [StepSampler(lengths, 32, seed=7, rank=r, world_size=world, micro_batch=2) for r in range(world)]
     for step in (0, 5, one.steps_per_epoch + 3):  # also in the second epoch (a new order)
-        shares = [s.shard(step) for s in samplers]
+        shares = [[i for micro in s.micro_batches(step) for i in micro] for s in samplers]
         assert all(s.global_batch(step) == one.global_batch(step) for s in samplers)
         assert sorted(i for sh in shares for i in sh) == sorted(one.global_batch(step))  # a partition
         assert all(len(sh) == 32 // world for sh in shares)
@@ -63,18 +63,17 @@ def test_shares_partition_the_same_global_batch_at_any_world_size(world):
         spans = [max(lengths[i] for i in sh) for sh in shares]
         assert max(spans) - min(spans) <= max(lengths[i] for i in one.global_batch(step)) - min(
             lengths[i] for i in one.global_batch(step))
-    other_seed = D.DistributedLengthGroupedSampler(lengths, 32, seed=8, rank=0, world_size=1)
+    other_seed = StepSampler(lengths, 32, seed=8, rank=0, world_size=1)
     assert other_seed.global_batch(0) != one.global_batch(0)
 
 
 def test_position_is_counted_in_global_samples():
-    s8 = D.DistributedLengthGroupedSampler([4] * 200, 64, seed=1, rank=3, world_size=8)
-    s1 = D.DistributedLengthGroupedSampler([4] * 200, 64, seed=1, rank=0, world_size=1, micro_batch=8)
+    s8 = StepSampler([4] * 200, 64, seed=1, rank=3, world_size=8)
+    s1 = StepSampler([4] * 200, 64, seed=1, rank=0, world_size=1, micro_batch=8)
     pos = s8.position(5)
     assert pos == s1.position(5) and pos["samples_seen"] == 5 * 64 and pos["epoch"] == 1
-    assert s1.check_position(pos) == 5
-    with pytest.raises(D.BatchSizeError, match="global_batch=64, this run has global_batch=32"):
-        D.DistributedLengthGroupedSampler([4] * 200, 32, seed=1, rank=0, world_size=1).check_position(pos)
+    with pytest.raises(BatchSizeError, match="rank 8 is outside 0..7"):
+        StepSampler([4] * 200, 64, rank=8, world_size=8)
 
 
 def test_single_process_helpers_are_identities():

@@ -384,7 +384,7 @@ def test_multimodal_param_count_matches_an_adapted_model():
     assert check_multimodal_param_count(truth, visual_dim=V, prompt_len=K, layers=L, dim=C, n_heads=H)
     assert_wrong(check_multimodal_param_count(K * L * C + L * H, visual_dim=V, prompt_len=K, layers=L, dim=C,
                                               n_heads=H), "text adapter only")
-    from adapterlab.vision import VisualProjection
+    from adapterlab.adapter import VisualProjection
 
     with torch.device("meta"):
         projection = sum(p.numel() for p in VisualProjection(1024, 4096).parameters())
@@ -393,7 +393,7 @@ def test_multimodal_param_count_matches_an_adapted_model():
 
 # --------------------------------------------------------------------------- distributed
 def test_accumulation_steps_match_the_distributed_batch_rules():
-    from adapterlab.distributed import check_batch_sizes
+    from adapterlab.data import check_batch_sizes
 
     for global_batch, world, micro in ((64, 8, 4), (64, 1, 8), (32, 2, 16), (64, 8, 3)):
         _, micro_batches = check_batch_sizes(global_batch, world, micro_batch=micro)  # what the loop does

@@ -84,6 +84,26 @@ def test_live_plot_collects_records_outside_a_notebook():
     assert [r["step"] for r in live.records] == [0, 3, 6] and live.records[0]["gates"] == [[0.0] * 4]
 
 
+def test_live_plot_starts_at_the_step_epoch_and_lr_of_a_resumed_run(tmp_path):
+    from adapterlab.train import Schedule, lr_at
+
+    def stop_at_7(step, info):
+        if step == 7:
+            raise KeyboardInterrupt  # killed after the checkpoint of step 5
+
+    config = TrainConfig(steps=12, batch_size=8, lr=0.05, warmup_steps=2, ckpt_every=5, out_dir=str(tmp_path),
+                         progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(add_adapter(tiny_model(), AdapterConfig(prompt_len=4, layers=1)), toy_data(), config, callbacks=[stop_at_7])
+    live = gates.LivePlot(every=3)
+    config.resume = True
+    train(add_adapter(tiny_model(), AdapterConfig(prompt_len=4, layers=1)), toy_data(), config, callbacks=[live])
+    first = live.records[0]
+    assert (first["step"], first["epoch"]) == (5, 1.0)  # 40 examples / batch 8 = 5 steps per epoch
+    assert first["lr"] == pytest.approx(lr_at(5, Schedule(12, 5, 2), 0.05)) and first["lr"] > 0.01
+    assert first["gates"] != [[0.0] * 4]  # the resumed adapter's gates, not a fresh one's
+
+
 def test_explorer_is_a_widget(run_dir):
     widgets = pytest.importorskip("ipywidgets")
     w = gates.explorer(run_dir)

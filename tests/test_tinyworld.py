@@ -143,7 +143,49 @@ def tiny_base():
 def test_default_base_knows_the_world_but_does_not_follow_instructions(tiny_base):
     assert tiny_base.tokenizer is not None and not any(p.requires_grad for p in tiny_base.parameters())
     world, train, heldout = tw.load_world()
-    probe = tw.probe_base(tiny_base, tiny_base.tokenizer, world, world.heldout_people)
-    assert probe["all"] >= 0.75, probe  # asked in the corpus's own words, it knows the held-out people
+    probe = tw.probe_base(tiny_base, tiny_base.tokenizer, world.heldout_people)
+    assert set(probe) == set(tw.ATTRIBUTES)
+    assert sum(probe.values()) / len(probe) >= 0.75, probe  # scored in its own words, it knows the held-out people
     before = tw.heldout_accuracy(tiny_base, tiny_base.tokenizer, heldout)
     assert before <= 0.4, before  # asked through the Alpaca template, it mostly does not answer
+
+
+@pytest.mark.slow
+def test_load_llama_tinyworld_is_the_frozen_cached_base_on_the_cpu(tiny_base):
+    from adapterlab import load_llama
+
+    model = load_llama("tinyworld")
+    assert model.device.type == "cpu" and not model.training and not any(p.requires_grad for p in model.parameters())
+    for (k, a), b in zip(model.state_dict().items(), tiny_base.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert model.tokenizer.model_proto == tiny_base.tokenizer.model_proto
+
+
+# --------------------------------------------------------------------------- names and batching
+def test_answer_questions_generates_batch_size_prompts_at_a_time(monkeypatch):
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, greedy):
+        calls.append(len(prompts))
+        assert greedy and max_new_tokens == 5
+        return [f"answer {len(calls)}"] * len(prompts)
+
+    monkeypatch.setattr(tw, "generate", fake_generate)
+    _, heldout = tw.instruction_set(tw.make_world(0))  # 60 records
+    answers = tw.answer_questions(None, None, heldout[:23], max_new_tokens=5, batch_size=10)
+    assert calls == [10, 10, 3] and answers[0] == "answer 1" and answers[-1] == "answer 3" and len(answers) == 23
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        tw.answer_questions(None, None, heldout, batch_size=0)
+
+
+def test_load_instruction_data_reads_the_name_and_alpaca_files(tmp_path):
+    from adapterlab.data import DataError, save_alpaca
+
+    world = tw.make_world(4)
+    assert tw.load_instruction_data("tinyworld") == tw.instruction_set(tw.make_world())[0]
+    assert tw.load_instruction_data("tinyworld", world) == tw.instruction_set(world)[0]
+    records = [{"instruction": "Say hi.", "input": "", "output": "Hi."}]
+    save_alpaca(records, tmp_path / "a.json")
+    assert tw.load_instruction_data(tmp_path / "a.json") == records
+    with pytest.raises(DataError):
+        tw.load_instruction_data(tmp_path / "missing.json")

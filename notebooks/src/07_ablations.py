@@ -25,7 +25,8 @@ from adapterlab import AdapterConfig, add_adapter, load_llama, tinyworld
 from adapterlab.adapter import count_trainable
 from adapterlab.baselines import add_lora, lora_param_count, prepare_full_finetune, remove_lora
 from adapterlab.data import collate, instruction_dataset, text_windows
-from adapterlab.train import TrainConfig, loss_sum, train
+from adapterlab.losses import loss_sum
+from adapterlab.train import TrainConfig, train
 from adapterlab.exercises import check_training_state_bytes
 
 torch.manual_seed(0)

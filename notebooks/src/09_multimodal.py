@@ -21,8 +21,9 @@ import torch
 
 from adapterlab import AdapterConfig, add_adapter, gate_values
 from adapterlab import multimodal as mm
-from adapterlab.adapter import count_trainable
-from adapterlab.vision import VisualProjection, encode_images, pretrain_scene_encoder
+from adapterlab.scenetext import parse_answer, score
+from adapterlab.adapter import VisualProjection, count_trainable
+from adapterlab.vision import encode_images, pretrain_scene_encoder
 from adapterlab.exercises import check_multimodal_param_count
 
 torch.manual_seed(0)
@@ -113,7 +114,7 @@ to_metrics = mm.train_adapter(text_only, tokenizer, data.train, None, config, ou
 model.eval(), text_only.eval()
 mm_out = mm.answer(model, tokenizer, data.test, test_features, config.max_new_tokens)
 to_out = mm.answer(text_only, tokenizer, data.test, None, config.max_new_tokens)
-mm_score, to_score = mm.score(data.test, mm_out), mm.score(data.test, to_out)
+mm_score, to_score = score(data.test, mm_out), score(data.test, to_out)
 print(f"{'':18s}{'image':>8s}{'text':>8s}{'none':>8s}{'all':>8s}{'BLEU-4':>9s}")
 for name, s in (("with the image", mm_score), ("text-only", to_score)):
     c = s["accuracy_by_context"]
@@ -153,7 +154,7 @@ print("                            text-only (chance):  ", {k: round(v, 2) for k
 
 # %%
 none = [e for e in data.test if e.context == "none"]
-base_none = mm.score(none, mm.answer(base, tokenizer, none, None, config.max_new_tokens))["accuracy_by_context"]["none"]
+base_none = score(none, mm.answer(base, tokenizer, none, None, config.max_new_tokens))["accuracy_by_context"]["none"]
 print(f"no-context accuracy: frozen base {base_none:.2f}, text-only adapter {to_score['accuracy_by_context']['none']:.2f}, "
       f"multi-modal adapter {mm_score['accuracy_by_context']['none']:.2f}")
 
@@ -171,7 +172,7 @@ for ax, i in zip(axes.flat, picks):
     ax.imshow(data.test_images[e.image].permute(1, 2, 0).numpy())
     ax.axis("off")
     question = e.prompt.split("\n")[0].removeprefix("Question: ")
-    ok = lambda out: "right" if mm.parse_answer(out) == e.answer else "wrong"
+    ok = lambda out: "right" if parse_answer(out) == e.answer else "wrong"
     ax.set_title(question, fontsize=9)
     ax.text(0, -0.04, f"with the image ({ok(mm_out[i])}):\n" + textwrap.fill(mm_out[i], 44)
             + f"\ntext-only ({ok(to_out[i])}):\n" + textwrap.fill(to_out[i], 44)

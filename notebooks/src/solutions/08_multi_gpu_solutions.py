@@ -4,7 +4,7 @@
 # The "check yourself" exercise of `../08_multi_gpu.ipynb`.
 
 # %%
-from adapterlab.distributed import check_batch_sizes
+from adapterlab.data import check_batch_sizes
 from adapterlab.exercises import check_accumulation_steps
 
 # %% [markdown]
@@ -22,7 +22,7 @@ micro_batches_per_step = per_gpu // micro
 check_accumulation_steps(micro_batches_per_step, global_batch=global_batch, world_size=gpus, micro_batch=micro)
 
 # %% [markdown]
-# `adapterlab.distributed.check_batch_sizes` is what the training loop uses to split the batch:
+# `adapterlab.data.check_batch_sizes` is what the training loop uses to split the batch:
 
 # %%
 # NBVAL_CHECK_OUTPUT

@@ -6,7 +6,7 @@
 # %%
 import torch
 
-from adapterlab.vision import VisualProjection
+from adapterlab.adapter import VisualProjection
 from adapterlab.exercises import check_multimodal_param_count
 
 # %% [markdown]
