@@ -335,11 +335,13 @@ def read_runs(path: str | os.PathLike) -> list[dict]:
 
 
 def run_ablation(out_dir: str | os.PathLike, config: Optional[AblationConfig] = None, progress: bool = True,
-                 command: Optional[str] = None, bench: Optional[Bench] = None, plot: bool = True) -> dict:
+                 command: Optional[str] = None, bench: Optional[Bench] = None, plot: bool = True,
+                 threads: Optional[int] = None) -> dict:
     """Run every (variant, seed) of the study not yet in ``out_dir/runs.jsonl``; write the summary
     and the plots; return the summary. Safe to interrupt: the next call redoes only what is missing.
 
     Raises ValueError if ``out_dir`` holds runs made with other settings (use a new folder).
+    threads: CPU threads for torch (None: $ADAPTERLAB_THREADS, default 1; 0: leave torch's setting).
     """
     config = config or AblationConfig()
     out = Path(out_dir)
@@ -364,7 +366,7 @@ def run_ablation(out_dir: str | os.PathLike, config: Optional[AblationConfig] = 
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(todo), desc="ablation runs", unit="run", dynamic_ncols=True)
-        with cpu_threads(default_threads()):
+        with cpu_threads(default_threads() if threads is None else threads):
             bench = bench or tiny_world_bench(config)
             for variant, seed in todo:
                 if bar is not None:
@@ -411,11 +413,11 @@ def machine() -> str:
 
 
 def versions() -> dict:
+    import importlib.metadata
+
     import numpy
 
-    from . import __version__
-
-    return {"adapterlab": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+    return {"adapterlab": importlib.metadata.version("adapterlab"), "torch": torch.__version__, "numpy": numpy.__version__,
             "python": sys.version.split()[0]}
 
 

@@ -445,6 +445,73 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- ablate
+def variant_list(text: str) -> tuple[str, ...]:
+    from .ablate import VARIANTS
+
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in names if t not in VARIANTS]
+    if not names or unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated names from {','.join(VARIANTS)}, "
+                                         f"got {text!r}")
+    return names
+
+
+def add_ablate_arguments(p: argparse.ArgumentParser) -> None:
+    from .ablate import AblationConfig
+
+    d = AblationConfig()
+    p.add_argument("--out", required=True, help="folder for runs.jsonl, summary.json and ablation.png "
+                                                "(rerun with the same flags to resume: finished runs are skipped)")
+    p.add_argument("--seeds", type=positive_int, default=d.seeds, help=f"seeds per variant (default {d.seeds})")
+    p.add_argument("--variants", type=variant_list, default=d.variants,
+                   help="zero (zero-init gates), random (random-init gates), none (ungated: one softmax); "
+                        "default zero,random,none")
+    p.add_argument("--lr", type=positive_float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--steps", type=positive_int, default=d.steps, help=f"training steps per run (default {d.steps})")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=f"default {d.batch_size}")
+    p.add_argument("--warmup-steps", type=count, default=d.warmup_steps, help=f"default {d.warmup_steps}")
+    p.add_argument("--layers", type=positive_int, default=d.layers, help=f"adapted top layers (default {d.layers})")
+    p.add_argument("--prompt-len", type=positive_int, default=d.prompt_len, help=f"default {d.prompt_len}")
+    p.add_argument("--gate-scale", type=positive_float, default=d.gate_scale,
+                   help="multiply the random gates' N(0, 1) draws (variant random)")
+    p.add_argument("--prompt-scale", type=positive_float, default=d.prompt_scale,
+                   help="multiply the prompts' N(0, 1) draws (every variant)")
+    p.add_argument("--train-records", type=positive_int, default=None,
+                   help="train on the first N instruction records only (the small-data regime)")
+    p.add_argument("--eval-every", type=positive_int, default=None, help="held-out evaluation every N steps "
+                                                                        "(default: at the end only)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(base="tinyworld")
+
+
+def run_ablate(args: argparse.Namespace) -> int:
+    """``adapterlab ablate``: zero-init vs random-init gates vs ungated prompts over seeds (adapterlab.ablate)."""
+    import shlex
+
+    from .ablate import AblationConfig, format_table, run_ablation
+
+    try:
+        config = AblationConfig(variants=args.variants, seeds=args.seeds, lr=args.lr, steps=args.steps,
+                                batch_size=args.batch_size, warmup_steps=min(args.warmup_steps, args.steps),
+                                layers=args.layers, prompt_len=args.prompt_len, gate_scale=args.gate_scale,
+                                prompt_scale=args.prompt_scale, train_records=args.train_records,
+                                eval_every=args.eval_every, early_steps=min(10, args.steps))
+    except ValueError as e:  # name the flag, not the setting
+        import re
+
+        return _fail(re.sub(r"\b(train_records|batch_size|warmup_steps|eval_every|gate_scale|prompt_scale|prompt_len|"
+                            r"steps|seeds|layers|lr|variants)\b", lambda m: "--" + m.group(1).replace("_", "-"), str(e)))
+    command = "adapterlab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["ablate"] else None
+    try:
+        summary = run_ablation(args.out, config, progress=not args.no_progress, command=command, threads=0)
+    except ValueError as e:
+        return _fail(str(e))
+    print(format_table(summary))
+    print(f"wrote {Path(args.out) / 'runs.jsonl'}, summary.json and ablation.png")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 register(Command("pretrain", "pretrain the tiny-world base (cached; first use of the embedded model does this)",
                  add_pretrain_arguments, run_pretrain))
@@ -453,6 +520,8 @@ register(Command("finetune", "train a LLaMA-Adapter on a frozen base (or a LoRA 
 register(Command("generate", "answer instructions / continue prompts with a base and an adapter",
                  add_generate_arguments, run_generate))
 register(Command("gates", "summarise and plot a gates.jsonl", add_gates_arguments, run_gates))
+register(Command("ablate", "zero-init vs random-init gates vs ungated prompts, over seeds, on the tiny world "
+                           "(runs.jsonl, summary.json, plots)", add_ablate_arguments, run_ablate))
 register(Command("demo", "the whole story on the embedded tiny world (--multimodal: on embedded pictures), "
                          "in a few minutes on a CPU", add_demo_arguments, run_demo))
 

@@ -183,3 +183,37 @@ def test_compare_pairs_seeds_and_says_which_way():
     assert "zero-init gates beats random-init gates on held-out accuracy" in ablate.sentence(acc)
     with pytest.raises(ValueError, match="at least 2 seeds"):
         ablate.compare(runs[:2], "heldout_accuracy")
+
+
+# ---------------------------------------------------------------------------- the command line
+def test_cli_maps_flags_to_the_study_and_prints_the_table(monkeypatch, tmp_path, capsys):
+    from adapterlab.cli import main
+
+    seen = {}
+
+    def fake_run(out, config, progress, command, threads):
+        seen.update(out=out, config=config, progress=progress, threads=threads)
+        runs = [{"variant": v, "seed": s, "seconds": 1.0, "knowledge_before": {"corpus_loss": 0.5, "fact_accuracy": 1.0},
+                 **{m: 0.5 + s for m in ablate.METRICS}} for v in config.variants for s in range(config.seeds)]
+        return ablate.summarize(runs, config, command)
+
+    monkeypatch.setattr(ablate, "run_ablation", fake_run)
+    code = main(["ablate", "--out", str(tmp_path), "--seeds", "2", "--steps", "40", "--variants", "zero,none",
+                 "--lr", "0.01", "--gate-scale", "3", "--train-records", "64", "--no-progress"])
+    assert code == 0
+    c = seen["config"]
+    assert (c.seeds, c.steps, c.variants, c.lr, c.gate_scale, c.train_records) == (2, 40, ("zero", "none"), 0.01, 3.0, 64)
+    assert "zero-init gates" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--variants", "zero,frozen"], "--variants"),
+    (["--seeds", "0"], "--seeds"),
+    (["--lr", "-1"], "--lr"),
+    (["--steps", "4", "--train-records", "3"], "--train-records must be at least one batch"),
+])
+def test_cli_bad_flags_exit_2_and_name_the_flag(argv, needle, tmp_path, capsys):
+    from adapterlab.cli import main
+
+    assert main(["ablate", "--out", str(tmp_path)] + argv) == 2
+    assert needle in capsys.readouterr().err

@@ -86,6 +86,10 @@ CASES = [
     ("demo out is a file", lambda b: ["demo", "--out", str(b["root"] / "a_file")], ["--out", "a_file"]),
     ("demo zero batch size", lambda b: ["demo", "--out", str(b["root"] / "d"), "--batch-size", "0"],
      ["--batch-size", "0"]),
+    ("ablate out is a file", lambda b: ["ablate", "--out", str(b["root"] / "a_file"), "--steps", "2", "--seeds", "1"],
+     ["--out", "a_file"]),
+    ("ablate unknown variant", lambda b: ["ablate", "--out", str(b["root"] / "ab"), "--variants", "zero,lora"],
+     ["--variants", "'zero,lora'"]),
 ]
 
 
