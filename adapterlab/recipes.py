@@ -101,13 +101,14 @@ def train_config(tiny: bool = True, method: str = "adapter", **changes) -> Train
                  length_group=t.length_group, log_every=t.log_every, ckpt_every=t.ckpt_every)
     else:
         d = dict(epochs=RELEASE_EPOCHS, warmup_epochs=RELEASE_WARMUP_EPOCHS)
-    if "steps" in changes or "epochs" in changes:
-        d.pop("steps", None), d.pop("epochs", None)
-        if "steps" in changes and not tiny:
+    given = lambda *names: any(n in changes for n in names)  # noqa: E731
+    if given("steps", "epochs"):  # the length of the run: in steps or in epochs, never both
+        d = {k: v for k, v in d.items() if k not in ("steps", "epochs")}
+        if given("steps") and not tiny:
             d["warmup_epochs"] = 0.0
-    if "warmup_steps" in changes or "warmup_epochs" in changes:
-        d.pop("warmup_steps", None), d.pop("warmup_epochs", None)
-    if "base_lr" in changes and "lr" not in changes:
+    if given("warmup_steps", "warmup_epochs"):
+        d = {k: v for k, v in d.items() if k not in ("warmup_steps", "warmup_epochs")}
+    if given("base_lr") and not given("lr"):  # the release's rule: lr = base_lr * batch / 256
         d.pop("lr", None)
     if method != "adapter" and not tiny and "lr" not in changes and "base_lr" not in changes:
         raise UsageError(f"{METHOD_NAMES[method]} on this base needs a learning rate: the default base rate 9e-3 "
