@@ -1,4 +1,4 @@
-"""The ``adapterlab`` command: pretrain, finetune, generate, gates, demo.
+"""The ``adapterlab`` command: pretrain, finetune, generate, gates, demo, ablate.
 
 Layer: cli (the top). It only maps flags onto the typed functions of :mod:`adapterlab.recipes`
 (and prints their results): what a run does, and its defaults, are written there once.
@@ -16,6 +16,7 @@ to an existing one, extend its ``add_*_arguments`` function (the shared training
     adapterlab gates runs/ft
     adapterlab gates --follow runs/alpaca
     adapterlab generate --base tinyworld --adapter runs/ft --instruction "Where does Mara live?"
+    adapterlab ablate --out runs/ablation --seeds 2 --steps 40     (zero-init vs random-init vs ungated)
 
 Errors: a mistake in what the user gave (a path, a file's content, a flag's value or a
 combination of flags) prints one ``error: ...`` line naming the file or flag and what to do,

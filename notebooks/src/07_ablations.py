@@ -6,22 +6,29 @@
 #
 # | paper | claim | here |
 # |---|---|---|
-# | Fig. 5, Table 5 | zero-init gates train faster and end better than random-init gates (84.04% vs 40.77% on ScienceQA) | loss curves and held-out accuracy, zero vs random |
+# | Fig. 5, Table 5 | zero-init gates train faster and end better than random-init gates (84.04% vs 40.77% on ScienceQA), and keep the pretrained knowledge | zero-init vs random-init gates vs ungated prompts, 5 seeds, in several regimes: early loss, held-out accuracy, knowledge kept |
 # | Table 4 | more adapted layers is better (10/20/30 layers: 55.95/73.36/83.85%) | L = 1, 2, 4 of 4 |
-# | Table 6 | training longer over-fits the validation loss while accuracy holds (15/30/60 epochs) | held-out loss and accuracy during one long run |
+# | Table 6 | training longer over-fits the validation loss while accuracy holds (15/30/60 epochs) | a small-data, many-epoch study over seeds |
 # | Table 3 | the adapter trains 1.2M parameters, LoRA 4.2M, full fine-tuning 7B: less memory, less time, a 4.7 MB file | adapter vs LoRA vs full fine-tuning through the same loop |
 #
-# Every run uses the same data, seed and training loop; only the setting under study changes.
+# A claim that one design beats another is a mean over seeds with its spread, never one run.
+# The long studies ran once from the command line (`adapterlab ablate`); their results are
+# committed under `docs/results/ablations/` and read here, and a reduced version runs live.
 # The tiny world is not ScienceQA: expect the *direction* of the paper's effects, not its numbers.
 
 # %%
+import json
+import tempfile
 import time
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
 from adapterlab import AdapterConfig, add_adapter, load_llama, tinyworld
+from adapterlab import ablate
+from adapterlab.ablate import AblationConfig
 from adapterlab.adapter import count_trainable
 from adapterlab.baselines import add_lora, lora_param_count, prepare_full_finetune, remove_lora
 from adapterlab.data import collate, instruction_dataset, text_windows
@@ -38,6 +45,9 @@ data = instruction_dataset(train_records, tokenizer, max_seq_len=256)
 heldout_data = instruction_dataset(heldout_records, tokenizer, max_seq_len=256)
 _, corpus, _, _ = tinyworld.build_world(tinyworld.Recipe())
 corpus_data = text_windows(tinyworld.corpus_tokens(tokenizer, corpus[:200]), 128)
+RESULTS = next((p for p in (Path("../docs/results/ablations"), Path("docs/results/ablations")) if p.is_dir()), None)
+if RESULTS is None:
+    raise FileNotFoundError("docs/results/ablations/ not found: run this notebook from the repository's notebooks/ folder")
 
 
 @torch.no_grad()
@@ -65,64 +75,202 @@ def run(steps=80, eval_every=None, **adapter):
     return metrics
 
 
+def load_study(name: str):
+    """(runs, summary) of a committed study in docs/results/ablations/<name>/."""
+    folder = RESULTS / name
+    return ablate.read_runs(folder / "runs.jsonl"), json.loads((folder / "summary.json").read_text())
+
+
 base_corpus_loss = mean_loss(base, corpus_data)
 print(f"base model: {base.num_params():,} parameters, loss on its pretraining text {base_corpus_loss:.3f}")
 
 # %% [markdown]
-# ## 1. Zero-init vs random-init gates (Fig. 5, Table 5)
+# ## 1. Zero-init gates, random-init gates, or no gate at all (Fig. 5, Table 5)
 #
-# The same adapter, once with gates starting at 0 (the paper) and once with gates drawn at
-# random (`AdapterConfig(init="random")`): then the random prompts change the frozen model's
-# output before it has learned anything.
+# Three ways to let K learned prompts speak inside a frozen attention layer
+# (`adapterlab.adapter`, where each is written beside the others):
+#
+# | variant | the layer computes | at step 0 |
+# |---|---|---|
+# | `zero`: zero-init gates (the paper, Eq. 7) | `softmax(S_tokens) V + tanh(g) * softmax(S_prompts) P_v`, g = 0 | exactly the frozen model |
+# | `random`: random-init gates (the paper's ablation) | the same, g drawn from N(0, 1) | changed by the random prompts |
+# | `none`: no gate (prefix tuning, P-tuning v2, VPT-deep) | `softmax([S_prompts, S_tokens]) [P_v; V]`: prompts and tokens in ONE softmax | changed: the prompts take attention from the tokens |
+#
+# The ungated form is also a sum (`joint_prompt_attention`):
+# `token attention + w * (prompt attention - token attention)` with `w` the share of the softmax
+# mass that lands on the prompts - a "gate" that no parameter controls and that is far from 0 at
+# the start.
 
 # %%
 # NBVAL_CHECK_OUTPUT
 tokens, _ = collate([heldout_data[i] for i in range(8)])
 with torch.no_grad():
     reference = base(tokens)
-    for init in ("zero", "random"):
-        model = load_llama("tinyworld")
-        add_adapter(model, AdapterConfig(prompt_len=10, layers=4, init=init), seed=0)
-        print(f"{init}-init gates: output identical to the frozen base before training:", torch.equal(model(tokens), reference))
+    for variant in ablate.VARIANTS:
+        model = ablate.attach(load_llama("tinyworld"), AblationConfig(), variant, seed=0)
+        share = ablate.prompt_share(model, tokens)
+        print(f"{ablate.LABELS[variant]:22s} identical to the frozen base at step 0: "
+              f"{str(torch.equal(model(tokens), reference)):5s}  prompts' share of attention > 0: {share > 0}")
+
+# %% [markdown]
+# ### The study: three variants, five seeds
+#
+# `adapterlab ablate` trained every variant with five seeds (a seed draws the prompts and the
+# random gates and orders the data; the same seed gives all variants the same prompts and data),
+# each on a fresh copy of the frozen base, with the same budget. Per run it recorded the loss of
+# every step, the held-out accuracy at the end, and what the base knew - measured with the
+# adapter attached, before and after training: the loss on its pretraining text and the share of
+# every person's facts it completes in the pretraining's own words ("Mara lives in" -> Oslo).
 
 # %%
-zero = run(init="zero", steps=80, eval_every=20)
-random_init = run(init="random", steps=80)
+main_runs, main_summary = load_study("main")
+print("command:", main_summary["command"])
+print("date:", main_summary["date"], "| machine:", main_summary["machine"])
+print("settings:", {k: main_summary["settings"][k] for k in ("steps", "lr", "batch_size", "warmup_steps", "layers",
+                                                             "prompt_len")})
+print()
+print(ablate.format_table(main_summary))
+ablate.plot_study(main_runs);
+
+# %% [markdown]
+# Read the table as mean +- std over seeds. The sentences below are computed from the runs:
+# each compares zero-init with another variant seed by seed, and says "beats" or "loses to" only
+# when the 95% interval of the paired difference excludes zero.
 
 # %%
-def smooth(x, k=5):
-    return np.convolve(x, np.ones(k) / k, mode="valid")
+for other in ("random", "none"):
+    for metric in ("early_loss", "heldout_accuracy", "knowledge_kept", "facts_kept"):
+        print("-", ablate.sentence(ablate.compare(main_runs, metric, "zero", other)))
 
-
-fig, axes = plt.subplots(1, 2, figsize=(12, 3.3))
-for name, m in (("zero-init gates", zero), ("random-init gates", random_init)):
-    axes[0].plot(smooth(m["losses"]), label=name)
-    ev = m["eval_history"]
-    axes[1].plot([e["step"] for e in ev], [e["heldout_accuracy"] for e in ev], marker="o", label=name)
-    axes[1].scatter([m["steps"]], [m["eval"]["heldout_accuracy"]], s=60)
-axes[0].set_yscale("log")
-axes[0].set_xlabel("step")
-axes[0].set_ylabel("training loss (smoothed)")
-axes[0].set_title("Fig. 5 at classroom scale")
-axes[1].set_xlabel("step")
-axes[1].set_ylabel("held-out accuracy")
-axes[1].set_ylim(0, 1)
-axes[1].set_title("Table 5 at classroom scale")
-for ax in axes:
-    ax.legend()
-fig.tight_layout();
+# %% [markdown]
+# ### Why: what the first steps look like
+#
+# The numbers behind the curves: the loss of the very first step (the adapted model before any
+# update), the loss on the pretraining text at step 0 (the frozen base's is printed for
+# reference), and how much the prompts take part in attention at the start and at the end.
 
 # %%
-acc_zero, acc_random = zero["eval"]["heldout_accuracy"], random_init["eval"]["heldout_accuracy"]
-print(f"held-out accuracy: zero-init {acc_zero:.2f}, random-init {acc_random:.2f}")
-print(f"first-step loss:   zero-init {zero['losses'][0]:.3f}, random-init {random_init['losses'][0]:.3f}")
-print(f"mean loss over the first 20 steps: zero-init {np.mean(zero['losses'][:20]):.3f}, "
-      f"random-init {np.mean(random_init['losses'][:20]):.3f}")
+def mean_over(runs, variant, f):
+    values = [f(r) for r in runs if r["variant"] == variant]
+    return np.mean(values), np.std(values, ddof=1)
+
+
+print(f"frozen base: loss on its pretraining text {main_summary['base_knowledge']['corpus_loss']:.3f} "
+      f"(the study's probe: the first {main_summary['settings']['probe_docs']} documents in 64-token windows)")
+print(f"{'variant':22s} {'first-step loss':>16s} {'pretraining loss, step 0':>25s} {'prompt share, step 0':>21s} "
+      f"{'prompt share, end':>18s}")
+for v in ablate.VARIANTS:
+    cells = [mean_over(main_runs, v, f) for f in (lambda r: r["first_loss"], lambda r: r["knowledge_at_init"],
+                                                   lambda r: r["gate_log"][0]["prompt_share"],
+                                                   lambda r: r["gate_log"][-1]["prompt_share"])]
+    print(f"{ablate.LABELS[v]:22s} " + " ".join(f"{m:>10.3f} +- {s:.3f}" for m, s in cells))
+
+# %% [markdown]
+# What the columns show, checked against the committed runs below: at step 0 the zero-init
+# prompts take no attention and get no gradient (tanh(0) = 0 multiplies it), so the gates must
+# open first (the last panel: the prompts' share climbs from 0) and only then do the prompts
+# learn. Random-init gates skip that phase - their prompts take a share of the attention and
+# learn from the first step - and here that makes their early loss *lower*, the opposite of the
+# paper's Fig. 5. The ungated prompts must win their share of one softmax from the tokens: they
+# keep a smaller share than either gated variant, learn the task least, and disturb the base's
+# pretraining text least.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+share = {v: (np.mean([r["gate_log"][0]["prompt_share"] for r in main_runs if r["variant"] == v]),
+             np.mean([r["gate_log"][-1]["prompt_share"] for r in main_runs if r["variant"] == v])) for v in ablate.VARIANTS}
+verdict = {(m, o): ablate.compare(main_runs, m, "zero", o)["verdict"]
+           for m in ("early_loss", "heldout_accuracy", "knowledge_kept") for o in ("random", "none")}
+print("zero-init prompts take no attention at step 0:", share["zero"][0] == 0.0)
+print("random-init and ungated prompts do:", share["random"][0] > 0 and share["none"][0] > 0)
+print("zero-init's gates open during training:", share["zero"][1] > 0.1)
+print("random-init gates reach a lower early loss than zero-init:", verdict["early_loss", "random"] == "worse")
+print("ungated prompts end with the smallest share of attention:", share["none"][1] < min(share["zero"][1], share["random"][1]))
+print("zero-init beats ungated prompts on held-out accuracy:", verdict["heldout_accuracy", "none"] == "better")
+print("ungated prompts keep the pretraining text better than zero-init:", verdict["knowledge_kept", "none"] == "worse")
+
+# %% [markdown]
+# ### Where the effect lives: other regimes
+#
+# The same comparison with one setting changed at a time (three seeds each; some regimes run
+# only the variants the question needs): a lower and a higher learning rate, and random gates
+# drawn three times larger (tanh saturates: a gate near +-1 gets almost no gradient).
+
+# %%
+REGIMES = {"lr_low": "learning rate 0.01", "lr_high": "learning rate 0.2",
+           "random_gates_x3": "random gates x3 (zero-init from the main study)"}
+for name, title in REGIMES.items():
+    if not (RESULTS / name / "summary.json").is_file():
+        print(f"[{name}: not in this checkout]")
+        continue
+    runs, summary = load_study(name)
+    if "zero" not in summary["variants"]:  # compare with the main study's zero-init runs of the same seeds
+        runs = runs + [r for r in main_runs if r["variant"] == "zero" and r["seed"] < summary["variants"]["random"]["seeds"]]
+        summary["variants"] = {"zero": main_summary["variants"]["zero"], **summary["variants"]}
+    print(f"== {title}: {summary['command']}")
+    print(ablate.format_table(summary))
+    for other in [v for v in ("random", "none") if any(r["variant"] == v for r in runs)]:
+        for metric in ("early_loss", "heldout_accuracy", "knowledge_kept"):
+            print("-", ablate.sentence(ablate.compare(runs, metric, "zero", other)))
+    print()
+
+# %% [markdown]
+# In one grid, the verdict of zero-init against each other variant (paired over seeds; "better"
+# and "worse" only where the 95% interval excludes zero):
+
+# %%
+# NBVAL_CHECK_OUTPUT
+def study_runs(name):
+    runs, summary = load_study(name)
+    if "zero" not in summary["variants"]:
+        runs = runs + [r for r in main_runs if r["variant"] == "zero"]
+    return runs
+
+
+grid_metrics = ("early_loss", "heldout_accuracy", "knowledge_kept", "facts_kept")
+print(f"{'study':16s} {'zero-init vs':14s} " + " ".join(f"{m:>20s}" for m in grid_metrics))
+grid = {}
+for name in ["main", *REGIMES]:
+    if not (RESULTS / name / "summary.json").is_file():
+        continue
+    runs = study_runs(name)
+    for other in [v for v in ("random", "none") if any(r["variant"] == v for r in runs)]:
+        row = [ablate.compare(runs, m, "zero", other)["verdict"] for m in grid_metrics]
+        grid[name, other] = dict(zip(grid_metrics, row))
+        print(f"{name:16s} {other:14s} " + " ".join(f"{w:>20s}" for w in row))
+
+# %% [markdown]
+# ### The same study, live (reduced)
+#
+# Two seeds and a shorter budget, so that it runs in about a minute: the code path of the
+# committed study, not its precision. With two seeds the intervals are wide; the sentences say
+# so when they are.
+
+# %%
+live_dir = Path(tempfile.mkdtemp(prefix="ablation-"))
+live = ablate.run_ablation(live_dir, AblationConfig(seeds=2, steps=20, warmup_steps=5, early_steps=5),
+                           progress=False, plot=False)
+print(ablate.format_table(live))
+live_runs = ablate.read_runs(live_dir / "runs.jsonl")
+for metric in ("early_loss", "heldout_accuracy", "knowledge_kept"):
+    print("-", ablate.sentence(ablate.compare(live_runs, metric, "zero", "random")))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+zero_live = [r for r in live_runs if r["variant"] == "zero"]
+print("zero-init runs start on the frozen base's pretraining loss exactly:",
+      all(r["knowledge_at_init"] == zero_live[0]["knowledge_at_init"] for r in zero_live))
+print("random and ungated runs start elsewhere:",
+      all(r["knowledge_at_init"] != zero_live[0]["knowledge_at_init"] for r in live_runs if r["variant"] != "zero"))
 
 # %% [markdown]
 # ## 2. How many layers to adapt (Table 4)
+#
+# One zero-init run per setting (80 steps, batch 32): the adapter of all four layers is also the
+# run that sections 3 and 4 use.
 
 # %%
+zero = run(init="zero", steps=80, eval_every=20)
 by_layers = {L: run(layers=L, steps=80) for L in (1, 2)}
 by_layers[4] = zero
 
@@ -147,20 +295,54 @@ print("adapting all 4 layers beats adapting only the top one:",
 # ## 3. Training longer (Table 6)
 #
 # The paper trains 15, 30 and 60 epochs on ScienceQA and sees the validation loss rise
-# (over-fitting) while accuracy still improves a little. The zero-init run above evaluated the
-# held-out questions every 20 steps; here is its held-out loss and accuracy against epochs.
+# (over-fitting) while accuracy still improves a little. To give over-fitting a chance, the
+# committed study trains zero-init adapters on only 32 instruction records for 40 epochs
+# (three seeds) and evaluates the held-out questions every 5 epochs.
 
 # %%
-ev = zero["eval_history"]
-epochs = [e["step"] / zero["steps_per_epoch"] for e in ev]
+t6_runs, t6_summary = load_study("table6_small_data")
+print("command:", t6_summary["command"])
+steps = [e["step"] for e in t6_runs[0]["eval_history"]]
+epochs = np.array(steps) / t6_runs[0]["steps_per_epoch"]
+loss = np.array([[e["heldout_loss"] for e in r["eval_history"]] for r in t6_runs])  # (seeds, evals)
+acc = np.array([[e["heldout_accuracy"] for e in r["eval_history"]] for r in t6_runs])
 fig, ax = plt.subplots()
-ax.plot(epochs, [e["heldout_loss"] for e in ev], marker="o", color="tab:red", label="held-out loss")
+ax.errorbar(epochs, loss.mean(0), yerr=loss.std(0, ddof=1), marker="o", color="tab:red", capsize=3)
 ax.set_xlabel("epochs")
 ax.set_ylabel("held-out loss", color="tab:red")
 ax2 = ax.twinx()
-ax2.plot(epochs, [e["heldout_accuracy"] for e in ev], marker="s", color="tab:blue", label="held-out accuracy")
+ax2.errorbar(epochs, acc.mean(0), yerr=acc.std(0, ddof=1), marker="s", color="tab:blue", capsize=3)
 ax2.set_ylabel("held-out accuracy", color="tab:blue")
-ax.set_title("Held-out loss and accuracy while training");
+ax.set_title(f"32 records, {epochs[-1]:.0f} epochs, mean +- std over {len(t6_runs)} seeds");
+best = int(loss.mean(0).argmin())
+rise = loss.mean(0)[-1] - loss.mean(0)[best]
+print(f"held-out loss: lowest {loss.mean(0)[best]:.3f} at epoch {epochs[best]:.0f}, {loss.mean(0)[-1]:.3f} at epoch "
+      f"{epochs[-1]:.0f}: " + (f"it rose by {rise:.3f} after its lowest point" if rise > 0.01 else
+                                "within 0.01 of its lowest point at the end - no over-fitting of the held-out loss"))
+print(f"held-out accuracy: {acc.mean(0)[best]:.2f} at the loss minimum, {acc.mean(0)[-1]:.2f} at the end "
+      f"(+- {acc.std(0, ddof=1)[-1]:.2f} over seeds)")
+print(f"training loss at the end {np.mean([r['final_loss'] for r in t6_runs]):.3f} against held-out "
+      f"{loss.mean(0)[-1]:.3f}; loss on the pretraining text after training "
+      f"{np.mean([r['knowledge_kept'] for r in t6_runs]):.3f} (frozen base: {t6_runs[0]['knowledge_before']['corpus_loss']:.3f})")
+
+# %% [markdown]
+# The live zero-init run of section 2 (the whole instruction set, 80 steps) evaluated the held-out
+# questions every 20 steps; here is its held-out loss and accuracy against epochs.
+
+# %%
+ev = zero["eval_history"]
+epochs_live = [e["step"] / zero["steps_per_epoch"] for e in ev]
+fig, ax = plt.subplots()
+ax.plot(epochs_live, [e["heldout_loss"] for e in ev], marker="o", color="tab:red", label="held-out loss")
+ax.set_xlabel("epochs")
+ax.set_ylabel("held-out loss", color="tab:red")
+ax2 = ax.twinx()
+ax2.plot(epochs_live, [e["heldout_accuracy"] for e in ev], marker="s", color="tab:blue", label="held-out accuracy")
+ax2.set_ylabel("held-out accuracy", color="tab:blue")
+ax.set_title("Held-out loss and accuracy while training (live run)");
+live_losses = [e["heldout_loss"] for e in ev]
+print(f"live run: held-out loss {' -> '.join(f'{x:.3f}' for x in live_losses)}: "
+      f"{'kept falling' if all(b < a for a, b in zip(live_losses, live_losses[1:])) else 'did not fall at every evaluation'}")
 
 # %% [markdown]
 # ## 4. Efficiency: adapter vs LoRA vs full fine-tuning (Table 3)
@@ -229,24 +411,24 @@ with torch.no_grad():
 #
 # Compare with your numbers above. On the tiny world, with these budgets, we see:
 #
-# - **Zero-init vs random-init: partly.** With zero-init gates the model is bit-identical to the
-#   frozen base at step 0; random gates change its output before anything is learned (checked
-#   above). Whether that makes the first loss higher or lower is the luck of the draw, and on
-#   this small task the model recovers within a few dozen steps: the final accuracies end close
-#   or with zero-init somewhat ahead - far from the paper's 84.04% vs 40.77% on ScienceQA. The
-#   damage random gates do grows with how much there is to lose: a 7B model's pretrained
-#   behaviour and harder questions.
-# - **Adapted layers: yes.** Adapting more layers gives clearly better held-out accuracy.
-# - **Over-fitting: no.** Within 6 epochs the held-out loss keeps falling. With a few thousand
-#   trainable values and held-out questions of the same form as the training ones, the adapter
-#   has little room to memorise. (Try it: train on 64 records for many epochs and watch the
-#   held-out loss.)
+# - **Zero-init vs random-init vs ungated: the mechanism yes, the large effect no.** With zero-init
+#   gates the model is bit-identical to the frozen base at step 0, and random gates or ungated
+#   prompts change it before anything is learned (checked above). But over five seeds the
+#   paper's large gap does not appear at this scale (see the computed sentences of section 1):
+#   random-init gates learn *faster* in the first steps and end level with zero-init on held-out
+#   accuracy and on the base's pretraining text, in every regime we tried. Against ungated
+#   prompts zero-init wins clearly on held-out accuracy, while the ungated prompts disturb the
+#   base's pretraining text less. The paper's 84.04% vs 40.77% comes from a 7B model trained for
+#   many epochs on a harder task; here the frozen base has four layers and the questions one form.
+# - **Adapted layers: yes.** Adapting all four layers beats adapting only the top one (checked above).
+# - **Over-fitting: see section 3.** The sentences printed there say, from the small-data study,
+#   whether the held-out loss rose and what the accuracy did meanwhile.
 # - **Efficiency: yes for parameters and storage** (they are arithmetic): LoRA trains about 3
 #   times the adapter's values, as in Table 3 (4.2M vs 1.2M), and full fine-tuning all of them.
 #   **Not for time**: on a CPU with a tiny model, backward still runs through the frozen layers,
 #   so the three cost the same order per step, full fine-tuning somewhat more (AdamW updates all
 #   2M weights). Timings on a shared machine are noisy, and the adapter's includes the three
-#   held-out evaluations of section 1, about half a second each. The paper's saving comes from
+#   held-out evaluations of section 2, about half a second each. The paper's saving comes from
 #   not keeping gradients and optimizer state for 7B weights on a GPU (the exercise below counts
 #   them).
 # - **Accuracy at equal steps: the adapter is behind.** After 80 steps, LoRA and full
@@ -279,10 +461,13 @@ print(check_training_state_bytes(adapter_bytes, n_params=1_229_760))
 #
 # ## Summary
 #
-# - Zero-init gating keeps the pretrained model intact at the start; random gates damage it
-#   first and must recover.
+# - Zero-init gating keeps the pretrained model bit-identical at the start; random gates and
+#   ungated prompts change it before anything is learned.
+# - Over five seeds on the tiny world that clean start did not buy the paper's large gain over
+#   random-init gates; it did beat ungated prompts (one softmax with the tokens) on the task,
+#   while those disturbed the base's pretraining text less. The tables above hold the numbers.
 # - More adapted layers: more places to steer, better results.
-# - Longer training over-fits the loss before the accuracy.
+# - Training long on little data: section 3 prints what the held-out loss and accuracy did.
 # - The adapter is a tiny, separate file; LoRA is a separate file too (about 3 times larger,
 #   here as in Table 3) and learned faster at equal steps; full fine-tuning trains and stores
 #   everything and changes the base model itself.
