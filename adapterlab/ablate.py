@@ -545,6 +545,42 @@ def plot_study(runs: Sequence[dict], path: Optional[str | os.PathLike] = None, t
     return fig
 
 
+def plot_regimes(studies: dict[str, Sequence[dict]], path: Optional[str | os.PathLike] = None,
+                 metrics: Sequence[str] = ("early_loss", "heldout_accuracy", "knowledge_kept")):
+    """One panel per metric: mean +- std over seeds of every variant, grouped by study (regime).
+    studies: {label: runs}. Returns the figure (saved to ``path`` when given)."""
+    import matplotlib
+
+    if path is not None and matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.6))
+    labels = list(studies)
+    width = 0.8 / len(VARIANTS)
+    for ax, metric in zip(np.atleast_1d(axes), metrics):
+        for j, v in enumerate(VARIANTS):
+            xs, means, stds = [], [], []
+            for i, label in enumerate(labels):
+                ys = [r[metric] for r in studies[label] if r["variant"] == v]
+                if ys:
+                    xs.append(i + (j - 1) * width)
+                    means.append(np.mean(ys))
+                    stds.append(np.std(ys, ddof=1) if len(ys) > 1 else 0.0)
+                    ax.scatter([xs[-1]] * len(ys), ys, color="k", s=8, zorder=3)
+            if xs:
+                ax.bar(xs, means, width, yerr=stds, capsize=3, color=COLORS[v], label=LABELS[v])
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_title(METRIC_NAMES[metric] + (" (lower: better)" if LOWER_IS_BETTER[metric] else ""), fontsize=10)
+    np.atleast_1d(axes)[0].legend(fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+    return fig
+
+
 __all__ = ["AblationConfig", "VARIANTS", "Bench", "tiny_world_bench", "make_bench", "knowledge", "evaluate",
            "prompt_share", "run_one", "run_ablation", "read_runs", "summarize", "stats", "compare", "sentence", "format_table",
-           "plot_study", "fact_completion_accuracy"]
+           "plot_study", "plot_regimes", "fact_completion_accuracy"]

@@ -208,6 +208,21 @@ def format_summary(summary: dict) -> str:
 
 
 # --------------------------------------------------------------------------- plots
+# One colour code in every picture: heads in distinct colours (a qualitative palette with no blue),
+# layers in shades of blue (light = lower layer, dark = higher), the loss in black.
+def head_colors(n_heads: int) -> list:
+    """A colour per head (Dark2, repeated past 8 heads)."""
+    plt = pyplot()
+    palette = plt.colormaps["Dark2"].colors
+    return [palette[h % len(palette)] for h in range(n_heads)]
+
+
+def layer_colors(n_layers: int) -> list:
+    """A shade of blue per adapted layer, from light (the lowest) to dark (the highest)."""
+    plt = pyplot()
+    return [plt.colormaps["Blues"](x) for x in np.linspace(0.45, 0.95, n_layers)]
+
+
 def plot_heatmap(source, ax=None, reduce: str = "mean_abs"):
     """Layer x step picture of the gates (mean |gate| over heads, or one head with reduce=int)."""
     plt = pyplot()
@@ -239,12 +254,13 @@ def plot_head_curves(source, layer: Optional[int] = None, ax=None, heads: Option
         raise ValueError(f"layer {layer} has no adapter; adapted layers are {log.layers}")
     i = log.layers.index(layer)
     ax = ax or plt.figure(figsize=(5, 3)).gca()
+    colors = head_colors(log.gates.shape[2])
     for h in (range(log.gates.shape[2]) if heads is None else heads):
-        ax.plot(log.steps, log.gates[:, i, h], label=f"head {h}")
+        ax.plot(log.steps, log.gates[:, i, h], color=colors[h], label=f"head {h}")
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("step")
     ax.set_ylabel("gate")
-    ax.set_title(f"layer {layer}: gate per head")
+    ax.set_title(f"layer {layer}: gate per head (colour = head)")
     if log.gates.shape[2] <= 8:
         ax.legend(fontsize="small")
     return ax
@@ -257,8 +273,8 @@ def plot_final_bars(source, ax=None, step_index: int = -1):
     ax = ax or plt.figure(figsize=(4, 3)).gca()
     g = np.abs(log.gates[step_index])  # (L, H)
     x = np.arange(len(log.layers))
-    ax.bar(x, g.mean(-1), color="tab:blue", label="mean over heads")
-    ax.scatter(np.repeat(x, g.shape[1]), g.reshape(-1), color="black", s=6, label="heads")
+    ax.bar(x, g.mean(-1), color=layer_colors(len(log.layers)), label="mean over heads")
+    ax.scatter(np.repeat(x, g.shape[1]), g.reshape(-1), color="black", s=6, label="each head")
     ax.set_xticks(x, [str(l) for l in log.layers])
     ax.set_xlabel("adapted layer")
     ax.set_ylabel("|gate|")
@@ -273,17 +289,17 @@ def plot_loss_and_gates(source, ax=None):
     log = _as_log(source)
     ax = ax or plt.figure(figsize=(5, 3)).gca()
     ok = np.isfinite(log.loss)
-    ax.plot(log.steps[ok], log.loss[ok], color="black", label="loss")
+    loss_line = ax.plot(log.steps[ok], log.loss[ok], color="black", lw=2, label="loss (left axis)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax2 = ax.twinx()
     mean_abs = np.abs(log.gates).mean(-1)  # (S, L)
-    for i, layer in enumerate(log.layers):
-        ax2.plot(log.steps, mean_abs[:, i], lw=1, label=f"layer {layer}")
-    ax2.set_ylabel("mean |gate|")
-    if len(log.layers) <= 8:
-        ax2.legend(fontsize="small", loc="center right")
-    ax.set_title("loss falls as the gates open")
+    for i, (layer, color) in enumerate(zip(log.layers, layer_colors(len(log.layers)))):
+        ax2.plot(log.steps, mean_abs[:, i], lw=1.5, color=color, label=f"layer {layer}")
+    ax2.set_ylabel("mean |gate| (blue, darker = higher layer)")
+    handles = loss_line + (ax2.get_lines() if len(log.layers) <= 8 else [])
+    ax2.legend(handles, [h.get_label() for h in handles], fontsize="small", loc="center right")
+    ax.set_title("training loss and mean |gate| per layer")
     return ax
 
 
@@ -391,6 +407,6 @@ def explorer(source):
 
 __all__ = [
     "GATES_NAME", "PLOT_NAME", "GateRecorder", "gate_record", "start_record", "read_gates", "GateLog", "summarize", "format_summary",
-    "plot_heatmap", "plot_head_curves", "plot_final_bars", "plot_loss_and_gates", "plot_summary", "save_plot",
+    "head_colors", "layer_colors", "plot_heatmap", "plot_head_curves", "plot_final_bars", "plot_loss_and_gates", "plot_summary", "save_plot",
     "LivePlot", "explorer", "pyplot",
 ]

@@ -217,3 +217,10 @@ def test_cli_bad_flags_exit_2_and_name_the_flag(argv, needle, tmp_path, capsys):
 
     assert main(["ablate", "--out", str(tmp_path)] + argv) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_plot_regimes_draws_one_panel_per_metric(tmp_path):
+    runs = [{"variant": v, "seed": s, **{m: 0.1 * s + i for i, m in enumerate(ablate.METRICS)}}
+            for v in ("zero", "random") for s in range(3)]
+    fig = ablate.plot_regimes({"lr 0.01": runs, "lr 0.05": runs[:3]}, tmp_path / "regimes.png")
+    assert len(fig.axes) == 3 and (tmp_path / "regimes.png").stat().st_size > 5_000
