@@ -59,16 +59,33 @@ def pyplot():
 
 
 # --------------------------------------------------------------------------- recording
+def gated_layers(model) -> list[int]:
+    """The adapted layers whose adapter has a gate, bottom first (an ungated adapter,
+    ``AdapterConfig(gate="none")``, has nothing to record: its prompts share the tokens' softmax)."""
+    return [i for i in adapted_layers(model) if model.layers[i].attention.adapter.gate is not None]
+
+
 def gate_record(model, step: int, epoch: float, loss: Optional[float], lr: float) -> dict:
-    """One log line: the model's effective gates now, with the step's loss and learning rate."""
+    """One log line: the model's effective gates now, with the step's loss and learning rate.
+    ``layers`` names the gated layers only, so it matches the rows of ``gates``."""
     return {
         "step": int(step),
         "epoch": round(float(epoch), 6),
         "loss": None if loss is None else float(loss),
         "lr": float(lr),
-        "layers": adapted_layers(model),
-        "gates": gate_values(model).tolist(),  # (L, H)
+        "layers": gated_layers(model),
+        "gates": gate_values(model).tolist(),  # (L gated, H)
     }
+
+
+def require_gates(model, who: str) -> None:
+    """A clear error instead of a log of empty rows when the model has no gate to record."""
+    if not gated_layers(model):
+        layers = adapted_layers(model)
+        what = (f"its adapter (layers {layers}) is ungated (AdapterConfig(gate='none'))" if layers
+                else "it carries no adapter")
+        raise ValueError(f"{who}: the model has no gate to record - {what}. Drop the callback; "
+                         "train() attaches a GateRecorder only to gated adapters.")
 
 
 def start_record(state: dict) -> dict:
@@ -96,6 +113,7 @@ class GateRecorder:
         self.total_steps: Optional[int] = None
 
     def on_start(self, state: dict) -> None:
+        require_gates(state["model"], "GateRecorder")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.total_steps = state["total_steps"]
         if state["resumed"]:
@@ -344,6 +362,7 @@ class LivePlot:
         self._fig = None
 
     def on_start(self, state: dict) -> None:
+        require_gates(state["model"], "LivePlot")
         self.records = [start_record(state)]  # a resumed run starts at its own step, epoch and lr
         self._draw()
 

@@ -49,7 +49,7 @@ from .distributed import (
     sync_gradients, unwrap, wrap_model,
 )
 from .files import atomic_torch_save, atomic_write_text, remove_stale_temps
-from .gates import GateRecorder
+from .gates import GateRecorder, gated_layers
 from .losses import loss_sum
 from .model import autocast_for
 
@@ -334,16 +334,18 @@ def _prepare_out_dir(config: TrainConfig, is_main: bool) -> Optional[Path]:
 
 def _with_gate_recorder(callbacks: list, raw: nn.Module, config: TrainConfig, out_dir: Optional[Path],
                         is_main: bool) -> list:
-    """A model with an adapter records its gates in out_dir/gates.jsonl unless told not to."""
-    wanted = out_dir is not None and config.record_gates and is_main and _has_adapter(raw)
+    """A model with a gated adapter records its gates in out_dir/gates.jsonl unless told not to
+    (an ungated adapter, AdapterConfig(gate="none"), has no gate: no gates.jsonl)."""
+    wanted = out_dir is not None and config.record_gates and is_main and _has_gates(raw)
     if wanted and not any(isinstance(cb, GateRecorder) for cb in callbacks):
         callbacks.insert(0, GateRecorder(out_dir, every=config.log_every))
     return callbacks
 
 
-def _has_adapter(model: nn.Module) -> bool:
+def _has_gates(model: nn.Module) -> bool:
     layers = getattr(model, "layers", None)
-    return layers is not None and any(getattr(l.attention, "adapter", None) is not None for l in layers)
+    return (layers is not None and any(getattr(l.attention, "adapter", None) is not None for l in layers)
+            and bool(gated_layers(model)))
 
 
 def _progress_bar(config: TrainConfig, schedule: Schedule, start_step: int):

@@ -110,3 +110,13 @@ def test_explorer_is_a_widget(run_dir):
     assert isinstance(w, widgets.VBox)
     slider = w.children[0].children[0]
     slider.value = 1  # moving the slider redraws without error
+
+
+def test_an_ungated_adapter_gets_no_gate_log(tmp_path):
+    model = add_adapter(tiny_model(), AdapterConfig(prompt_len=4, layers=2, gate="none"))
+    assert gates.gated_layers(model) == [] and gate_values(model).shape == (0, 4)
+    train(model, toy_data(), TrainConfig(steps=3, batch_size=8, lr=0.05, out_dir=str(tmp_path), progress=False))
+    assert not (tmp_path / "gates.jsonl").exists() and not (tmp_path / "gates.png").exists()  # nothing to record
+    for callback in (gates.GateRecorder(tmp_path / "asked"), gates.LivePlot(every=1)):
+        with pytest.raises(ValueError, match=r"no gate to record - its adapter \(layers \[0, 1\]\) is ungated"):
+            train(model, toy_data(), TrainConfig(steps=1, batch_size=8, progress=False), callbacks=[callback])

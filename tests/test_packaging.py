@@ -89,3 +89,11 @@ def test_every_notebook_is_built_from_its_current_source():
         want = [(c.cell_type, c.source) for c in build.parse(src.read_text())]
         have = [(c.cell_type, c.source) for c in nbformat.read(nb_path, as_version=4).cells]
         assert have == want, f"{nb_path.relative_to(ROOT)} differs from {src.relative_to(ROOT)}: rebuild it"
+
+
+def test_files_the_notebooks_cite_exist():
+    """A path in backquotes in a notebook source (`docs/method.md`, `adapterlab/tinyworld.py`, ...) is a file here."""
+    cited = re.compile(r"`((?:docs|adapterlab|notebooks|tests|benchmarks)/[^`\s]+\.(?:md|py|ipynb|json|png))`")
+    missing = [f"{src.relative_to(ROOT)}: {path}" for src in sorted((ROOT / "notebooks" / "src").rglob("*.py"))
+               for path in cited.findall(src.read_text()) if not (ROOT / path).is_file()]
+    assert missing == [], "notebooks cite files the repository does not have"

@@ -213,6 +213,8 @@ opt.zero_grad()
 # %% [markdown]
 # Let us watch that happen over 60 steps of learning to continue these two sequences
 # (AdamW, as in the paper's recipe). We record the gates and the size of the prompt gradient.
+# Under the plots, the numbers behind "the gate opens first": the first step at which the
+# prompts get a gradient, and the gradient norms at the start and the end.
 
 # %%
 torch.manual_seed(0)
@@ -244,7 +246,17 @@ axes[2].set_yscale("symlog", linthresh=1e-3)
 axes[2].legend()
 for ax in axes:
     ax.set_xlabel("step")
-fig.tight_layout();
+fig.tight_layout()
+first = next((s for s, n in enumerate(history["prompt_grad"]) if n > 0), None)
+print(f"prompt gradient norm: {history['prompt_grad'][0]:.1e} at step 0, first non-zero at step {first}, "
+      f"{history['prompt_grad'][-1]:.1e} at step {len(history['prompt_grad']) - 1}")
+print(f"gate gradient norm:   {history['gate_grad'][0]:.1e} at step 0, {history['gate_grad'][-1]:.1e} at the end")
+print(f"loss: {history['loss'][0]:.3f} at step 0 -> {history['loss'][-1]:.3f} at step {len(history['loss']) - 1}")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("in the 60-step run, the prompts' gradient is exactly 0 at step 0 and non-zero at step 1:",
+      history["prompt_grad"][0] == 0 and history["prompt_grad"][1] > 0)
 
 # %% [markdown]
 # ## 5. The contrast: gates that do not start at zero
@@ -273,8 +285,10 @@ print(f"largest change of a logit at init with random gates: {(noisy_logits.deta
 # sums to 1. So after training, the gate *is* the share of attention each head gives to the
 # prompts (negative gates subtract what the prompts say). Which prompt a token reads depends
 # on the token: `prompt_attention_map` captures the queries that reach the top adapter with a
-# forward hook and returns that block; we draw the prompt softmax of the head whose gate opened most
-# (in this random toy model it is nearly uniform; a trained one is in notebook 6).
+# forward hook and returns that block. On the right we divide it by the gate again, which leaves
+# the prompt softmax itself (every row sums to 1) of the head whose gate opened most; the line
+# under the plot says how far it is from uniform in this random toy model (a trained model's
+# map is in notebook 6).
 
 # %%
 layer = adapted_layers(model)[-1]
@@ -292,13 +306,17 @@ axes[0].set_xticks(x, [f"head {h}" for h in x.tolist()])
 axes[0].set_ylabel("prompt attention mass (= tanh g)")
 axes[0].set_title("Token attention is 1 per row; prompts add tanh(g)", fontsize=10)
 axes[0].legend(fontsize=8)
-im = axes[1].imshow(prompt_block / gate_top[head], aspect="auto", cmap="viridis")
+softmax_block = prompt_block / gate_top[head]  # (T, K): undo the gate, each row sums to 1
+im = axes[1].imshow(softmax_block, aspect="auto", cmap="viridis")
 axes[1].set_xlabel("prompt")
 axes[1].set_ylabel("token")
-axes[1].set_title(f"layer {layer}, head {head}: softmax(Q P_k^T / sqrt d),\nscaled by its gate {gate_top[head].item():+.2f}",
-                  fontsize=10)
+axes[1].set_title(f"layer {layer}, head {head} (gate {gate_top[head].item():+.2f}): softmax(Q P_k^T / sqrt d),\n"
+                  "the prompt block divided by its gate", fontsize=10)
 fig.colorbar(im, ax=axes[1])
-fig.tight_layout();
+fig.tight_layout()
+K_prompts = softmax_block.shape[-1]
+print(f"head {head}: each token's prompt weights lie between {softmax_block.min().item():.3f} and "
+      f"{softmax_block.max().item():.3f} (uniform over K = {K_prompts} prompts would be {1 / K_prompts:.3f})")
 
 # %% [markdown]
 # ## Check yourself

@@ -87,7 +87,8 @@ print("the job ran as 2 processes:", "2 processes" in (work / "ddp-2.log").read_
 # %% [markdown]
 # ## 3. The 8-GPU command for LLaMA-7B
 #
-# The release's recipe (`docs/method.md`): 5 epochs, 2 of warm-up, global batch 64, base learning rate
+# The release's recipe (the table "The release's training recipe" in `docs/method.md`; the
+# 8-GPU set-up is in `docs/distributed.md`): 5 epochs, 2 of warm-up, global batch 64, base learning rate
 # 9e-3 (lr = 9e-3 x 64 / 256), AdamW betas (0.9, 0.95), weight decay 0.02, K = 10 prompts in the
 # top L = 30 layers, sequences up to 512 tokens. With Meta's LLaMA-7B folder and Alpaca-52K:
 #
@@ -100,7 +101,7 @@ print("the job ran as 2 processes:", "2 processes" in (work / "ddp-2.log").read_
 #
 # and, in another terminal, `adapterlab gates --follow runs/alpaca-7b` to watch the gates. Each
 # GPU takes 8 examples per step; if 8 x 512 tokens do not fit, add `--micro-batch-size 4` and
-# every rank accumulates two micro-batches before the all-reduce: the same update, more slowly.
+# every rank accumulates several micro-batches before the all-reduce: the same update, more slowly.
 # Eight CPU processes on a laptop run the same code (`--nproc_per_node 8`), just slowly.
 #
 # ## Check yourself

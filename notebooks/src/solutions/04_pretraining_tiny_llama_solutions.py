@@ -6,6 +6,7 @@
 # %%
 import math
 
+from adapterlab import tinyworld
 from adapterlab.exercises import check_uniform_loss
 
 # %% [markdown]
@@ -13,11 +14,11 @@ from adapterlab.exercises import check_uniform_loss
 #
 # Cross-entropy is the average of -log p(right token). If every one of the V tokens has
 # probability 1/V, every term is -log(1/V) = log V. PyTorch uses the natural logarithm, so the
-# loss is in nats: ln V. The tiny world's tokenizer has V = 640 tokens.
+# loss is in nats: ln V. The tiny world's tokenizer has V = `tinyworld.Recipe().vocab_size` tokens.
 
 # %%
 # NBVAL_CHECK_OUTPUT
-V = 640
+V = tinyworld.Recipe().vocab_size  # 640
 uniform_loss = math.log(V)
 print(f"ln({V}) = {uniform_loss:.4f} nats  (= {math.log2(V):.2f} bits)")
 check_uniform_loss(uniform_loss, vocab_size=V)
