@@ -189,9 +189,8 @@ for name, runs in sweeps.items():
 # `lr` per step, so the learning rate sets how fast they open (checked below). What the number
 # of adapted layers and the prompt length change is *read from the runs*, not written in
 # advance: the next cell says it in words from the table. One seed and a short budget: small
-# differences are noise, and held-out answers only start to come after longer training
-# (notebooks 5 and 7). For the scale of the effect in the paper (Table 4, ScienceQA, full
-# training): 10, 20, 30 adapted layers gave 55.95%, 73.36%, 83.85%.
+# differences are noise (notebooks 5 and 7 train longer). For the scale of the effect in the
+# paper (Table 4, ScienceQA, full training): 10, 20, 30 adapted layers gave 55.95%, 73.36%, 83.85%.
 
 # %%
 def describe(name, runs):
@@ -253,5 +252,5 @@ check_most_open_layer(most_open_layer, log)
 # - Gates open from exactly 0, positive or negative (a negative gate subtracts its prompts).
 # - The explorer widget shows layer x step, per-head curves and per-layer bars together.
 # - The learning rate sets how fast gates open (AdamW moves each by about `lr` per step).
-#   What L and K change in a short run is printed from the runs; held-out answers need longer
-#   training to tell settings apart.
+#   What L and K change in a short run is printed from the runs, not assumed; one seed and
+#   40 steps, so small differences are noise.
