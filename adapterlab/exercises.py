@@ -1,5 +1,7 @@
 """Automatic checkers for the notebooks' "check yourself" exercises.
 
+Layer: the top (beside cli): the checkers may use any module of the package.
+
 Every checker takes the student's answer (a number, a set of names, or a function) and
 returns a :class:`CheckResult`: truthy when the answer is right, and displayed in Jupyter as
 a short message. A wrong answer is compared against the mistakes people actually make

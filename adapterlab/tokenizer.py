@@ -1,5 +1,7 @@
 """SentencePiece tokenizer: load LLaMA's ``tokenizer.model`` or train a new one.
 
+Layer 1 (beside model and scenes): sentencepiece only, nothing from adapterlab.
+
 LLaMA's ids: 0 = <unk>, 1 = <s> (BOS), 2 = </s> (EOS); there is no pad token (pad_id = -1).
 A tokenizer we train gets the same ids, so code never needs to know which kind it holds.
 """
