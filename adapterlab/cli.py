@@ -91,15 +91,16 @@ non_negative_float = _checked(float, "a number >= 0", lambda x: x >= 0)
 probability = _checked(float, "a number in (0, 1]", lambda x: 0 < x <= 1)
 
 
-def lora_targets(text: str) -> tuple[str, ...]:
-    from .baselines import LORA_TARGETS
-
-    names = tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = [t for t in names if t not in LORA_TARGETS]
-    if not names or unknown or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"expected distinct comma-separated names from {','.join(LORA_TARGETS)}, "
-                                         f"got {text!r}")
-    return names
+def name_list(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    """An argparse type: distinct comma-separated names, each one of ``allowed``."""
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(t.strip() for t in text.split(",") if t.strip())
+        unknown = [t for t in names if t not in allowed]
+        if not names or unknown or len(set(names)) != len(names):
+            raise argparse.ArgumentTypeError(f"expected distinct comma-separated names from {','.join(allowed)}, "
+                                             f"got {text!r}")
+        return names
+    return parse
 
 
 # --------------------------------------------------------------------------- shared flags
@@ -251,7 +252,7 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
                    help="LoRA rank r (default 8, as Alpaca-LoRA)")
     g.add_argument("--lora-alpha", type=positive_float, default=None,
                    help="LoRA scale alpha; the update is alpha/r B A (default 16)")
-    g.add_argument("--lora-targets", type=lora_targets, default=None, metavar="NAMES",
+    g.add_argument("--lora-targets", type=name_list(LORA_TARGETS), default=None, metavar="NAMES",
                    help=f"comma-separated linear layers of every block for LoRA, from {','.join(LORA_TARGETS)} "
                         "(default wq,wv)")
 
@@ -447,25 +448,14 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- ablate
-def variant_list(text: str) -> tuple[str, ...]:
-    from .ablate import VARIANTS
-
-    names = tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = [t for t in names if t not in VARIANTS]
-    if not names or unknown or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"expected distinct comma-separated names from {','.join(VARIANTS)}, "
-                                         f"got {text!r}")
-    return names
-
-
 def add_ablate_arguments(p: argparse.ArgumentParser) -> None:
-    from .ablate import AblationConfig
+    from .ablate import VARIANTS, AblationConfig
 
     d = AblationConfig()
     p.add_argument("--out", required=True, help="folder for runs.jsonl, summary.json and ablation.png "
                                                 "(rerun with the same flags to resume: finished runs are skipped)")
     p.add_argument("--seeds", type=positive_int, default=d.seeds, help=f"seeds per variant (default {d.seeds})")
-    p.add_argument("--variants", type=variant_list, default=d.variants,
+    p.add_argument("--variants", type=name_list(VARIANTS), default=d.variants,
                    help="zero (zero-init gates), random (random-init gates), none (ungated: one softmax); "
                         "default zero,random,none")
     p.add_argument("--lr", type=positive_float, default=d.lr, help=f"peak learning rate (default {d.lr})")

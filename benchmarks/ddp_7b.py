@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from adapterlab import AdapterConfig, Llama, LlamaConfig, add_adapter  # noqa: E402
 from adapterlab import distributed as D  # noqa: E402
 from adapterlab.adapter import adapted_layers, trainable_parameters  # noqa: E402
+from adapterlab.files import atomic_write_text  # noqa: E402
 from adapterlab.losses import loss_sum  # noqa: E402
 from adapterlab.model import autocast_for  # noqa: E402
 from adapterlab.train import make_optimizer, TrainConfig  # noqa: E402
@@ -179,9 +180,7 @@ def table(rows: list[dict], device: torch.device) -> str:
 def write_json(path: Optional[str], info: dict, env: D.DistEnv) -> None:
     if path and env.is_main:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(path).with_suffix(".tmp")
-        tmp.write_text(json.dumps(info, indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(info, indent=2) + "\n")
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
