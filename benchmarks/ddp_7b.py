@@ -33,7 +33,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import platform
 import resource
 import statistics
