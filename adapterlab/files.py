@@ -87,10 +87,21 @@ def publish_folder(final: str | os.PathLike, write: Callable[[Path], Any]) -> Pa
     return final
 
 
-# --------------------------------------------------------------------------- the cache and its lock
+# --------------------------------------------------------------------------- shipped bases, the cache and its lock
+SHIPPED_ROOT = Path(__file__).resolve().parent / "bases"
+
+
 def cache_root() -> Path:
     """Where built bases are kept: ``$ADAPTERLAB_CACHE``, else ``~/.cache/adapterlab``."""
     return Path(os.environ.get("ADAPTERLAB_CACHE") or Path.home() / ".cache" / "adapterlab")
+
+
+def shipped_base(name: str) -> Optional[Path]:
+    """The folder ``adapterlab/bases/<name>`` if the package ships that base (built by our own
+    pretraining code, stored as safetensors), else None. ``name`` carries the recipe's hash, so a
+    changed recipe finds no shipped folder and falls back to the cache (and a build)."""
+    folder = SHIPPED_ROOT / name
+    return folder if folder.is_dir() else None
 
 
 @contextlib.contextmanager

@@ -10,14 +10,15 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "adapterlab"
 LAYERS = [
     {"files"},
-    {"model", "tokenizer", "scenes", "bleu"},
+    {"model", "tokenizer", "scenes", "bleu", "squad"},
     {"adapter", "scenetext"},
-    {"data", "distributed"},
+    {"data", "distributed", "encoders", "clip"},
     {"losses", "generate", "gates"},
     {"train"},
     {"checkpoints", "baselines", "vision"},
-    {"tinyworld", "multimodal", "live"},
-    {"recipes", "ablate"},
+    {"tinyworld", "multimodal", "live", "vtab"},
+    {"recipes", "ablate", "textqa"},
+    {"families"},
     {"cli", "exercises"},
 ]
 LAYER_OF = {m: i for i, layer in enumerate(LAYERS) for m in layer}
