@@ -17,7 +17,9 @@ Because the two softmaxes are separate, S^g V splits into a sum:
 The first term is ordinary causal attention (a fused kernel in model.Attention); the second is
 :func:`gated_prompt_attention` below - the only new computation the adapter adds.
 :func:`zero_init_attention_literal` writes Eq. 5-8 literally (one score matrix, two softmaxes)
-for teaching and for the tests that prove both forms equal.
+for teaching and for the tests that prove both forms equal. Bidirectional encoders
+(:mod:`adapterlab.encoders`) use the same functions with a ``token_mask`` (which token keys each
+query may see: all but padding) in place of the causal mask (``token_mask=None``, LLaMA's).
 
 For comparison, ``AdapterConfig(gate="none")`` is the ungated design zero-init attention improves
 on (prefix tuning, P-tuning v2, VPT-deep): keys/values [P; T] in ONE softmax, no gate -
@@ -110,8 +112,19 @@ def gated_prompt_scores(q: torch.Tensor, prompt_k: torch.Tensor, gate: torch.Ten
     return gate.to(q.dtype) * probs
 
 
+def visible_keys(token_mask: Optional[torch.Tensor], T: int, S: int, device) -> torch.Tensor:
+    """Which token keys each query may see, broadcastable to (B, H, T, S); True = visible.
+
+    None: causal, as LLaMA (query i sees keys 0..S-T+i, S >= T as with a KV cache). An encoder
+    passes its own mask (all keys but padding: bidirectional attention).
+    """
+    if token_mask is None:
+        return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)  # (T, S)
+    return token_mask.to(device=device, dtype=torch.bool)
+
+
 def joint_prompt_attention(q: torch.Tensor, prompt_k: torch.Tensor, prompt_v: torch.Tensor, keys: torch.Tensor,
-                           token_out: torch.Tensor) -> torch.Tensor:
+                           token_out: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The ungated alternative to Eq. 7 (``gate="none"``): prompts and word tokens share ONE softmax.
 
     This is what prefix tuning, P-tuning v2 and VPT-deep do, written against Eq. 7 above:
@@ -126,7 +139,8 @@ def joint_prompt_attention(q: torch.Tensor, prompt_k: torch.Tensor, prompt_v: to
     changes before anything is learned. token_out: softmax(S^{M+1}) V, the causal attention over
     the tokens that model.Attention already computed, (B, H, T, d). keys: (B, H_kv, S, d) rotated
     token keys, S >= T (query i sees keys 0..S-T+i, as with a KV cache). prompt_k, prompt_v:
-    (1 or B, H_kv, K, d). Returns the correction to add to token_out, (B, H, T, d).
+    (1 or B, H_kv, K, d). token_mask: which keys each query sees, bool broadcastable to (B, H, T, S)
+    (None: causal; see :func:`visible_keys`). Returns the correction to add to token_out, (B, H, T, d).
     """
     n_rep = q.shape[1] // keys.shape[1]  # grouped-query attention: share K/V heads
     if n_rep > 1:
@@ -134,18 +148,19 @@ def joint_prompt_attention(q: torch.Tensor, prompt_k: torch.Tensor, prompt_v: to
     T, S, d = q.shape[2], keys.shape[2], q.shape[-1]
     prompt_scores = (q @ prompt_k.transpose(-2, -1)).float() / math.sqrt(d)  # S^K: (B, H, T, K)
     token_scores = (q @ keys.transpose(-2, -1)).float() / math.sqrt(d)  # S^{M+1}: (B, H, T, S)
-    causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-    token_scores = token_scores.masked_fill(~causal, float("-inf"))
+    token_scores = token_scores.masked_fill(~visible_keys(token_mask, T, S, q.device), float("-inf"))
     w = torch.sigmoid(prompt_scores.logsumexp(-1) - token_scores.logsumexp(-1))[..., None]  # (B, H, T, 1)
     prompt_out = F.softmax(prompt_scores, dim=-1).type_as(q) @ prompt_v  # softmax(S^K) P_v: (B, H, T, d)
     return w.type_as(q) * (prompt_out - token_out)
 
 
-def zero_init_attention_literal(q, k, v, prompt_k, prompt_v, gate):
+def zero_init_attention_literal(q, k, v, prompt_k, prompt_v, gate, token_mask=None):
     """Eq. 5-8 as written in the paper: one score matrix, two separate softmaxes.
 
     q: (B, H, T, d) queries; k, v: (B, H, T, d) token keys/values (rotated keys, causal);
     prompt_k, prompt_v: (B or 1, H, K, d); gate: effective gate broadcastable to (B, H, T, K).
+    token_mask: bool, broadcastable to (B, H, T, T), True where a query may see a token key
+    (None: causal, as LLaMA; an encoder: every key but padding). The prompts are always visible.
     Returns S^g V: (B, H, T, d) (W_o not applied). Slow and simple on purpose.
     """
     B, H, T, d = q.shape
@@ -154,17 +169,16 @@ def zero_init_attention_literal(q, k, v, prompt_k, prompt_v, gate):
     values = torch.cat([prompt_v.expand(B, -1, -1, -1), v], dim=2)
     S = q @ keys.transpose(-2, -1) / math.sqrt(d)  # Eq. 5: (B, H, T, K+T)
     S_K, S_M1 = S[..., :K], S[..., K:]  # Eq. 6: prompt scores | token scores
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    S_M1 = S_M1.masked_fill(~causal, float("-inf"))
+    S_M1 = S_M1.masked_fill(~visible_keys(token_mask, T, T, q.device), float("-inf"))
     S_g = torch.cat([gate * S_K.softmax(-1), S_M1.softmax(-1)], dim=-1)  # Eq. 7
     return S_g @ values  # Eq. 8 (before W_o)
 
 
-def joint_attention_literal(q, k, v, prompt_k, prompt_v):
-    """The ungated form as prefix tuning writes it: keys/values [P; T], ONE causal softmax, no gate.
+def joint_attention_literal(q, k, v, prompt_k, prompt_v, token_mask=None):
+    """The ungated form as prefix tuning writes it: keys/values [P; T], ONE softmax, no gate.
 
-    Shapes as :func:`zero_init_attention_literal`. Compare the two: there, the prompt scores S^K
-    and the token scores S^{M+1} get their own softmax and the gate scales the prompt block;
+    Shapes and token_mask as :func:`zero_init_attention_literal` (None: causal). Compare the two:
+    there, the prompt scores S^K and the token scores S^{M+1} get their own softmax and the gate scales the prompt block;
     here every prompt competes with every token for the same unit of attention.
     """
     B, H, T, d = q.shape
@@ -172,8 +186,8 @@ def joint_attention_literal(q, k, v, prompt_k, prompt_v):
     keys = torch.cat([prompt_k.expand(B, -1, -1, -1), k], dim=2)  # [P; T]  (B, H, K+T, d)
     values = torch.cat([prompt_v.expand(B, -1, -1, -1), v], dim=2)
     S = q @ keys.transpose(-2, -1) / math.sqrt(d)  # (B, H, T, K+T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    visible = torch.cat([torch.ones(T, K, dtype=torch.bool, device=q.device), causal], dim=1)  # prompts: always
+    tokens = visible_keys(token_mask, T, T, q.device).expand(B, H, T, T)
+    visible = torch.cat([tokens.new_ones(B, H, T, K), tokens], dim=-1)  # prompts: always visible
     return S.masked_fill(~visible, float("-inf")).softmax(-1) @ values  # (B, H, T, d)
 
 
@@ -215,9 +229,11 @@ class AdaptionPrompt(nn.Module):
         return pk, pv
 
     def forward(self, q, attn: Attention, cache: Optional[KVCache] = None, visual=None,
-                keys: Optional[torch.Tensor] = None, token_out: Optional[torch.Tensor] = None):
+                keys: Optional[torch.Tensor] = None, token_out: Optional[torch.Tensor] = None,
+                token_mask: Optional[torch.Tensor] = None):
         """The term model.Attention adds to its token attention. q: (B, H, T, d) rotated queries;
-        keys, token_out: the layer's token keys and token attention (used by gate="none" only)."""
+        keys, token_out: the layer's token keys and token attention, token_mask: which keys each
+        query saw there (None: causal) - used by gate="none" only (the gated term reads only the prompts)."""
         if cache is not None and attn.layer_id in cache.prompt_kv:
             pk, pv = cache.prompt_kv[attn.layer_id]  # generation: computed at the first step only
         else:
@@ -229,7 +245,7 @@ class AdaptionPrompt(nn.Module):
             if keys is None or token_out is None:
                 raise ValueError("an ungated adapter (gate='none') needs the layer's token keys and token attention: "
                                  "call it as adapterlab.model.Attention does (keys=..., token_out=...)")
-            return joint_prompt_attention(q, pk, pv, keys.to(q.dtype), token_out)
+            return joint_prompt_attention(q, pk, pv, keys.to(q.dtype), token_out, token_mask)
         return gated_prompt_attention(q, pk, pv, self.gate_value())
 
 

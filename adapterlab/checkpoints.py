@@ -3,7 +3,8 @@
 Layer 6 (tooling above the training loop): imports files, model, tokenizer and adapter.
 
 Base weights (:func:`load_llama`) come from
-- a Meta folder: ``params.json`` + ``consolidated.NN.pth`` model-parallel shards;
+- a Meta folder: ``params.json`` + ``consolidated.NN.pth`` model-parallel shards (or the same
+  shards as ``consolidated.NN.safetensors``: the bases adapterlab ships, no pickles);
 - a Hugging Face folder: ``config.json`` + ``model.safetensors`` (or sharded with
   ``model.safetensors.index.json``); names are converted and the q/k rows un-permuted.
 :func:`save_llama` writes a one-shard Meta folder (what the pretraining commands produce).
@@ -52,6 +53,7 @@ _META_SPLIT_DIM = {
     "wo": 1, "w2": 1, "tok_embeddings": 1,  # row-parallel (and the embedding): input columns
 }  # anything else (the RMSNorm weights) is replicated in every shard
 _META_IGNORED = ("rope.freqs",)  # precomputed rotary table in LLaMA-1 shards; we compute our own
+WEIGHT_SUFFIXES = ("pth", "safetensors")  # a Meta shard: Meta's pickle, or the same tensors as safetensors
 
 
 # =========================================================================== base models
@@ -108,15 +110,18 @@ def load_llama(
 
 
 def save_llama(model: Llama, tokenizer: Optional[Tokenizer], folder: PathLike,
-               extra: Optional[dict[str, dict]] = None) -> Path:
+               extra: Optional[dict[str, dict]] = None, weights: str = "pth") -> Path:
     """Write the base model as a one-shard Meta folder that :func:`load_llama` reads back exactly.
 
-    Files: params.json, consolidated.00.pth (the base weights, an attached adapter left out),
+    Files: params.json, consolidated.00.pth (the base weights, an attached adapter left out; with
+    weights="safetensors": consolidated.00.safetensors, the same tensors without a pickle),
     tokenizer.model (when a tokenizer is given), and one JSON file per entry of ``extra``
     ({file name: content}, e.g. how the model was made). Every file is written atomically;
     to publish a whole folder at once (a cache that other processes read), call this inside
     :func:`adapterlab.files.publish_folder`. Returns the folder.
     """
+    if weights not in WEIGHT_SUFFIXES:
+        raise ValueError(f"save_llama: weights must be one of {WEIGHT_SUFFIXES}; got {weights!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     c = model.config
@@ -125,7 +130,10 @@ def save_llama(model: Llama, tokenizer: Optional[Tokenizer], folder: PathLike,
               "norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "max_seq_len": c.max_seq_len}
     atomic_write_text(folder / "params.json", json.dumps(params, indent=2))
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if ".adapter." not in k}
-    atomic_torch_save(state, folder / "consolidated.00.pth")
+    if weights == "safetensors":
+        atomic_write_bytes(folder / "consolidated.00.safetensors", save(state))
+    else:
+        atomic_torch_save(state, folder / "consolidated.00.pth")
     if tokenizer is not None:
         atomic_write_bytes(folder / "tokenizer.model", tokenizer.model_proto)
     for name, content in (extra or {}).items():
@@ -215,17 +223,20 @@ def _read_meta_folder(folder: Path, place: Callable) -> tuple[LlamaConfig, dict[
         if field not in params:
             raise ValueError(f"{folder / 'params.json'} has no '{field}'; a Meta params.json needs dim, n_layers, n_heads")
 
-    shard_paths = {}
-    for p in folder.glob("consolidated.*.pth"):
-        m = re.fullmatch(r"consolidated\.(\d+)\.pth", p.name)
+    shard_paths: dict[int, Path] = {}
+    for p in sorted(folder.glob("consolidated.*")):
+        m = re.fullmatch(r"consolidated\.(\d+)\.(pth|safetensors)", p.name)
+        if m and int(m.group(1)) in shard_paths:
+            raise ValueError(f"{folder} holds shard {m.group(1)} twice ({shard_paths[int(m.group(1))].name} and "
+                             f"{p.name}); keep one of them")
         if m:
             shard_paths[int(m.group(1))] = p
     if not shard_paths:
-        raise ValueError(f"{folder} has params.json but no consolidated.NN.pth weight shards")
+        raise ValueError(f"{folder} has params.json but no consolidated.NN.pth (or .safetensors) weight shards")
     if 0 not in shard_paths:
         raise FileNotFoundError(f"{folder}: shard consolidated.00.pth is missing (found {_names(shard_paths)})")
 
-    shards = [_torch_load(shard_paths[0])]
+    shards = [_read_shard(shard_paths[0])]
     if "tok_embeddings.weight" not in shards[0]:
         raise ValueError(f"{shard_paths[0]} has no tok_embeddings.weight; is it a Meta LLaMA shard?")
     # The embedding is split along the width: each shard holds dim / n_shards columns.
@@ -248,7 +259,7 @@ def _read_meta_folder(folder: Path, place: Callable) -> tuple[LlamaConfig, dict[
             + (f"Unexpected shard(s): {', '.join(extra)}. " if extra else "")
             + "Download the complete folder."
         )
-    shards += [_torch_load(shard_paths[i]) for i in range(1, n_shards)]
+    shards += [_read_shard(shard_paths[i]) for i in range(1, n_shards)]
 
     state: dict[str, torch.Tensor] = {}
     for name in shards[0]:
@@ -267,6 +278,10 @@ def _read_meta_folder(folder: Path, place: Callable) -> tuple[LlamaConfig, dict[
     if params.get("vocab_size", -1) in (-1, None):  # LLaMA-1: the vocabulary comes with the tokenizer
         params["vocab_size"] = state["tok_embeddings.weight"].shape[0]
     return LlamaConfig.from_dict(params), state
+
+
+def _read_shard(path: Path) -> dict[str, torch.Tensor]:
+    return _load_safetensors(path) if path.suffix == ".safetensors" else _torch_load(path)
 
 
 def _names(shard_paths: dict[int, Path]) -> str:

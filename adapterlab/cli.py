@@ -1,4 +1,4 @@
-"""The ``adapterlab`` command: pretrain, finetune, generate, gates, demo, ablate.
+"""The ``adapterlab`` command: pretrain, finetune, generate, gates, demo, ablate, families.
 
 Layer: cli (the top). It only maps flags onto the typed functions of :mod:`adapterlab.recipes`
 (and prints their results): what a run does, and its defaults, are written there once.
@@ -17,6 +17,8 @@ to an existing one, extend its ``add_*_arguments`` function (the shared training
     adapterlab gates --follow runs/alpaca
     adapterlab generate --base tinyworld --adapter runs/ft --instruction "Where does Mara live?"
     adapterlab ablate --out runs/ablation --seeds 2 --steps 40     (zero-init vs random-init vs ungated)
+    adapterlab demo --vit --out runs/vit                              (a ViT on VTAB-style tasks; --roberta: SQuAD-style)
+    adapterlab families --family vit --seeds 3 --out runs/vit_study   (the multi-seed study of one family)
 
 Errors: a mistake in what the user gave (a path, a file's content, a flag's value or a
 combination of flags) prints one ``error: ...`` line naming the file or flag and what to do,
@@ -168,9 +170,8 @@ def adapter_changes(args: argparse.Namespace) -> dict:
 
 
 def _uses_tiny_world(args: argparse.Namespace) -> bool:
-    if args.command == "demo" and getattr(args, "multimodal", False):
-        return False  # its base pretrains on longer batches: the machine's threads help (3.7 vs 5 min cold)
-    if args.command in ("demo", "pretrain"):
+    # every demo (the multi-modal one too: its base is shipped, docs/bases.md) follows $ADAPTERLAB_THREADS
+    if args.command in ("demo", "pretrain", "families"):
         return True
     return getattr(args, "base", None) == "tinyworld"
 
@@ -394,6 +395,12 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
                    help="the multi-modal adapter (Sec. 3.3) on embedded pictures: ScienceQA-style questions with an image, "
                         "text or no context, and captions; with vs without the image (about 3 minutes on 2 cores, "
                         "under 2 once the scene base is cached)")
+    p.add_argument("--vit", action="store_true",
+                   help="zero-init gated prompts on a small ViT: VTAB-style tasks, against ungated prompts (VPT-deep), "
+                        "full fine-tuning, BitFit, a linear probe and LoRA (about 3 minutes on 2 cores, base cached)")
+    p.add_argument("--roberta", action="store_true",
+                   help="the same on a small RoBERTa-style encoder: SQuAD-style questions (v1.1 and v2.0), against "
+                        "P-tuning v2, full fine-tuning, BitFit, prompt tuning and LoRA (about 3 minutes on 2 cores)")
     add_adapter_arguments(p)
     add_training_arguments(p)
     p.set_defaults(base="tinyworld", data="tinyworld", device=None)
@@ -438,8 +445,40 @@ def run_multimodal_demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+FAMILY_DEMO_OPTIONS = ("out", "no_progress", "threads", "vit", "roberta", "run", "callbacks", "command")
+
+
+def run_family_demo_command(args: argparse.Namespace) -> int:
+    """``adapterlab demo --vit`` / ``--roberta``: see :func:`adapterlab.families.run_demo`."""
+    from .families import run_demo as run_family_demo
+
+    chosen = [f"--{name}" for name in ("multimodal", "vit", "roberta") if getattr(args, name)]
+    if len(chosen) > 1:
+        return _fail(f"demo: choose one of --multimodal, --vit, --roberta; got {' '.join(chosen)}")
+    family = "vit" if args.vit else "roberta"
+    parser_defaults = build_parser().parse_args(["demo"])
+    ignored = sorted(k for k, v in vars(args).items()
+                     if k not in FAMILY_DEMO_OPTIONS and getattr(parser_defaults, k, v) != v)
+    if ignored:
+        return _fail(f"demo --{family} does not use " + ", ".join("--" + k.replace("_", "-") for k in ignored)
+                     + "; it understands --out, --no-progress and --threads (the study's settings are fixed: "
+                       "adapterlab.families.DEMO)")
+    if args.out == "runs/demo":
+        args.out = f"runs/demo_{family}"
+    recipes.check_out_dir(args.out)
+    print(f"Zero-init attention beyond LLaMA: the {family} demo -> {args.out}/")
+    try:
+        run_family_demo(args.out, family, progress=not args.no_progress)
+    except ValueError as e:  # a folder holding another demo's runs
+        return _fail(f"--out {args.out}: {e}")
+    print(f"wrote {Path(args.out) / 'metrics.json'}, results.json, table.png and gates.png")
+    return 0
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """The whole story on the embedded default: base -> answers before -> adapter tuning -> answers after."""
+    if args.vit or args.roberta:
+        return run_family_demo_command(args)
     if args.multimodal:
         return run_multimodal_demo_command(args)
     recipes.demo(args.out, adapter=adapter_changes(args), train=train_changes(args), max_seq_len=args.max_seq_len,
@@ -503,6 +542,52 @@ def run_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- families
+def add_families_arguments(p: argparse.ArgumentParser) -> None:
+    from .families import FAMILIES, StudyConfig
+
+    d = StudyConfig()
+    p.add_argument("--family", choices=FAMILIES, required=True, help="vit (VTAB-style tasks) or roberta (SQuAD-style)")
+    p.add_argument("--out", required=True, help="folder for runs.jsonl, metrics.json, results.json, table.png, "
+                                                "gates.png (rerun with the same flags to resume: finished runs are skipped)")
+    p.add_argument("--seeds", type=positive_int, default=d.seeds, help=f"seeds per method and task (default {d.seeds})")
+    p.add_argument("--methods", default=None, help="comma-separated subset of the family's methods (default: all)")
+    p.add_argument("--tasks", default=None, help="comma-separated subset of the family's tasks (default: all)")
+    p.add_argument("--search-tasks", default=None,
+                   help="tasks of the learning-rate search (default: one per VTAB group for vit, all for roberta)")
+    p.add_argument("--steps", type=positive_int, default=None, help="training steps per run (default: the family's)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="default: the family's")
+    p.add_argument("--train-limit", type=positive_int, default=None,
+                   help="use at most N training and N validation examples per task (default: all)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_families(args: argparse.Namespace) -> int:
+    """``adapterlab families``: the multi-seed comparison of one family (adapterlab.families.run_study)."""
+    import re
+    import shlex
+
+    from .families import format_table, run_study, study_config
+
+    split = lambda text: None if text is None else tuple(t.strip() for t in text.split(",") if t.strip())  # noqa: E731
+    recipes.check_out_dir(args.out)
+    try:
+        config = study_config(args.family, methods=split(args.methods), tasks=split(args.tasks),
+                              search_tasks=split(args.search_tasks), seeds=args.seeds, steps=args.steps,
+                              batch_size=args.batch_size, train_limit=args.train_limit)
+    except ValueError as e:  # name the flag, not the setting
+        return _fail(re.sub(r"\b(search_tasks|batch_size|train_limit|warmup_steps|methods|tasks|seeds|steps)\b",
+                            lambda m: "--" + m.group(1).replace("_", "-"), str(e)))
+    command = "adapterlab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["families"] else None
+    try:
+        results = run_study(args.out, config, progress=not args.no_progress, command=command, threads=0)
+    except ValueError as e:
+        return _fail(str(e))
+    print(format_table(args.family, results["methods"]))
+    print(f"wrote {Path(args.out) / 'results.json'}, metrics.json, runs.jsonl, table.png and gates.png")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 register(Command("pretrain", "pretrain the tiny-world base (cached; first use of the embedded model does this)",
                  add_pretrain_arguments, run_pretrain))
@@ -513,15 +598,18 @@ register(Command("generate", "answer instructions / continue prompts with a base
 register(Command("gates", "summarise and plot a gates.jsonl", add_gates_arguments, run_gates))
 register(Command("ablate", "zero-init vs random-init gates vs ungated prompts, over seeds, on the tiny world "
                            "(runs.jsonl, summary.json, plots)", add_ablate_arguments, run_ablate))
+register(Command("families", "zero-init gated prompts on a ViT (VTAB-style) or a RoBERTa-style encoder (SQuAD-style) "
+                              "against VPT / P-tuning v2, full fine-tuning, BitFit and more, over seeds",
+                 add_families_arguments, run_families))
 register(Command("demo", "the whole story on the embedded tiny world (--multimodal: on embedded pictures), "
                          "in a few minutes on a CPU", add_demo_arguments, run_demo))
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=count, default=None,
-                   help="CPU threads for torch (0: torch's own choice). Default: 1 for the tiny world "
-                        "($ADAPTERLAB_THREADS overrides; its small matrices gain little from more, and a busy machine "
-                        "makes more threads much slower), torch's own choice otherwise")
+                   help="CPU threads for torch (0: torch's own choice). Default: $ADAPTERLAB_THREADS, else 1, for the "
+                        "embedded models (their small matrices gain little from more, and a busy machine makes more "
+                        "threads much slower; docs/bases.md), torch's own choice otherwise")
 
 
 def build_parser() -> argparse.ArgumentParser:

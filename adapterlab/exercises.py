@@ -667,6 +667,7 @@ def check_multimodal_param_count(answer, visual_dim: int = 1024, prompt_len: int
     with torch.device("meta"):  # the library's projection, counted without allocating it
         projection = VisualProjection(visual_dim, dim)
     proj = sum(p.numel() for p in projection.parameters())
+    wide = 2 * visual_dim + (visual_dim + 1) * C + (C + 1) * C + 2 * C  # the same MLP with hidden width C
     adapter = K * L * C + L * H
     expected = adapter + proj
     mistakes = [
@@ -683,5 +684,5 @@ def check_multimodal_param_count(answer, visual_dim: int = 1024, prompt_len: int
         mistakes.append((expected - count, f"leaves out visual_proj.{name} ({type(module).__name__}, {count:,} values)."))
     return _check_count(n, expected, mistakes, "the multi-modal adapter's size",
                         f"prompts {K * L * C:,} + gates {L * H:,} + projection {proj:,} = {expected:,}. "
-                        "(The paper reports 0.6M for its projection: a narrower MLP than this library's, whose "
-                        "hidden width is C.)")
+                        f"(The projection is a bottleneck, {visual_dim} -> {projection.hidden} -> {C}: {proj / 1e6:.2f}M "
+                        f"values, where a hidden layer of width C would make it {wide / 1e6:.0f}M.)")

@@ -115,6 +115,12 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- CPU threads
+# Every base we cache or ship is pretrained with this many threads, whatever $ADAPTERLAB_THREADS
+# says: float sums split over several threads round differently, so a base built with 2 threads
+# is another base. With one, a fresh build gives the same bytes on any machine of the same CPU kind.
+BUILD_THREADS = 1
+
+
 def default_threads() -> int:
     """CPU threads for the embedded models' work: ``$ADAPTERLAB_THREADS``, else 1.
 

@@ -13,10 +13,35 @@ Every zero-init gate starts at 0 (Eq. 7), so at step 0 the adapted model is the 
 one row per adapted layer (bottom first), one value per head. The first line (step 0) is
 written before training, with ``"loss": null``.
 
+The recorder of :func:`adapterlab.train.train` (``details=True``, the default) adds what a study
+of the gates' dynamics needs, each an (L, H) array like ``gates`` (7 significant digits;
+a per-layer gate is repeated over the heads)::
+
+    "raw":          g itself, before the activation (what the optimizer moves)
+    "grad":         dL/dg of this step's batch: complete (all micro-batches and ranks), before
+                    clipping and before the update (null at the first record)
+    "prompt_norm":  per head h: the root mean square over the K prompts of |P_v^h|, the length of
+                    a prompt's value vector in head h (the prompts through the frozen W_v)
+    "prompt_share": per head h: the mean over the positions of this step's batch (padding, id 0,
+                    left out) of  a / (a + b),  with  a = |g softmax(Q P_k^T / sqrt d) P_v|  the
+                    length of the gated prompt term of Eq. 7 at that position and  b = |softmax(S^{M+1}) V|
+                    the token term's: the share of the head's output (before W_o) that comes from
+                    the prompts. 0 while the gate is closed; 1/2 when both terms are as long.
+                    Measured in the forward pass of this step, so with the gates *before* its
+                    update (null at the first record)
+    "lr_sum":       the sum of the learning rates of every update so far (a number)
+
+The mass of the prompt block itself is not worth a field: each of its rows sums to the gate
+(the prompts' softmax sums to 1), so it is ``gates``. The share above also counts how long the
+prompts' values are against the tokens' values. A log without these fields (an older run, or
+``GateRecorder(details=False)``) reads the same; :class:`GateLog` then has ``None`` for them.
+
 Pictures: :func:`plot_heatmap` (layer x step), :func:`plot_head_curves` (heads of one layer),
 :func:`plot_final_bars` (per-layer at the end), :func:`plot_summary` (all of them, loss beside
-the gates; saved as gates.png at the end of every run), :class:`LivePlot` (redraws in a
-notebook while training) and :func:`explorer` (ipywidgets: step slider, layer and head pickers).
+the gates; saved as gates.png at the end of every run), :func:`plot_runs` (several runs on one
+plot, against the step or the summed learning rate), :class:`LivePlot` (redraws in a notebook
+while training) and :func:`explorer` (ipywidgets: step slider, layer, head and quantity pickers;
+one run or several overlaid).
 """
 from __future__ import annotations
 
@@ -28,12 +53,16 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+import torch
 
 from .adapter import adapted_layers, gate_values
 from .files import atomic_write_text
 
 GATES_NAME = "gates.jsonl"
 PLOT_NAME = "gates.png"
+DETAILS = ("raw", "grad", "prompt_norm", "prompt_share")  # the (L, H) fields besides "gates"
+QUANTITIES = ("gates",) + DETAILS
+PAD_ID = 0  # what adapterlab.data.collate pads with (LLaMA's <unk>): left out of the prompt share
 
 
 def _in_notebook() -> bool:
@@ -78,6 +107,132 @@ def gate_record(model, step: int, epoch: float, loss: Optional[float], lr: float
     }
 
 
+def _rounded(rows) -> list:
+    """A nested list of floats at 7 significant digits (float32 precision; smaller files)."""
+    if isinstance(rows, (list, tuple)):
+        return [_rounded(r) for r in rows]
+    return float(f"{rows:.7g}")
+
+
+def _per_head(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """A gate-shaped tensor ((1, H, 1, 1) per head or (1,) per layer) -> (H,)."""
+    x = x.detach().float().reshape(-1)
+    return x.expand(n_heads) if x.numel() == 1 else x
+
+
+@torch.no_grad()
+def prompt_value_norms(model) -> torch.Tensor:
+    """Per gated layer and head: RMS over the K prompts of the length of each prompt's value vector
+    in that head (the prompts through the layer's frozen W_v, no image token) -> (L, H)."""
+    rows = []
+    for i in gated_layers(model):
+        attn = model.layers[i].attention
+        _, pv = attn.adapter.prompt_kv(attn)  # (1, H_kv, K, d)
+        norms = pv[0].float().norm(dim=-1).pow(2).mean(-1).sqrt()  # (H_kv,)
+        rows.append(norms.repeat_interleave(attn.n_heads // attn.n_kv_heads))
+    return torch.stack(rows) if rows else torch.zeros(0, model.config.n_heads)
+
+
+def gate_details(model) -> dict:
+    """The fields of a record that the model's state alone gives: raw g and the prompt norms."""
+    H = model.config.n_heads
+    raw = [_per_head(model.layers[i].attention.adapter.gate, H) for i in gated_layers(model)]
+    return {"raw": _rounded(torch.stack(raw).tolist()) if raw else [],
+            "prompt_norm": _rounded(prompt_value_norms(model).tolist())}
+
+
+def gate_gradients(model) -> Optional[list]:
+    """dL/dg of every gated layer as (L, H) rows, or None when a gate has no gradient."""
+    H = model.config.n_heads
+    grads = [model.layers[i].attention.adapter.gate.grad for i in gated_layers(model)]
+    if not grads or any(g is None for g in grads):
+        return None
+    return _rounded(torch.stack([_per_head(g, H) for g in grads]).tolist())
+
+
+class PromptShareMeter:
+    """While attached, measures the prompts' share of every gated head's output (``prompt_share``
+    in the module docstring) in the forward passes that track gradients (training, not evaluation).
+
+    Forward hooks on each gated adapter (its output is the gated prompt term; the token term comes
+    in as ``token_out``) and on the token embedding (to leave padding out).
+    """
+
+    def __init__(self, model):
+        self.layers = gated_layers(model)
+        self.sums = torch.zeros(len(self.layers), model.config.n_heads, dtype=torch.float64)
+        self.counts = torch.zeros(len(self.layers), 1, dtype=torch.float64)
+        self._mask: Optional[torch.Tensor] = None
+        self._hooks = []
+        embed = getattr(model, "tok_embeddings", None)
+        if embed is not None:
+            self._hooks.append(embed.register_forward_pre_hook(self._tokens))
+        for row, i in enumerate(self.layers):
+            hook = lambda module, args, kwargs, out, row=row: self._measure(row, out, kwargs)  # noqa: E731
+            self._hooks.append(model.layers[i].attention.adapter.register_forward_hook(hook, with_kwargs=True))
+
+    def _tokens(self, module, args) -> None:
+        if torch.is_grad_enabled():
+            self._mask = (args[0] != PAD_ID).detach()  # (B, T)
+
+    def _measure(self, row: int, prompt_term: torch.Tensor, kwargs: dict) -> None:
+        token_term = kwargs.get("token_out")
+        if torch.is_grad_enabled() and token_term is not None:  # a training forward pass
+            with torch.no_grad():
+                self._add(row, prompt_term, token_term)
+
+    def _add(self, row: int, prompt_term: torch.Tensor, token_term: torch.Tensor) -> None:
+        a = prompt_term.detach().float().norm(dim=-1)  # (B, H, T)
+        b = token_term.detach().float().norm(dim=-1)
+        share = a / (a + b).clamp_min(1e-30)
+        B, _, T = share.shape
+        mask = self._mask if self._mask is not None and self._mask.shape == (B, T) else None
+        if mask is None:
+            mask = torch.ones(B, T, dtype=torch.bool, device=share.device)
+        w = mask[:, None, :].to(share.dtype)  # (B, 1, T)
+        self.sums[row] += (share * w).sum(dim=(0, 2)).double().cpu()
+        self.counts[row] += w.sum().double().cpu()
+
+    def result(self) -> Optional[list]:
+        """The mean share per (layer, head) over the positions seen, or None if none was seen."""
+        if not bool((self.counts > 0).all()):
+            return None
+        return _rounded((self.sums / self.counts).tolist())
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+@torch.no_grad()
+def ablate_heads(model, metric) -> tuple[float, np.ndarray]:
+    """Close one head's gate at a time (g = 0, so its prompts add nothing) and measure.
+
+    metric(model) -> float, e.g. the held-out loss. Returns (metric with every gate as trained,
+    (L, H) metric with the gate of that gated layer and head set to 0). The gates are restored
+    afterwards. Needs per-head gates (``AdapterConfig(gate="head")``).
+    """
+    layers = gated_layers(model)
+    if not layers:
+        require_gates(model, "ablate_heads")
+    gate_params = [model.layers[i].attention.adapter.gate for i in layers]
+    if any(g.numel() == 1 for g in gate_params):
+        raise ValueError("ablate_heads: this adapter has one gate per layer (AdapterConfig(gate='layer')); "
+                         "closing one head needs gate='head'")
+    base = float(metric(model))
+    result = np.zeros((len(layers), gate_params[0].numel()))
+    for row, g in enumerate(gate_params):
+        for h in range(g.numel()):
+            kept = g.view(-1)[h].item()
+            g.view(-1)[h] = 0.0
+            try:
+                result[row, h] = float(metric(model))
+            finally:
+                g.view(-1)[h] = kept
+    return base, result
+
+
 def require_gates(model, who: str) -> None:
     """A clear error instead of a log of empty rows when the model has no gate to record."""
     if not gated_layers(model):
@@ -98,38 +253,83 @@ def start_record(state: dict) -> dict:
 class GateRecorder:
     """Append a gate record to ``DIR/gates.jsonl`` every ``every`` steps; draw ``gates.png`` at the end.
 
-    A training callback (on_start / on_step / on_end, see :class:`adapterlab.train.Callback`);
-    :func:`adapterlab.train.train` adds one by itself to a run with an adapter and an ``out_dir``.
+    A training callback (on_start / on_gradients / on_step / on_end, see
+    :class:`adapterlab.train.Callback`); :func:`adapterlab.train.train` adds one by itself to a run
+    with an adapter and an ``out_dir``. ``details`` (default): also raw g, its gradient, the prompt
+    norms, the prompts' share of each head's output and the summed learning rate (module
+    docstring). They are measured only on the steps that are logged: the share by forward hooks
+    attached for that step's forward pass, the gradient just before that step's update.
 
     On a resumed run, lines written after the checkpoint's step are dropped first, so the log of
     a run killed and resumed is identical to an uninterrupted one.
     """
 
-    def __init__(self, out_dir: str | os.PathLike, every: int = 10, plot: bool = True):
+    def __init__(self, out_dir: str | os.PathLike, every: int = 10, plot: bool = True, details: bool = True):
         self.dir = Path(out_dir)
         self.path = self.dir / GATES_NAME
         self.every = every
         self.plot = plot
+        self.details = details
         self.total_steps: Optional[int] = None
+        self.lr_sum: Optional[float] = 0.0
+        self._grad: Optional[list] = None
+        self._meter: Optional[PromptShareMeter] = None
+
+    def _due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.total_steps
 
     def on_start(self, state: dict) -> None:
         require_gates(state["model"], "GateRecorder")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.total_steps = state["total_steps"]
+        self.lr_sum = 0.0
         if state["resumed"]:
             kept = [r for r in read_gates(self.path, missing_ok=True) if r["step"] <= state["start_step"]]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            last = kept[-1] if kept else {}
+            self.lr_sum = last.get("lr_sum") if last.get("step") == state["start_step"] else None
         else:
-            atomic_write_text(self.path, json.dumps(start_record(state)) + "\n")
+            atomic_write_text(self.path, json.dumps(self._record(start_record(state), state["model"])) + "\n")
+        self._arm(state["model"], state["start_step"] + 1)
+
+    def _arm(self, model, next_step: int) -> None:
+        """Attach the share meter for the forward pass of ``next_step`` if that step is logged."""
+        if self.details and self._meter is None and next_step <= self.total_steps and self._due(next_step):
+            self._meter = PromptShareMeter(model)
+
+    def _record(self, record: dict, model) -> dict:
+        if not self.details:
+            return record
+        share = None
+        if self._meter is not None:
+            share = self._meter.result()
+            self._meter.remove()
+            self._meter = None
+        details = gate_details(model)
+        record.update({"raw": details["raw"], "grad": self._grad, "prompt_norm": details["prompt_norm"],
+                       "prompt_share": share, "lr_sum": None if self.lr_sum is None else float(f"{self.lr_sum:.9g}")})
+        self._grad = None
+        return record
+
+    def on_gradients(self, step: int, model) -> None:
+        if self.details and self._due(step):
+            self._grad = gate_gradients(model)
 
     def on_step(self, step: int, info: dict) -> None:
-        if step % self.every == 0 or step == info["total_steps"]:
-            line = json.dumps(gate_record(info["model"], step, info["epoch"], info["loss"], info["lr"]))
+        if self.lr_sum is not None:
+            self.lr_sum += info["lr"]
+        if self._due(step) or step == info["total_steps"]:
+            record = gate_record(info["model"], step, info["epoch"], info["loss"], info["lr"])
+            line = json.dumps(self._record(record, info["model"]))
             with open(self.path, "a") as f:
                 f.write(line + "\n")
                 f.flush()
+        self._arm(info["model"], step + 1)
 
     def on_end(self, info: dict) -> None:
+        if self._meter is not None:
+            self._meter.remove()
+            self._meter = None
         if self.plot:
             save_plot(self.path, self.dir / PLOT_NAME)
 
@@ -165,29 +365,78 @@ def read_gates(path: str | os.PathLike, missing_ok: bool = False) -> list[dict]:
 
 @dataclass
 class GateLog:
-    """A gate log as arrays: steps (S,), gates (S, L, H), loss (S,) with NaN where absent, lr (S,)."""
+    """A gate log as arrays: steps (S,), gates (S, L, H), loss (S,) with NaN where absent, lr (S,).
+
+    When the records have them (module docstring): raw, grad, prompt_norm, prompt_share as
+    (S, L, H) arrays (NaN in a record that lacks a value, e.g. the gradient at step 0) and lr_sum
+    (S,); otherwise these are None (a log written without details, or by an older version).
+    """
 
     steps: np.ndarray
     gates: np.ndarray
     loss: np.ndarray
     lr: np.ndarray
     layers: list[int]
+    raw: Optional[np.ndarray] = None
+    grad: Optional[np.ndarray] = None
+    prompt_norm: Optional[np.ndarray] = None
+    prompt_share: Optional[np.ndarray] = None
+    lr_sum: Optional[np.ndarray] = None
 
     @classmethod
     def from_records(cls, records: Sequence[dict]) -> "GateLog":
         if not records:
             raise ValueError("the gate log is empty")
+        gates = np.array([r["gates"] for r in records], dtype=np.float64)
+        details = {name: _field(records, name, gates.shape[1:]) for name in DETAILS}
+        lr_sum = None
+        if any(r.get("lr_sum") is not None for r in records):
+            lr_sum = np.array([np.nan if r.get("lr_sum") is None else r["lr_sum"] for r in records], dtype=np.float64)
         return cls(
             steps=np.array([r["step"] for r in records]),
-            gates=np.array([r["gates"] for r in records], dtype=np.float64),
+            gates=gates,
             loss=np.array([np.nan if r.get("loss") is None else r["loss"] for r in records], dtype=np.float64),
             lr=np.array([r.get("lr", np.nan) for r in records], dtype=np.float64),
             layers=list(records[-1]["layers"]),
+            lr_sum=lr_sum,
+            **details,
         )
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "GateLog":
         return cls.from_records(read_gates(path))
+
+    def quantity(self, name: str) -> np.ndarray:
+        """One of :data:`QUANTITIES` as (S, L, H); an error naming what the log has if it is absent."""
+        if name not in QUANTITIES:
+            raise ValueError(f"unknown gate-log quantity {name!r}; choose one of {QUANTITIES}")
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"this gate log has no {name!r} (recorded without details, or by an older version); "
+                             f"it has {self.available()}")
+        return value
+
+    def available(self) -> list[str]:
+        """The quantities this log has, "gates" first."""
+        return [q for q in QUANTITIES if getattr(self, q) is not None]
+
+    def cumulative_lr(self) -> np.ndarray:
+        """The sum of the learning rates of every update up to each record (S,): ``lr_sum`` when
+        recorded; otherwise from the logged rates, each standing for the steps since the record
+        before it (exact when every step is logged)."""
+        if self.lr_sum is not None and np.isfinite(self.lr_sum).all():
+            return self.lr_sum
+        gaps = np.diff(self.steps, prepend=self.steps[0]).astype(np.float64)
+        return np.cumsum(np.nan_to_num(self.lr) * gaps)
+
+
+def _field(records: Sequence[dict], name: str, shape: tuple) -> Optional[np.ndarray]:
+    """The (S, L, H) array of one detail field, NaN where a record has none; None if no record has it."""
+    if not any(r.get(name) is not None for r in records):
+        return None
+    nan = np.full(shape, np.nan)
+    return np.array([nan if r.get(name) is None else np.asarray(r[name], dtype=np.float64).reshape(shape)
+                     for r in records], dtype=np.float64)
 
 
 def _as_log(source) -> GateLog:
@@ -387,45 +636,198 @@ class LivePlot:
             self._handle.update(self._fig)
 
 
-def explorer(source):
-    """An ipywidgets explorer of a gate log: step slider, layer and head pickers.
+# --------------------------------------------------------------------------- several runs
+QUANTITY_LABELS = {"gates": "gate", "raw": "raw g", "grad": "dL/dg", "prompt_norm": "prompt value norm",
+                   "prompt_share": "prompts' share of the output"}
 
-    Returns the widget (display it as the last expression of a cell).
+
+def as_runs(source, labels: Optional[Sequence[str]] = None) -> dict[str, GateLog]:
+    """One log or several -> {label: GateLog}. source: a run folder, a gates.jsonl, a GateLog or a
+    list of records (one run); a dict {label: one of those}; or a list of folders/files/GateLogs
+    (labels: the names to show, default the folder names or run 0, 1, ...)."""
+    if isinstance(source, dict):
+        return {str(k): _as_log(v) for k, v in source.items()}
+    several = isinstance(source, (list, tuple)) and source and not isinstance(source[0], dict)
+    if not several:
+        return {labels[0] if labels else "run": _as_log(source)}
+    if labels is not None and len(labels) != len(source):
+        raise ValueError(f"{len(labels)} labels for {len(source)} runs; give one label per run")
+    names = labels or [Path(s).parent.name if Path(str(s)).name == GATES_NAME else Path(str(s)).name
+                       if isinstance(s, (str, os.PathLike)) else f"run {i}" for i, s in enumerate(source)]
+    if len(set(names)) < len(names):
+        names = [f"{n} ({i})" for i, n in enumerate(names)]
+    return {n: _as_log(s) for n, s in zip(names, source)}
+
+
+def run_colors(n_runs: int) -> list:
+    """A colour per run (tab10): used when several runs share a plot (heads then differ by line width)."""
+    plt = pyplot()
+    palette = plt.colormaps["tab10"].colors
+    return [palette[i % len(palette)] for i in range(n_runs)]
+
+
+def _x_of(log: GateLog, x: str) -> np.ndarray:
+    if x == "step":
+        return log.steps
+    if x in ("lr_sum", "cumulative_lr"):
+        return log.cumulative_lr()
+    raise ValueError(f"x must be 'step' or 'lr_sum'; got {x!r}")
+
+
+def _reduce(values: np.ndarray, reduce: str) -> np.ndarray:
+    """(S, ...) -> (S,): "mean_abs" (mean of |values|) or "mean" over everything after the first axis."""
+    flat = values.reshape(len(values), -1)
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(np.abs(flat), 1) if reduce == "mean_abs" else np.nanmean(flat, 1)
+
+
+def plot_runs(runs, quantity: str = "gates", x: str = "step", layer: Optional[int] = None,
+              heads: Optional[Sequence[int]] = None, reduce: str = "mean_abs", ax=None, legend: bool = True):
+    """Several runs on one plot: one colour per run.
+
+    Without ``layer``: one line per run, |quantity| averaged over layers and heads (``reduce``:
+    "mean_abs" or "mean"). With ``layer``: one line per head of that layer (``heads``: a subset),
+    signed, thin, in the run's colour. x: "step" or "lr_sum" (the summed learning rate so far:
+    under AdamW early on every gate moves by about lr per update, so on this axis its curve is a
+    line of slope about 1 while the moments warm up and the gradient keeps its sign).
+    """
+    plt = pyplot()
+    runs = as_runs(runs)
+    ax = ax or plt.figure(figsize=(5, 3)).gca()
+    for (label, log), color in zip(runs.items(), run_colors(len(runs))):
+        values, xs = log.quantity(quantity), _x_of(log, x)
+        if layer is None:
+            ax.plot(xs, _reduce(values, reduce), color=color, label=label)
+            continue
+        if layer not in log.layers:
+            raise ValueError(f"layer {layer} has no gate in run {label!r}; its gated layers are {log.layers}")
+        i = log.layers.index(layer)
+        for j, h in enumerate(range(values.shape[2]) if heads is None else heads):
+            ax.plot(xs, values[:, i, h], color=color, lw=0.8, alpha=0.8, label=label if j == 0 else None)
+    what = QUANTITY_LABELS[quantity]
+    ax.set_xlabel("step" if x == "step" else "summed learning rate so far")
+    ax.set_ylabel((f"mean |{what}|" if reduce == "mean_abs" else f"mean {what}") if layer is None else what)
+    ax.set_title(f"{what}, " + ("mean over layers and heads" if layer is None else f"heads of layer {layer}"))
+    if legend and len(runs) <= 12:
+        ax.legend(fontsize="small")
+    return ax
+
+
+# --------------------------------------------------------------------------- the explorer
+def explorer(source, labels: Optional[Sequence[str]] = None):
+    """An ipywidgets explorer of one gate log or several overlaid.
+
+    source: what :func:`as_runs` takes (a run folder, a gates.jsonl, a GateLog; or a dict/list of
+    them: seeds, settings, a 7B run's log). Controls: the step (a slider over every logged step),
+    the layer and heads of the curves, the quantity (gate, and raw g, gradient, prompt norm,
+    prompt share when recorded) and the x axis (step or summed learning rate).
+    One run: heatmap (layer x step), head curves, per-layer bars at the chosen step.
+    Several: per-run mean over layers and heads, head curves coloured by run, grouped bars.
+    Returns the widget (display it as the last expression of a cell); ``.redraw()`` draws again.
     """
     import ipywidgets as widgets
     from IPython.display import display
 
     plt = pyplot()
-    log = _as_log(source)
-    n_heads = log.gates.shape[2]
-    step = widgets.IntSlider(min=0, max=len(log.steps) - 1, value=len(log.steps) - 1, description="record",
-                             continuous_update=False)
-    layer = widgets.Dropdown(options=log.layers, value=log.layers[-1], description="layer")
+    runs = as_runs(source, labels)
+    logs = list(runs.values())
+    steps = sorted({int(s) for log in logs for s in log.steps})
+    layers = sorted({l for log in logs for l in log.layers})
+    n_heads = max(log.gates.shape[2] for log in logs)
+    quantities = [q for q in QUANTITIES if all(getattr(log, q) is not None for log in logs)]
+    step = widgets.SelectionSlider(options=steps, value=steps[-1], description="step", continuous_update=False)
+    layer = widgets.Dropdown(options=layers, value=layers[-1], description="layer")
     heads = widgets.SelectMultiple(options=list(range(n_heads)), value=tuple(range(n_heads)), description="heads",
                                    rows=min(n_heads, 6))
+    quantity = widgets.Dropdown(options=quantities, value="gates", description="show")
+    x_axis = widgets.Dropdown(options=[("step", "step"), ("summed lr", "lr_sum")], value="step", description="x")
     out = widgets.Output()
 
     def redraw(*_):
         with out:
             out.clear_output(wait=True)
-            fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-            plot_heatmap(log, axes[0])
-            axes[0].axvline(log.steps[step.value], color="red", lw=1)
-            plot_head_curves(log, layer.value, axes[1], heads=list(heads.value) or None)
-            axes[1].axvline(log.steps[step.value], color="red", lw=1)
-            plot_final_bars(log, axes[2], step_index=step.value)
-            fig.tight_layout()
+            fig = draw_explorer(runs, step.value, layer.value, list(heads.value) or None, quantity.value, x_axis.value)
             display(fig)
             plt.close(fig)
 
-    for w in (step, layer, heads):
+    for w in (step, layer, heads, quantity, x_axis):
         w.observe(redraw, names="value")
     redraw()
-    return widgets.VBox([widgets.HBox([step, layer, heads]), out])
+    box = widgets.VBox([widgets.HBox([step, layer, heads]), widgets.HBox([quantity, x_axis]), out])
+    box.redraw = redraw
+    return box
+
+
+def draw_explorer(runs, step: int, layer: int, heads: Optional[Sequence[int]] = None, quantity: str = "gates",
+                  x: str = "step"):
+    """The explorer's figure for one state of its controls (what every redraw shows) -> Figure."""
+    plt = pyplot()
+    runs = as_runs(runs)
+    logs = list(runs.values())
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    if len(logs) == 1:
+        log = logs[0]
+        index = _index_at(log, step)
+        if quantity == "gates":
+            plot_heatmap(log, axes[0])
+        else:
+            _quantity_heatmap(log, quantity, axes[0])
+        axes[0].axvline(log.steps[index], color="red", lw=1)
+        if quantity == "gates" and x == "step":
+            plot_head_curves(log, layer, axes[1], heads=heads)
+        else:
+            plot_runs(runs, quantity, x, layer=layer, heads=heads, ax=axes[1], legend=False)
+        axes[1].axvline(_x_of(log, x)[index], color="red", lw=1)
+        _bars(runs, quantity, step, axes[2])
+    else:
+        plot_runs(runs, quantity, x, ax=axes[0])
+        plot_runs(runs, quantity, x, layer=layer, heads=heads, ax=axes[1], legend=False)
+        _bars(runs, quantity, step, axes[2])
+    fig.tight_layout()
+    return fig
+
+
+def _index_at(log: GateLog, step: int) -> int:
+    """The last record at or before ``step`` (the first record if the run starts later)."""
+    return max(0, int(np.searchsorted(log.steps, step, side="right")) - 1)
+
+
+def _quantity_heatmap(log: GateLog, quantity: str, ax) -> None:
+    with np.errstate(invalid="ignore"):
+        data = np.nanmean(np.abs(log.quantity(quantity)), -1)  # (S, L), NaN where not recorded
+    steps = log.steps.astype(float)
+    mids = (steps[1:] + steps[:-1]) / 2 if len(steps) > 1 else np.array([])
+    x_edges = np.concatenate([[steps[0]], mids, [steps[-1] + (0 if len(steps) > 1 else 1)]])
+    im = ax.pcolormesh(x_edges, np.arange(len(log.layers) + 1) - 0.5, np.nan_to_num(data).T, cmap="viridis")
+    ax.set_yticks(np.arange(len(log.layers)), [str(l) for l in log.layers])
+    ax.set(xlabel="step", ylabel="adapted layer", title=f"mean |{QUANTITY_LABELS[quantity]}| over heads")
+    ax.figure.colorbar(im, ax=ax, fraction=0.05)
+
+
+def _bars(runs: dict, quantity: str, step: int, ax) -> None:
+    """Mean |quantity| per layer at the record of ``step``: grouped bars, one colour per run."""
+    logs = list(runs.values())
+    layers = sorted({l for log in logs for l in log.layers})
+    width = 0.8 / len(logs)
+    colors = run_colors(len(logs)) if len(logs) > 1 else [layer_colors(len(layers))]
+    for k, ((label, log), color) in enumerate(zip(runs.items(), colors)):
+        values = np.abs(log.quantity(quantity)[_index_at(log, step)])  # (L, H)
+        with np.errstate(invalid="ignore"):
+            means = np.nanmean(values, -1)
+        x = np.array([layers.index(l) for l in log.layers]) + (k - (len(logs) - 1) / 2) * width
+        ax.bar(x, means, width=width, color=color, label=label if len(logs) > 1 else "mean over heads")
+        if len(logs) == 1:
+            ax.scatter(np.repeat(x, values.shape[1]), values.reshape(-1), color="black", s=6, label="each head")
+    step_ticks = range(len(layers)) if len(layers) <= 16 else range(0, len(layers), max(1, len(layers) // 8))
+    ax.set_xticks(list(step_ticks), [str(layers[i]) for i in step_ticks])
+    ax.set(xlabel="adapted layer", ylabel=f"|{QUANTITY_LABELS[quantity]}|", title=f"at step {step}")
+    if len(logs) <= 12:
+        ax.legend(fontsize="small")
 
 
 __all__ = [
-    "GATES_NAME", "PLOT_NAME", "GateRecorder", "gate_record", "start_record", "read_gates", "GateLog", "summarize", "format_summary",
-    "head_colors", "layer_colors", "plot_heatmap", "plot_head_curves", "plot_final_bars", "plot_loss_and_gates", "plot_summary", "save_plot",
-    "LivePlot", "explorer", "pyplot",
+    "GATES_NAME", "PLOT_NAME", "DETAILS", "QUANTITIES", "GateRecorder", "ablate_heads", "PromptShareMeter", "gate_record", "gate_details",
+    "gate_gradients", "prompt_value_norms", "start_record", "read_gates", "GateLog", "summarize", "format_summary",
+    "head_colors", "layer_colors", "run_colors", "plot_heatmap", "plot_head_curves", "plot_final_bars", "plot_loss_and_gates",
+    "plot_summary", "save_plot", "as_runs", "plot_runs", "LivePlot", "explorer", "draw_explorer", "pyplot",
 ]

@@ -8,7 +8,9 @@ visual projection, the training loop, greedy generation and the frozen scene enc
 The frozen base is a small LLaMA pretrained by :func:`pretrain_scene_base` on text about the
 scenes (descriptions, reading exercises, quizzes with a text context, facts): the "LLaMA that
 already reads", to which the adapter must bring the pictures. The tiny-world base
-(:mod:`adapterlab.tinyworld`) has never read about shapes, colours of shapes or corners.
+(:mod:`adapterlab.tinyworld`) has never read about shapes, colours of shapes or corners. The
+package ships the default config's base (``adapterlab/bases/scenes-<hash>``, docs/bases.md); a
+changed config builds its own into the cache, with one CPU thread (:func:`build_scene_base`).
 
 The multi-modal forward (Sec. 3.3; docs/method.md, "Multi-modal adapter"):
 
@@ -24,6 +26,7 @@ import copy
 import hashlib
 import json
 import math
+import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +38,7 @@ import torch
 from .adapter import AdapterConfig, add_adapter, count_trainable
 from .checkpoints import load_llama, save_llama
 from .data import IGNORE_INDEX, TokenDataset, text_windows
-from .files import cache_root, file_lock, publish_folder
+from .files import BUILD_THREADS, cache_root, cpu_threads, file_lock, publish_folder, shipped_base
 from .gates import pyplot
 from .generate import generate_tokens
 from .model import Llama, LlamaConfig, init_weights
@@ -129,12 +132,20 @@ def make_data(config: MultimodalConfig) -> SceneData:
 
 
 # --------------------------------------------------------------------------- the base LLaMA
-def pretrain_scene_base(corpus: Sequence[str], config: MultimodalConfig, progress: bool = True):
+PREFIX_STEPS = 16  # scenes.json keeps the loss of each of the first steps: a quick check that a rebuild matches
+
+
+def pretrain_scene_base(corpus: Sequence[str], config: MultimodalConfig, progress: bool = True,
+                        stop_after: Optional[int] = None):
     """Train a SentencePiece tokenizer and pretrain a small LLaMA on the scene corpus.
 
     Uses the project's one training loop (:func:`adapterlab.train.train`) on windows of the
-    token stream BOS doc EOS BOS doc EOS ... Returns (model, tokenizer, metrics); the model is
-    frozen (requires_grad False) and in eval mode.
+    token stream BOS doc EOS BOS doc EOS ... with torch's current thread count (the cached and
+    shipped bases: ``files.BUILD_THREADS``, see :func:`build_scene_base`). Returns (model,
+    tokenizer, metrics); the model is frozen (requires_grad False) and in eval mode.
+    metrics["first_losses"]: the loss of each of the first PREFIX_STEPS steps. stop_after=n:
+    end after n steps (n <= PREFIX_STEPS; the schedule stays the full run's) and return
+    (None, tokenizer, {"first_losses": ...}): a quick check of a rebuild.
     """
     tokenizer = Tokenizer.train(corpus, vocab_size=config.vocab_size)
     stream: list[int] = []
@@ -149,48 +160,97 @@ def pretrain_scene_base(corpus: Sequence[str], config: MultimodalConfig, progres
                      warmup_steps=max(1, config.pretrain_steps // 15), weight_decay=0.02, clip=1.0,
                      seed=config.seed, checkpoint=False, record_gates=False, progress=progress,
                      desc="pretrain the base on scene text", log_every=25)
-    metrics = train(model, data, tc)
+    first: list[float] = []
+
+    def keep_first(step: int, info: dict) -> None:
+        if step <= PREFIX_STEPS:
+            first.append(info["loss"])
+        if stop_after is not None and step >= stop_after:
+            raise _EnoughSteps
+
+    try:
+        metrics = train(model, data, tc, callbacks=[keep_first])
+    except _EnoughSteps:
+        return None, tokenizer, {"first_losses": first}
     metrics["corpus_tokens"] = len(stream)
+    metrics["first_losses"] = first
     model.requires_grad_(False).eval()
     return model, tokenizer, metrics
 
 
-BASE_VERSION = 2  # bump when the corpus, the pretraining code or the folder's files change what gets built
+class _EnoughSteps(Exception):
+    """Ends a pretraining run early (pretrain_scene_base(stop_after=n))."""
+
+
+BASE_VERSION = 3  # bump when the corpus, the pretraining code or the folder's files change what gets built
+# (3: built with files.BUILD_THREADS threads - older folders were built with the machine's - and safetensors)
 BASE_FIELDS = ("seed", "train_scenes", "vocab_size", "dim", "n_layers", "n_heads", "pretrain_steps",
                "pretrain_batch_size", "pretrain_seq_len", "pretrain_lr")
-BASE_INFO = "scenes.json"  # beside the Meta files: how the base was made (final loss, steps, config)
+BASE_INFO = "scenes.json"  # beside the Meta files: how the base was made (losses, steps, config, machine)
+
+
+def scene_base_name(config: MultimodalConfig, corpus: Sequence[str]) -> str:
+    """The base's folder name, ``scenes-<hash of the base settings and corpus>``: the same in the
+    package (``adapterlab/bases/``) and in the cache."""
+    blob = json.dumps({"config": {k: getattr(config, k) for k in BASE_FIELDS}, "version": BASE_VERSION,
+                       "corpus": hashlib.sha256("\n".join(corpus).encode()).hexdigest()}, sort_keys=True)
+    return f"scenes-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
 def scene_base_dir(config: MultimodalConfig, corpus: Sequence[str]) -> Path:
-    """The cache folder of a config's base: ``<cache>/scenes-<hash of the base settings and corpus>``."""
-    blob = json.dumps({"config": {k: getattr(config, k) for k in BASE_FIELDS}, "version": BASE_VERSION,
-                       "corpus": hashlib.sha256("\n".join(corpus).encode()).hexdigest()}, sort_keys=True)
-    return cache_root() / f"scenes-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    """The cache folder of a config's base: ``<cache>/scenes-<hash>`` (there or not)."""
+    return cache_root() / scene_base_name(config, corpus)
+
+
+def build_scene_base(corpus: Sequence[str], config: MultimodalConfig, progress: bool = True,
+                     force: bool = False) -> Path:
+    """Make sure the config's base exists; return its folder: the shipped one, else the cache
+    folder, built there on first use under a lock (concurrent callers wait for one build, and
+    the folder appears whole or not at all). force=True: build it anew into the cache (the
+    shipped copy is left alone). A build uses ``files.BUILD_THREADS`` (1) threads, so it gives
+    the same bytes on every machine of a CPU kind.
+
+    The folder: params.json, consolidated.00.safetensors, tokenizer.model (a Meta-style folder,
+    :func:`adapterlab.checkpoints.save_llama`) and scenes.json (how it was made)."""
+    name = scene_base_name(config, corpus)
+    if not force and shipped_base(name):
+        return shipped_base(name)
+    folder = cache_root() / name
+    with file_lock(folder.with_name(folder.name + ".lock")):  # another process building the same base: wait
+        if force or not (folder / "params.json").is_file():
+            t0 = time.perf_counter()
+            with cpu_threads(BUILD_THREADS):
+                model, tokenizer, metrics = pretrain_scene_base(corpus, config, progress)
+            info = {"final_loss": metrics["final_loss"], "steps": metrics["steps"], "config": config.to_dict(),
+                    "version": BASE_VERSION, "key": name, "loss_history": metrics["loss_history"],
+                    "first_losses": metrics["first_losses"], "pretrain_seconds": round(time.perf_counter() - t0, 1),
+                    "built_with": {"threads": BUILD_THREADS, "torch": torch.__version__,
+                                   "cpu": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine()}}
+            publish_folder(folder, lambda tmp: save_llama(model, tokenizer, tmp, extra={BASE_INFO: info},
+                                                          weights="safetensors"))
+    return folder
 
 
 def load_scene_base(corpus: Sequence[str], config: MultimodalConfig, progress: bool = True, cache: bool = True):
-    """The pretrained base for a config: from the cache folder when it is there, else pretrained
-    (and, with cache=True, published there whole; concurrent callers wait for one build).
-    Returns (model, tokenizer, info) with info["cached"] telling which happened.
+    """The pretrained base for a config: the shipped one (``adapterlab/bases/scenes-<hash>``), else
+    the cache folder, else pretrained now at ``files.BUILD_THREADS`` threads (with cache=True
+    published to the cache; concurrent callers wait for one build). Returns (model, tokenizer,
+    info) with info["cached"] False when it was pretrained now, and info["shipped"].
 
     The folder is a one-shard Meta folder (:func:`adapterlab.checkpoints.save_llama`) plus
     ``scenes.json``, so ``load_llama(folder)`` reads it like any other LLaMA."""
-    if not cache:
-        model, tokenizer, metrics = pretrain_scene_base(corpus, config, progress)
-        return model, tokenizer, {"cached": False, "final_loss": metrics["final_loss"], "steps": metrics["steps"]}
-    folder = scene_base_dir(config, corpus)
-    with file_lock(folder.with_name(folder.name + ".lock")):  # another process building the same base: wait
-        if not (folder / "params.json").is_file():
+    shipped = shipped_base(scene_base_name(config, corpus))
+    if not cache and shipped is None:
+        with cpu_threads(BUILD_THREADS):
             model, tokenizer, metrics = pretrain_scene_base(corpus, config, progress)
-            info = {"final_loss": metrics["final_loss"], "steps": metrics["steps"], "config": config.to_dict(),
-                    "version": BASE_VERSION}
-            publish_folder(folder, lambda tmp: save_llama(model, tokenizer, tmp, extra={BASE_INFO: info}))
-            return model, tokenizer, {"cached": False, "final_loss": metrics["final_loss"],
-                                      "steps": metrics["steps"], "folder": str(folder)}
+        return model, tokenizer, {"cached": False, "shipped": False, "final_loss": metrics["final_loss"],
+                                  "steps": metrics["steps"]}
+    already = shipped is not None or (scene_base_dir(config, corpus) / "params.json").is_file()
+    folder = build_scene_base(corpus, config, progress)
     model = load_llama(folder, device="cpu").requires_grad_(False)
     info = json.loads((folder / BASE_INFO).read_text())
-    return model, model.tokenizer, {"cached": True, "final_loss": info["final_loss"], "steps": info["steps"],
-                                    "folder": str(folder)}
+    return model, model.tokenizer, {"cached": already, "shipped": shipped is not None,
+                                    "final_loss": info["final_loss"], "steps": info["steps"], "folder": str(folder)}
 
 
 # --------------------------------------------------------------------------- images into the model

@@ -21,17 +21,20 @@ shows that the adapter unlocks knowledge the frozen base learned in pretraining 
 claim). ``instruction_set(world, style="question")`` asks in the corpus's own words instead:
 then the base answers many questions untuned - a good experiment for a notebook.
 
-``load_base()`` returns the pretrained base, built on first use into a cache folder
+``load_base()`` returns the pretrained base. The package ships it (``adapterlab/bases/<name>``,
+safetensors; docs/bases.md), so every machine starts from the same weights in seconds. Where the
+recipe was changed there is no shipped folder: the base is built on first use into a cache folder
 (``$ADAPTERLAB_CACHE``, default ``~/.cache/adapterlab``) under a file lock, so concurrent first
 uses (two notebooks, several torchrun ranks) build it once and never see a half-written folder.
-The folder's name holds a hash of the whole recipe (and RECIPE_VERSION), so a changed recipe
-builds anew.
+The name holds a hash of the whole recipe (and RECIPE_VERSION), so a changed recipe builds anew;
+a build always uses one CPU thread (``files.BUILD_THREADS``), so it gives the same bytes everywhere.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import platform
 import random
 import re
 import time
@@ -44,12 +47,13 @@ import torch
 from . import checkpoints
 from .checkpoints import save_llama
 from .data import format_prompt, load_alpaca, text_windows
-from .files import cache_root, cpu_threads, default_threads, file_lock, publish_folder
+from .files import BUILD_THREADS, cache_root, cpu_threads, file_lock, publish_folder, shipped_base
 from .generate import generate
 from .model import Llama, LlamaConfig, init_weights
 from .tokenizer import Tokenizer
 
 RECIPE_VERSION = 1  # bump when the generator or the pretraining code changes what gets built
+PREFIX_STEPS = 16  # tinyworld.json keeps the loss of each of the first steps: a quick check that a rebuild matches
 
 # --------------------------------------------------------------------------- the world's vocabulary
 NAMES = [
@@ -422,7 +426,8 @@ def pretrain(recipe: Recipe, out_dir: Optional[str | os.PathLike] = None, progre
              callbacks=(), device=None) -> tuple[Llama, Tokenizer, dict]:
     """Pretrain the tiny base from scratch with :func:`adapterlab.train.train`; return (model, tokenizer, metrics).
 
-    out_dir: where the training loop writes its metrics/checkpoint (None: nowhere).
+    out_dir: where the training loop writes its metrics/checkpoint (None: nowhere). Runs with
+    torch's current thread count; :func:`build_base` calls it with ``files.BUILD_THREADS``.
     """
     from .train import TrainConfig, train
 
@@ -446,45 +451,108 @@ def pretrain(recipe: Recipe, out_dir: Optional[str | os.PathLike] = None, progre
     return model, tokenizer, metrics
 
 
-# --------------------------------------------------------------------------- the cache
+class EnoughSteps(Exception):
+    """Raised by :class:`FirstLosses` (stop=True) to end a run after its first steps."""
+
+
+class FirstLosses:
+    """Training callback: the loss of each of the first ``n`` steps, exactly as the loop saw it.
+    With stop=True it ends the run after step ``n`` (raises :class:`EnoughSteps`)."""
+
+    def __init__(self, n: int, stop: bool = False):
+        self.n, self.stop, self.losses = n, stop, []
+
+    def __call__(self, step: int, info: dict) -> None:
+        if step <= self.n:
+            self.losses.append(info["loss"])
+        if self.stop and step >= self.n:
+            raise EnoughSteps
+
+
+def pretrain_prefix(recipe: Optional[Recipe] = None, steps: int = PREFIX_STEPS) -> list[float]:
+    """The losses of the first ``steps`` pretraining steps of a recipe, at ``files.BUILD_THREADS``
+    threads (seconds, not minutes): they equal the ``first_losses`` a build records in
+    tinyworld.json when this machine computes what the building machine did."""
+    first = FirstLosses(steps, stop=True)
+    with cpu_threads(BUILD_THREADS):
+        try:
+            pretrain(recipe or Recipe(), progress=False, callbacks=[first])
+        except EnoughSteps:
+            pass
+    return first.losses
+
+
+# --------------------------------------------------------------------------- where the base is: shipped, cached, built
 def corpus_hash(corpus: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(corpus).encode()).hexdigest()
 
 
-def base_dir(recipe: Optional[Recipe] = None) -> Path:
-    """The cache folder of a recipe's base: ``<cache>/tinyworld-<hash of recipe, corpus, version>``."""
+def base_name(recipe: Optional[Recipe] = None) -> str:
+    """The base's folder name, ``tinyworld-<hash of recipe, corpus, version>``: the same in the
+    package (``adapterlab/bases/``) and in the cache."""
     recipe = recipe or Recipe()
     _, corpus, _, _ = build_world(recipe)
-    return cache_root() / f"tinyworld-{recipe.key(corpus_hash(corpus))}"
+    return f"tinyworld-{recipe.key(corpus_hash(corpus))}"
+
+
+def cache_dir(recipe: Optional[Recipe] = None) -> Path:
+    """The cache folder of a recipe's base: ``<cache>/<base_name>`` (there or not)."""
+    return cache_root() / base_name(recipe)
+
+
+def base_dir(recipe: Optional[Recipe] = None) -> Path:
+    """The folder a recipe's base is read from: the shipped one when the package has it, else
+    the cache folder (which :func:`build_base` fills on first use)."""
+    name = base_name(recipe)
+    return shipped_base(name) or cache_root() / name
 
 
 def build_base(recipe: Optional[Recipe] = None, progress: bool = True, force: bool = False) -> Path:
-    """Make sure the recipe's base is in the cache; return its folder. Safe to call concurrently:
-    the first caller builds it under a lock while the others wait, and the folder appears complete
-    or not at all (a Meta folder written by :func:`adapterlab.checkpoints.save_llama`, with the
-    recipe and the pretraining numbers in ``tinyworld.json``)."""
+    """Make sure the recipe's base exists; return its folder: the shipped one, else the cache
+    folder, built there on first use. force=True: build it anew into the cache (the shipped copy
+    is left alone, and still read first: compare the two to check a rebuild).
+
+    Safe to call concurrently: the first caller builds under a lock while the others wait, and the
+    folder appears complete or not at all. The build uses ``files.BUILD_THREADS`` (1) threads,
+    whatever ``$ADAPTERLAB_THREADS`` says, so it gives the same bytes on every machine of a CPU
+    kind. The folder: params.json, consolidated.00.safetensors, tokenizer.model (a Meta-style
+    folder, see :func:`adapterlab.checkpoints.save_llama`) and tinyworld.json (the recipe, the
+    loss history, the first steps' losses, and the machine it was built on)."""
     recipe = recipe or Recipe()
-    final = base_dir(recipe)
+    name = base_name(recipe)
+    if not force and shipped_base(name):
+        return shipped_base(name)
+    final = cache_root() / name
     if (final / "params.json").is_file() and not force:
         return final
     with file_lock(final.with_name(final.name + ".lock")):
         if (final / "params.json").is_file() and not force:  # another process built it while we waited
             return final
         if progress:
-            print(f"Building the tiny-world base model (first use only, about 2 minutes on 2 CPU cores) into {final}")
+            print(f"Building the tiny-world base model (first use only, about 4 minutes on one CPU thread) into {final}")
         t0 = time.perf_counter()
-        with cpu_threads(default_threads()):
-            model, tokenizer, metrics = pretrain(recipe, out_dir=None, progress=progress)
+        first = FirstLosses(PREFIX_STEPS)
+        with cpu_threads(BUILD_THREADS):
+            model, tokenizer, metrics = pretrain(recipe, out_dir=None, progress=progress, callbacks=[first])
         info = {"recipe": asdict(recipe), "recipe_version": RECIPE_VERSION, "key": final.name,
                 "final_loss": metrics["final_loss"], "loss_history": metrics["loss_history"],
-                "pretrain_seconds": round(time.perf_counter() - t0, 1), "corpus_tokens": metrics["corpus_tokens"],
-                "params": model.num_params()}
-        publish_folder(final, lambda tmp: save_llama(model, tokenizer, tmp, extra={"tinyworld.json": info}))
+                "first_losses": first.losses, "pretrain_seconds": round(time.perf_counter() - t0, 1),
+                "corpus_tokens": metrics["corpus_tokens"], "params": model.num_params(),
+                "built_with": build_machine()}
+        publish_folder(final, lambda tmp: save_llama(model, tokenizer, tmp, extra={"tinyworld.json": info},
+                                                     weights="safetensors"))
     return final
 
 
+def build_machine() -> dict:
+    """What decides a build's bytes besides the recipe: threads, torch and the CPU's vector unit."""
+    return {"threads": BUILD_THREADS, "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
+            "machine": platform.machine()}
+
+
 def load_base(device=None, recipe: Optional[Recipe] = None, progress: bool = True) -> Llama:
-    """The pretrained tiny-world base with ``model.tokenizer`` attached; built on first use.
+    """The pretrained tiny-world base with ``model.tokenizer`` attached: shipped, cached, or built
+    on first use (:func:`build_base`).
 
     device: None -> CPU. All parameters are frozen (requires_grad False); attach an adapter to train.
     """
@@ -520,6 +588,7 @@ def load_world(recipe: Optional[Recipe] = None) -> tuple[World, list[dict], list
 __all__ = [
     "World", "Person", "WorldConfig", "Recipe", "make_world", "pretrain_corpus", "instruction_set",
     "heldout_accuracy", "evaluate", "probe_base", "sentence_logprobs", "answer_questions", "answer_is_correct",
-    "load_base", "build_base", "base_dir", "pretrain", "train_tokenizer", "corpus_tokens", "load_world",
+    "load_base", "build_base", "base_dir", "base_name", "cache_dir", "pretrain", "pretrain_prefix", "train_tokenizer",
+    "corpus_tokens", "load_world",
     "load_llama", "load_instruction_data", "ATTRIBUTES",
 ]

@@ -55,6 +55,7 @@ from .model import autocast_for
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.json"
+OPTIMIZERS = ("adamw", "sgd")
 
 
 # --------------------------------------------------------------------------- config
@@ -82,6 +83,7 @@ class TrainConfig:
     warmup_steps: Optional[int] = None
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.02
+    optimizer: str = "adamw"  # or "sgd": plain SGD, no momentum (the gate lab compares the two)
     clip: Optional[float] = None
     seed: int = 0
     length_group: int = 8
@@ -106,6 +108,8 @@ class TrainConfig:
         check_batch_sizes(self.batch_size, micro_batch=self.micro_batch_size)
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1; got {self.log_every}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}")
         self.betas = tuple(self.betas)
 
     @property
@@ -157,6 +161,8 @@ class Callback:
 
     on_start(state): before the first step; state has start_step, total_steps, resumed, out_dir,
     model, config, schedule, and the epoch and lr at start_step.
+    on_gradients(step, model): optional; once the gradients of step ``step`` are complete, before
+    the optimizer uses (and clears) them.
     on_step(step, info): after every optimizer step (info: see :func:`train`).
     on_end(info): after the last step, with the final metrics.
     """
@@ -180,25 +186,29 @@ def _notify(callbacks: Iterable[Any], event: str, *args) -> None:
 
 
 # --------------------------------------------------------------------------- the step
-def make_optimizer(named: Sequence[tuple[str, nn.Parameter]], config: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(named: Sequence[tuple[str, nn.Parameter]], config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW with the release's betas; weight decay on matrices (ndim >= 2) only, as timm's
-    ``param_groups_weight_decay`` used by the release (norm weights, biases, 1-d gates: none)."""
+    ``param_groups_weight_decay`` used by the release (norm weights, biases, 1-d gates: none).
+    ``config.optimizer="sgd"``: plain SGD (step = -lr x gradient) with the same weight decay groups."""
     decay = [p for _, p in named if p.ndim >= 2]
     no_decay = [p for _, p in named if p.ndim < 2]
     groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.peak_lr)
     return torch.optim.AdamW(groups, lr=config.peak_lr, betas=config.betas)
 
 
 def train_step(model: nn.Module, micro_batches: Sequence[tuple], n_targets: int, optimizer: torch.optim.Optimizer,
-               clip: Optional[float] = None) -> tuple[float, float]:
+               clip: Optional[float] = None, before_update: Optional[Callable[[], None]] = None) -> tuple[float, float]:
     """One optimizer step on this rank's share of a global batch -> (loss, gradient norm).
 
     micro_batches: [(tokens (B, T), labels (B, T), forward_args), ...] on the model's device
     (:func:`adapterlab.data.get_batch`). n_targets: labelled tokens in the whole global batch, so
     the loss is their mean however the batch is cut over micro-batches and ranks. The loss is
     summed over the ranks. If the loss or the gradient is not finite the update is not applied
-    (the caller stops).
+    (the caller stops). before_update(): called once the gradients are complete (averaged over
+    ranks, not yet clipped), before the update (the gate recorder reads the gates' gradient there).
     """
     params = [p for _, p in trainable_parameters(unwrap(model))]
     world = rank_and_world()[1]
@@ -211,6 +221,8 @@ def train_step(model: nn.Module, micro_batches: Sequence[tuple], n_targets: int,
         loss_total += loss.item()
     sync_gradients(model)  # FSDP: average the (unsharded) adapter gradients; DDP did it already
     loss_total = all_reduce_sum(loss_total)
+    if before_update is not None:
+        before_update()
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf")))
     if math.isfinite(loss_total) and math.isfinite(grad_norm):
         optimizer.step()
@@ -287,7 +299,8 @@ def train(
             micro_batches = [get_batch(train_data, part, device) for part in sampler.micro_batches(step)]
             n_targets = max(1, train_data.n_targets(sampler.global_batch(step)))
             with collective_guard(f"training step {step + 1}", hint=_resume_hint(ckpt_path)):
-                loss, grad_norm = train_step(model, micro_batches, n_targets, optimizer, config.clip)
+                loss, grad_norm = train_step(model, micro_batches, n_targets, optimizer, config.clip,
+                                             before_update=lambda: _notify(callbacks, "on_gradients", step + 1, raw))
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise TrainingDiverged(_diverged_message(step, loss, grad_norm, lr, ckpt_path))
             done = step + 1

@@ -1,26 +1,54 @@
-"""Build adapterlab notebooks from percent-format sources, execute them, keep only checked outputs.
+"""Build adapterlab notebooks from percent-format sources: execute them and store them with their outputs.
 
-    python notebooks/build.py notebooks/src/02_llama_from_blocks.py [--no-exec]
+    python notebooks/build.py notebooks/src/02_llama_from_blocks.py [more sources ...] [--no-exec]
 
-Policy: every cell is executed at build time (so errors surface); the saved notebook keeps the
-outputs of cells marked `# NBVAL_CHECK_OUTPUT` only (the facts nbval compares); all other
-outputs are cleared so files stay small and diffs readable. Cell ids are deterministic.
+Policy (notebooks/BUILDING.md):
+- every cell runs at build time, and the notebook is stored **with its outputs** (text and figures),
+  so it can be read on GitHub without running it; cell ids and execution counts are deterministic;
+- the stored outputs are cleaned for reading: a progress-bar widget becomes its final line of text,
+  the explorer widget becomes the figure it showed, figures are re-encoded as small palette PNGs,
+  carriage-return redraws keep only their last state, the home folder is written ``~``;
+- the build fails if an output holds a warning, a traceback, an error, an absolute path of this
+  machine, or if a cell marked ``# NBVAL_CHECK_OUTPUT`` (compared by ``pytest --nbval-lax``)
+  writes to stderr or shows a figure;
+- the notebook's metadata records where and when it was built: date, machine, CPU threads.
 """
 from __future__ import annotations
 
 import argparse
+import base64
+import io
+import os
+import platform
+import re
 import sys
 import time
+from datetime import datetime, timezone
+from html import unescape
 from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
 
 REPO = Path(__file__).resolve().parents[1]  # the repository root
+SRC = Path(__file__).resolve().parent / "src"
 MARK = "NBVAL_CHECK_OUTPUT"
+REVIEW = Path(os.environ.get("ADAPTERLAB_NB_REVIEW", "/tmp/nbsrc/review"))  # full copies + PNGs for a human look
+MAX_BYTES = 1_000_000  # a stored notebook stays well under this (tests/test_packaging.py)
+WIDGET = "application/vnd.jupyter.widget-view+json"
+KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+# What must never be in a stored output (tests/test_packaging.py scans for the same).
+FORBIDDEN = {
+    "a warning": re.compile(r"\b\w*Warning\b:|\bwarnings\.warn\b"),
+    "a traceback": re.compile(r"Traceback \(most recent call last\)"),
+    "an absolute path of the build machine": re.compile(r"(?<![\w.~])/(?:work|root|home|tmp|Users|private|var)/"),
+    "a carriage return (progress-bar redraws)": re.compile(r"\r"),
+}
 
 
+# --------------------------------------------------------------------------- source -> cells
 def parse(src: str) -> list[nbformat.NotebookNode]:
+    """Cells of a percent-format source: ``# %%`` starts a code cell, ``# %% [markdown]`` a markdown one."""
     cells, kind, buf = [], None, []
 
     def flush():
@@ -47,80 +75,188 @@ def parse(src: str) -> list[nbformat.NotebookNode]:
     return cells
 
 
+# --------------------------------------------------------------------------- outputs made readable
+def widget_outputs(model_id: str, state: dict) -> list[dict]:
+    """What a widget showed, as plain outputs: an Output widget's outputs (figures), a progress
+    bar's final line, the same for the children of a box; controls (sliders, pickers) show nothing."""
+    widget = state.get(model_id)
+    if widget is None:
+        return []
+    name, s = widget.get("model_name"), widget.get("state", {})
+    if name == "OutputModel":
+        return list(s.get("outputs", []))
+    children = [c.removeprefix("IPY_MODEL_") for c in s.get("children", [])]
+    kinds = [state.get(c, {}).get("model_name") for c in children]
+    if "FloatProgressModel" in kinds or "IntProgressModel" in kinds:  # a tqdm bar: HTML, progress, HTML
+        text = "".join(unescape(re.sub(r"<[^>]+>", "", state[c]["state"].get("value", "")))
+                       for c, k in zip(children, kinds) if k == "HTMLModel")
+        return [nbformat.v4.new_output("stream", name="stdout", text=text.replace("\xa0", " ").strip() + "\n")]
+    return [o for c in children for o in widget_outputs(c, state)]
+
+
+def last_redraw(text: str) -> str:
+    """Keep what a terminal would show: for each line, the part after its last carriage return."""
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.replace("\r\n", "\n").split("\n"))
+
+
+def small_png(data: str) -> str:
+    """A figure re-encoded as a palette PNG (matplotlib's plots have few colours), if that is smaller."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return data
+    raw = base64.b64decode(data)
+    image = Image.open(io.BytesIO(raw)).convert("RGBA")
+    buf = io.BytesIO()
+    image.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(buf, format="PNG", optimize=True)
+    return base64.b64encode(buf.getvalue()).decode() if buf.tell() < len(raw) else data
+
+
+def clean_outputs(outputs: list, state: dict) -> list:
+    """A cell's outputs as they are stored (see the module docstring)."""
+    home = str(Path.home())
+    out = []
+    for o in outputs:
+        if o.get("output_type") in ("display_data", "execute_result") and WIDGET in o.get("data", {}):
+            out.extend(clean_outputs([nbformat.from_dict(x) for x in widget_outputs(o["data"][WIDGET]["model_id"],
+                                                                                     state)], state))
+            continue
+        if o.get("output_type") == "stream":
+            o["text"] = last_redraw(o["text"]).replace(home, "~")
+            if out and out[-1].get("output_type") == "stream" and out[-1]["name"] == o["name"]:
+                out[-1]["text"] += o["text"]  # one block per stream, as Jupyter shows it
+                continue
+        if "data" in o:
+            o["metadata"] = {}
+            data = o["data"]
+            if "image/png" in data:
+                data["image/png"] = small_png(data["image/png"])
+            for key in ("text/plain", "text/html", "text/markdown"):
+                if isinstance(data.get(key), str):
+                    data[key] = data[key].replace(home, "~")
+        out.append(o)
+    return out
+
+
+def problems(cell: nbformat.NotebookNode) -> list[str]:
+    """What is wrong with a stored cell's outputs (empty: nothing)."""
+    found = []
+    for o in cell.get("outputs", []):
+        if o.get("output_type") == "error":
+            found.append(f"an error: {o.get('ename')}: {o.get('evalue')}")
+            continue
+        texts = [o.get("text", "")] + [v for k, v in o.get("data", {}).items() if k.startswith("text/")]
+        for what, pattern in FORBIDDEN.items():
+            if any(pattern.search(t if isinstance(t, str) else "".join(t)) for t in texts):
+                found.append(what)
+        if MARK in cell.source:
+            if o.get("name") == "stderr":
+                found.append(f"stderr in a checked cell: {o['text']!r}")
+            if any(k.startswith("image/") for k in o.get("data", {})):
+                found.append("a figure in a checked cell (nbval would compare its pixels)")
+    return found
+
+
+# --------------------------------------------------------------------------- where and when
+def machine() -> dict:
+    """The build machine in words: CPU model, cores, the thread settings, versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                 if l.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.system(),
+            "ADAPTERLAB_THREADS": os.environ.get("ADAPTERLAB_THREADS", "(unset: 1)"),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "(unset)"),
+            "python": platform.python_version(), "torch": torch.__version__}
+
+
+# --------------------------------------------------------------------------- build
+def slow_cells(nb: nbformat.NotebookNode, n: int = 4) -> list[tuple[float, str]]:
+    """The n slowest cells (nbclient records timings in the cell metadata)."""
+    slow = []
+    for cell in nb.cells:
+        ex = cell.metadata.get("execution", {})
+        if "iopub.execute_input" in ex and "shell.execute_reply" in ex:
+            t = (datetime.fromisoformat(ex["shell.execute_reply"].replace("Z", "+00:00"))
+                 - datetime.fromisoformat(ex["iopub.execute_input"].replace("Z", "+00:00"))).total_seconds()
+            lines = cell.source.strip().split("\n")
+            slow.append((t, lines[1 if lines[0].startswith("#") and len(lines) > 1 else 0][:60]))
+    return sorted(slow, reverse=True)[:n]
+
+
+def review_copy(nb: nbformat.NotebookNode, rel: Path) -> None:
+    """The stored notebook's figures as PNG files under REVIEW, to look at them without Jupyter."""
+    folder = REVIEW / rel.with_suffix("")
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.png"):
+        old.unlink()
+    n = 0
+    for i, cell in enumerate(nb.cells):
+        for o in cell.get("outputs", []):
+            if "image/png" in o.get("data", {}):
+                n += 1
+                (folder / f"cell{i:02d}_{n}.png").write_bytes(base64.b64decode(o["data"]["image/png"]))
+
+
 def build(src_path: Path, execute: bool = True) -> float:
-    rel = src_path.relative_to(Path(__file__).parent / "src")
+    rel = src_path.relative_to(SRC)
     out_path = REPO / "notebooks" / rel.with_suffix(".ipynb")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     nb = nbformat.v4.new_notebook()
     nb.nbformat_minor = 5
     nb.cells = parse(src_path.read_text())
-    nb.metadata = {
-        "kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"},
-        "language_info": {"name": "python"},
-    }
+    nb.metadata = {"kernelspec": KERNELSPEC, "language_info": {"name": "python"}}
     elapsed = 0.0
     if execute:
+        started = datetime.now(timezone.utc)
         t0 = time.time()
-        NotebookClient(nb, timeout=900, kernel_name="python3",
+        NotebookClient(nb, timeout=900, kernel_name="python3", store_widget_state=True,
                        resources={"metadata": {"path": str(out_path.parent)}}).execute()
         elapsed = time.time() - t0
-    nb.metadata = {
-        "kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"},
-        "language_info": {"name": "python"},
-    }
-    if execute:  # keep a full copy with images for review
-        review = Path("/tmp/nbsrc/review") / rel.with_suffix("")
-        review.mkdir(parents=True, exist_ok=True)
-        import base64
-        nbformat.write(nb, review.with_suffix(".full.ipynb"))
-        n = 0
-        for i, cell in enumerate(nb.cells):
-            for o in cell.get("outputs", []):
-                if "image/png" in o.get("data", {}):
-                    n += 1
-                    (review / f"cell{i:02d}_{n}.png").write_bytes(base64.b64decode(o["data"]["image/png"]))
-    if execute:  # report the slow cells (nbclient records timings in the cell metadata)
-        from datetime import datetime
-        slow = []
-        for cell in nb.cells:
-            ex = cell.metadata.get("execution", {})
-            if "iopub.execute_input" in ex and "shell.execute_reply" in ex:
-                t = (datetime.fromisoformat(ex["shell.execute_reply"].replace("Z", "+00:00"))
-                     - datetime.fromisoformat(ex["iopub.execute_input"].replace("Z", "+00:00"))).total_seconds()
-                slow.append((t, cell.source.strip().split("\n")[0 if not cell.source.startswith("#") else 1][:60]))
-        for t, first in sorted(slow, reverse=True)[:4]:
+        for t, first in slow_cells(nb):
             print(f"   {t:6.1f}s  {first}")
-    count = 0
+        state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    nb.metadata = {"kernelspec": KERNELSPEC, "language_info": {"name": "python"}}
+    if execute:
+        nb.metadata["adapterlab"] = {"built": started.strftime("%Y-%m-%d %H:%M UTC"),
+                                     "run_seconds": round(elapsed, 1), "machine": machine(),
+                                     "command": f"python notebooks/build.py notebooks/src/{rel.as_posix()}"}
+    count, bad = 0, []
     for cell in nb.cells:
         cell.metadata = {}
         if cell.cell_type != "code":
             continue
         count += 1
-        cell.execution_count = None
-        if MARK not in cell.source:
-            cell.outputs = []
-            continue
-        cell.execution_count = count  # nbval skips reference cells that look unrun
+        cell.execution_count = count if execute else None
+        cell.outputs = clean_outputs(cell.outputs, state) if execute else []
         for o in cell.outputs:
-            if o.get("name") == "stderr":
-                raise SystemExit(f"{out_path.name}: checked cell writes to stderr:\n{cell.source}\n{o['text']}")
-            if "data" in o and any(k.startswith("image/") for k in o["data"]):
-                raise SystemExit(f"{out_path.name}: checked cell shows an image:\n{cell.source}")
-            if o.get("output_type") in ("execute_result", "display_data"):
-                o["metadata"] = {}
             if o.get("output_type") == "execute_result":
                 o["execution_count"] = count
+        bad += [f"cell {count}: {p}\n{cell.source[:300]}" for p in problems(cell)]
+    if bad:
+        raise SystemExit(f"{out_path.relative_to(REPO)} not written; its outputs hold:\n" + "\n\n".join(bad))
     nbformat.validate(nb)
     nbformat.write(nb, out_path)
     size = out_path.stat().st_size
+    if execute:
+        review_copy(nb, rel)
     print(f"{out_path.relative_to(REPO)}: {len(nb.cells)} cells, {size / 1024:.1f} KB, executed in {elapsed:.1f}s")
+    if size > MAX_BYTES:
+        raise SystemExit(f"{out_path.relative_to(REPO)} is {size / 1e6:.2f} MB: make its figures smaller "
+                         f"(figsize, fewer panels); stored notebooks stay under {MAX_BYTES / 1e6:.0f} MB")
     return elapsed
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("sources", nargs="+", type=Path)
-    ap.add_argument("--no-exec", action="store_true")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("sources", nargs="+", type=Path, help="notebooks/src/<name>.py (or solutions/<name>.py)")
+    ap.add_argument("--no-exec", action="store_true", help="write the cells without running them (no outputs)")
     args = ap.parse_args()
     for s in args.sources:
         build(s.resolve(), execute=not args.no_exec)
+    sys.exit(0)

@@ -90,6 +90,23 @@ CASES = [
      ["--out", "a_file"]),
     ("ablate unknown variant", lambda b: ["ablate", "--out", str(b["root"] / "ab"), "--variants", "zero,lora"],
      ["--variants", "'zero,lora'"]),
+    ("families unknown family", lambda b: ["families", "--family", "bert", "--out", str(b["root"] / "f")],
+     ["--family", "'bert'"]),
+    ("families out is a file", lambda b: ["families", "--family", "vit", "--out", str(b["root"] / "a_file")],
+     ["--out", "a_file", "is a file"]),
+    ("families unknown task", lambda b: ["families", "--family", "vit", "--out", str(b["root"] / "f"),
+                                         "--tasks", "digits,clouds"], ["--tasks", "clouds"]),
+    ("families method of the other family", lambda b: ["families", "--family", "roberta", "--out",
+                                                       str(b["root"] / "f"), "--methods", "zero_init,linear"],
+     ["--methods", "linear"]),
+    ("families zero seeds", lambda b: ["families", "--family", "vit", "--out", str(b["root"] / "f"), "--seeds", "0"],
+     ["--seeds", "0"]),
+    ("demo two families", lambda b: ["demo", "--vit", "--roberta", "--out", str(b["root"] / "d")],
+     ["--vit", "--roberta"]),
+    ("demo vit with a learning rate", lambda b: ["demo", "--vit", "--lr", "0.1", "--out", str(b["root"] / "d")],
+     ["demo --vit", "--lr"]),
+    ("demo roberta out is a file", lambda b: ["demo", "--roberta", "--out", str(b["root"] / "a_file")],
+     ["--out", "a_file"]),
 ]
 
 

@@ -3,6 +3,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,13 +32,112 @@ def test_gates_jsonl_has_exactly_the_documented_lines(run_dir):
     records = [json.loads(l) for l in lines]
     assert [r["step"] for r in records] == [0, 5, 10, 12]  # step 0, every 5 steps, and the last step
     for r in records:
-        assert list(r) == ["step", "epoch", "loss", "lr", "layers", "gates"]
+        assert list(r) == ["step", "epoch", "loss", "lr", "layers", "gates", "raw", "grad", "prompt_norm",
+                           "prompt_share", "lr_sum"]
+        assert all(len(r[k]) == 2 and all(len(row) == 4 for row in r[k]) for k in ("raw", "prompt_norm"))
         assert isinstance(r["step"], int) and r["layers"] == [0, 1]
         assert len(r["gates"]) == 2 and all(len(row) == 4 for row in r["gates"])  # (adapted layers, heads)
     assert records[0]["loss"] is None and records[0]["gates"] == [[0.0] * 4] * 2  # zero-init: closed at step 0
     assert all(isinstance(r["loss"], float) and isinstance(r["lr"], float) for r in records[1:])
     assert records[2]["epoch"] == pytest.approx(10 / 5)  # 40 examples / batch 8 = 5 steps per epoch
     assert records[-1]["gates"] == json.loads((run_dir / "final_gates.json").read_text())  # effective tanh(g)
+    assert records[0]["grad"] is None and records[0]["prompt_share"] is None and records[0]["lr_sum"] == 0.0
+    for r in records[1:]:  # measured at the logged step: a gradient and a share for every gated head
+        assert len(r["grad"]) == 2 and all(len(row) == 4 for row in r["grad"])
+        assert all(0.0 <= v < 1.0 for row in r["prompt_share"] for v in row)
+    np.testing.assert_allclose(records[-1]["raw"], np.arctanh(records[-1]["gates"]), rtol=1e-5)  # g before tanh
+
+
+def test_an_old_log_with_gates_only_still_reads(tmp_path):
+    old = [{"step": s, "epoch": s / 5, "loss": None if s == 0 else 1.0 / (1 + s), "lr": 0.01, "layers": [2, 3],
+            "gates": [[0.01 * s] * 4, [-0.02 * s] * 4]} for s in (0, 5, 10)]
+    (tmp_path / "gates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    log = gates.GateLog.read(tmp_path)
+    assert log.gates.shape == (3, 2, 4) and log.available() == ["gates"]
+    assert log.raw is None and log.grad is None and log.prompt_share is None and log.lr_sum is None
+    assert log.cumulative_lr().tolist() == pytest.approx([0.0, 0.05, 0.10])  # 0.01 for each of the steps between
+    with pytest.raises(ValueError, match="has no 'grad'.*it has \\['gates'\\]"):
+        log.quantity("grad")
+    gates.plot_summary(log)  # the pictures need only the gates
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_the_recorded_gradient_is_the_one_the_update_used(tmp_path, optimizer):
+    model = add_adapter(tiny_model(), AdapterConfig(prompt_len=4, layers=2))
+    config = TrainConfig(steps=6, batch_size=8, lr=0.05, warmup_steps=2 if optimizer == "sgd" else 0, log_every=1,
+                         out_dir=str(tmp_path), progress=False, optimizer=optimizer)
+    train(model, toy_data(), config)
+    log = gates.GateLog.read(tmp_path)
+    step = np.diff(log.raw, axis=0)  # (S-1, L, H): how each raw g moved at each update
+    lr = log.lr[1:, None, None]
+    assert log.lr_sum.tolist() == pytest.approx(np.concatenate([[0], np.cumsum(log.lr[1:])]).tolist(), rel=1e-6)
+    if optimizer == "sgd":  # plain SGD: g <- g - lr (dL/dg + weight_decay g) (the per-head gate is 4-d: decayed)
+        expected = -lr * (log.grad[1:] + config.weight_decay * log.raw[:-1])
+        np.testing.assert_allclose(step, expected, rtol=1e-3, atol=1e-7)
+    else:  # AdamW's first update moves every gate by exactly lr against its gradient's sign
+        np.testing.assert_allclose(step[0], -log.lr[1] * np.sign(log.grad[1]), rtol=1e-4)
+        assert log.lr[1] == 0.05 and not np.allclose(step[1], step[0])  # later steps: the moments decide
+
+
+def _single_token_share(model, tokens):
+    meter = gates.PromptShareMeter(model)
+    try:
+        model(tokens)  # a forward pass with gradients on: what training does
+    finally:
+        meter.remove()
+    return np.array(meter.result())
+
+
+def test_prompt_share_is_the_prompt_terms_share_and_leaves_padding_out():
+    model = add_adapter(tiny_model(), AdapterConfig(prompt_len=4, layers=1, gate_activation="identity"))
+    gate = model.layers[1].attention.adapter.gate
+    with torch.no_grad():
+        gate.copy_(torch.tensor([0.0, 0.3, -0.6, 1.2]).view(1, 4, 1, 1))
+    one = torch.tensor([[1]])  # one position: share = a / (a + b) exactly
+    s1 = _single_token_share(model, one)[0]
+    assert s1[0] == 0.0 and np.all((s1[1:] > 0) & (s1[1:] < 1))
+    with torch.no_grad():
+        gate.mul_(2.0)  # the prompt term doubles, the token term stays: a/b doubles
+    s2 = _single_token_share(model, one)[0]
+    r1 = s1[1:] / (1 - s1[1:])
+    np.testing.assert_allclose(s2[1:], 2 * r1 / (2 * r1 + 1), rtol=1e-5)
+    seq = torch.tensor([[1, 9, 17, 33, 5]])
+    padded = torch.cat([seq, torch.zeros(1, 3, dtype=torch.long)], dim=1)  # id 0: right padding
+    np.testing.assert_allclose(_single_token_share(model, padded), _single_token_share(model, seq), rtol=1e-5)
+    with torch.no_grad():
+        meter = gates.PromptShareMeter(model)
+        model(seq)  # evaluation (no gradients) is not measured
+    assert meter.result() is None
+    meter.remove()
+
+
+def test_prompt_norm_is_the_length_of_the_prompt_values_per_head():
+    model = add_adapter(tiny_model(), AdapterConfig(prompt_len=4, layers=2))
+    norms = gates.prompt_value_norms(model)  # (L, H)
+    for row, i in enumerate(gates.gated_layers(model)):
+        attn = model.layers[i].attention
+        values = attn.adapter.prompt.detach() @ attn.wv.weight.detach().T  # (K, H * d)
+        per_head = values.view(4, 4, -1).norm(dim=-1)  # (K, H)
+        torch.testing.assert_close(norms[row], per_head.pow(2).mean(0).sqrt())
+
+
+def test_ablating_a_head_closes_only_its_gate_and_restores_it():
+    model = add_adapter(tiny_model(), AdapterConfig(prompt_len=4, layers=2))
+    with torch.no_grad():
+        model.layers[1].attention.adapter.gate.copy_(torch.tensor([0.5, 0.0, -0.5, 1.0]).view(1, 4, 1, 1))
+    before = gate_values(model).clone()
+    tokens = torch.tensor([[1, 9, 17, 33, 5, 6]])
+    seen = []
+
+    def metric(m):
+        seen.append(gate_values(m).clone())
+        return float(m(tokens).float().pow(2).mean())
+
+    base, ablated = gates.ablate_heads(model, metric)
+    assert ablated.shape == (2, 4) and torch.equal(gate_values(model), before)  # restored
+    assert ablated[0].tolist() == [base] * 4 and ablated[1, 1] == base  # closed gates: closing changes nothing
+    assert ablated[1, 0] != base and ablated[1, 3] != base
+    assert [int((s != before).sum()) for s in seen[1:]] == [0] * 4 + [1, 0, 1, 1]  # one gate at a time
 
 
 def test_gates_png_is_written_at_the_end(run_dir):
@@ -108,8 +208,50 @@ def test_explorer_is_a_widget(run_dir):
     widgets = pytest.importorskip("ipywidgets")
     w = gates.explorer(run_dir)
     assert isinstance(w, widgets.VBox)
-    slider = w.children[0].children[0]
-    slider.value = 1  # moving the slider redraws without error
+    slider, quantity, x_axis = w.children[0].children[0], w.children[1].children[0], w.children[1].children[1]
+    assert list(slider.options) == [0, 5, 10, 12]
+    assert list(quantity.options) == ["gates", "raw", "grad", "prompt_norm", "prompt_share"]
+    slider.value = 5  # moving the slider redraws without error
+    quantity.value, x_axis.value = "prompt_share", "lr_sum"
+
+
+def synthetic_log(n_records: int, n_layers: int, n_heads: int, seed: int) -> list[dict]:
+    """A gates.jsonl's records of the size a 7B run writes (30 layers x 32 heads)."""
+    rng = np.random.default_rng(seed)
+    slopes = rng.normal(0, 0.01, (n_layers, n_heads))
+    return [{"step": 10 * s, "epoch": s / 10, "loss": 2.0 / (1 + s), "lr": 1e-3, "layers": list(range(2, 2 + n_layers)),
+             "gates": np.tanh(slopes * s).tolist(), "prompt_share": np.abs(np.tanh(slopes * s) / 2).tolist()}
+            for s in range(n_records)]
+
+
+def test_explorer_overlays_runs_of_a_7b_sized_log(tmp_path, capsys):
+    import time
+
+    widgets = pytest.importorskip("ipywidgets")
+    plt = gates.pyplot()
+    runs = {}
+    for seed in (0, 1):
+        folder = tmp_path / f"seed{seed}"
+        folder.mkdir()
+        (folder / "gates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in synthetic_log(300, 30, 32, seed)))
+        runs[f"seed {seed}"] = folder
+    logs = gates.as_runs(list(runs.values()))
+    assert list(logs) == ["seed0", "seed1"] and logs["seed0"].gates.shape == (300, 30, 32)
+    w = gates.explorer(runs)
+    assert isinstance(w, widgets.VBox)
+    assert list(w.children[1].children[0].options) == ["gates", "prompt_share"]  # what both runs recorded
+    start = time.perf_counter()
+    fig = gates.draw_explorer(logs, step=1500, layer=31, quantity="prompt_share", x="lr_sum")
+    seconds = time.perf_counter() - start
+    lines = fig.axes[0].get_lines()
+    assert len(lines) == 2  # one mean curve per run
+    np.testing.assert_allclose(lines[0].get_ydata(), np.abs(logs["seed0"].prompt_share).mean(axis=(1, 2)))
+    assert len(fig.axes[1].get_lines()) == 2 * 32  # every head of layer 31, for both runs
+    plt.close(fig)
+    with capsys.disabled():
+        print(f"\n[explorer] one redraw of 2 runs x 300 records x 30 layers x 32 heads: {seconds:.2f} s")
+    with pytest.raises(ValueError, match="no gate in run"):
+        gates.plot_runs(logs, layer=40)
 
 
 def test_an_ungated_adapter_gets_no_gate_log(tmp_path):

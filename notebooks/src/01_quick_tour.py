@@ -11,44 +11,51 @@
 # 4. answers **before and after**, about people the training data never mentioned.
 #
 # Everything runs on the embedded tiny world (`load_llama("tinyworld")`: a 4-layer LLaMA
-# pretrained on text about a small synthetic world, built once and cached). The same calls work
-# on real LLaMA weights (notebook 10).
+# pretrained on text about a small synthetic world). The same calls work on real LLaMA weights
+# (notebook 10).
+#
+# **Runtime** (measured on 2 CPU cores, one torch thread): RUNTIME_NB1.
 
 # %%
 import matplotlib.pyplot as plt
 import torch
 
-from adapterlab import AdapterConfig, add_adapter, gate_values, load_llama
-from adapterlab import tinyworld
+from adapterlab import add_adapter, gate_values, load_llama
+from adapterlab import recipes, tinyworld
 from adapterlab.adapter import count_trainable
-from adapterlab.data import instruction_dataset
+from adapterlab.data import format_prompt, instruction_dataset
+from adapterlab.files import default_threads
 from adapterlab.gates import LivePlot, explorer
 from adapterlab.generate import generate
-from adapterlab.data import format_prompt
-from adapterlab.train import TrainConfig, train
+from adapterlab.train import train
 from adapterlab.exercises import check_step0_gradients
 
 torch.manual_seed(0)
+torch.set_num_threads(default_threads())  # $ADAPTERLAB_THREADS, else 1: the thread policy of `adapterlab demo`
 plt.rcParams.update({"figure.dpi": 72})
 
 # %% [markdown]
 # ## 1. A frozen base that knows things
 #
 # The tiny world has a few dozen people, each with a city, a pet, a job, a favourite colour...
-# The base model read text about all of them during pretraining. It completes facts:
+# The base model read text about all of them during pretraining. Let it complete a sentence
+# about each of a few people:
 
 # %%
-model = load_llama("tinyworld")  # builds the tiny base on first use (about 2 minutes), then cached
+model = load_llama("tinyworld")  # the frozen tiny base with its tokenizer
 tokenizer = model.tokenizer
 world, train_records, heldout_records = tinyworld.load_world()
-someone = world.heldout_people[0]
-print(f"{someone.name} lives in ...", generate(model, tokenizer, [f"{someone.name} lives in"], max_new_tokens=4, greedy=True)[0])
-print("(true:", someone.city + ")")
+people = world.heldout_people[:5]
+completions = generate(model, tokenizer, [f"{p.name} lives in" for p in people], max_new_tokens=4, greedy=True)
+for p, text in zip(people, completions):
+    print(f"{p.name} lives in ...{text}   (true: {p.city})")
+known = sum(p.city in text for p, text in zip(people, completions))
+print(f"\nThe base completes {known} of these {len(people)} facts correctly.")
 
 # %% [markdown]
 # ...but it is a text continuer, not an assistant. Ask it questions in the Alpaca instruction
-# format and it just goes on writing: it may state a fact, often not the one asked for, and it
-# does not stop. Here are the held-out questions it gets wrong:
+# format and see what it writes. A few of the held-out questions it gets wrong, and its accuracy
+# on all of them:
 
 # %%
 rows = tinyworld.evaluate(model, tokenizer, heldout_records)
@@ -56,7 +63,7 @@ accuracy_before = sum(r["correct"] for r in rows) / len(rows)
 wrong = [(record, row) for record, row in zip(heldout_records, rows) if not row["correct"]]
 for record, row in wrong[:3]:
     print(f"{row['question']}\n   base: {row['answer']!r}   (expected: {row['expected']})")
-print(f"\nheld-out accuracy of the base: {accuracy_before:.2f}")
+print(f"\nheld-out accuracy of the base: {accuracy_before:.2f} ({len(rows) - len(wrong)} of {len(rows)} questions)")
 example = wrong[0][0]
 prompt = format_prompt(example["instruction"], example["input"])
 print("\nThe model reads this prompt:\n" + prompt)
@@ -64,19 +71,22 @@ print("\nThe model reads this prompt:\n" + prompt)
 # %% [markdown]
 # ## 2. Attach an adapter
 #
-# `add_adapter` freezes the base and gives each adapted layer K = 10 learnable prompt vectors
+# `add_adapter` freezes the base and gives each adapted layer K learnable prompt vectors
 # and one gate per attention head, **initialised to 0**. Every word token can attend to the
 # prompts, but their contribution is multiplied by tanh(gate) = 0, so the model is exactly
-# unchanged at the start:
+# unchanged at the start. We take the tiny world's settings from `recipes.TINY_WORLD`, the one
+# table `adapterlab demo` and `adapterlab finetune` read too (K = 10 prompts in each of the 4 layers):
 
 # %%
 # NBVAL_CHECK_OUTPUT
 tokens = torch.tensor([tokenizer.encode(prompt)])
 with torch.no_grad():
     logits_before = model(tokens)
-add_adapter(model, AdapterConfig(prompt_len=10, layers=4), seed=0)
+adapter_config = recipes.adapter_config(model.config.n_layers)  # the tiny world's defaults
+add_adapter(model, adapter_config, seed=0)
 with torch.no_grad():
     logits_after = model(tokens)
+print(f"K = {adapter_config.prompt_len} prompts in L = {adapter_config.layers} layers")
 print("trainable: under 1% of the parameters:", count_trainable(model) < 0.01 * model.num_params())
 print("gates at start:", gate_values(model).abs().max().item())
 print("output identical after attaching the adapter:", torch.equal(logits_before, logits_after))
@@ -84,15 +94,21 @@ print("output identical after attaching the adapter:", torch.equal(logits_before
 # %% [markdown]
 # ## 3. Train only the adapter and watch the gates open
 #
-# The instruction set asks about most of the people; the others are **held out**. About a
-# minute on two CPU cores. The picture below redraws every 10 steps.
+# The instruction set asks about most of the people; the others are **held out**. The
+# training settings are `adapterlab demo`'s too (`recipes.train_config()`: `recipes.TINY_WORLD`'s
+# steps, batch and learning rate), with the same seed, so this run *is* the demo's run: same
+# gates, same accuracy on a machine with the same thread count. The picture below redraws every
+# 10 steps.
 
 # %%
-data = instruction_dataset(train_records, tokenizer, max_seq_len=256)
+data = instruction_dataset(train_records, tokenizer, max_seq_len=recipes.TINY_WORLD.max_seq_len)
+config = recipes.train_config(checkpoint=False, seed=0)  # TINY_WORLD: steps, batch, lr, warm-up
+print(f"{config.steps} steps of {config.batch_size} examples, peak learning rate {config.lr}, "
+      f"{config.warmup_steps} warm-up steps")
 
 live = LivePlot(every=10)
-config = TrainConfig(steps=200, batch_size=32, lr=2e-2, warmup_steps=10, log_every=10, checkpoint=False, seed=0)
 metrics = train(model, data, config, callbacks=[live])
+print(f"trained in {metrics['train_seconds']:.0f} s with {torch.get_num_threads()} torch thread(s)")
 
 # %% [markdown]
 # ## 4. Before and after
@@ -104,7 +120,9 @@ metrics = train(model, data, config, callbacks=[live])
 model.eval()
 rows_after = tinyworld.evaluate(model, tokenizer, heldout_records)
 accuracy_after = sum(r["correct"] for r in rows_after) / len(rows_after)
-print(f"held-out accuracy: before {accuracy_before:.2f}  ->  after {accuracy_after:.2f}\n")
+right_after = sum(r["correct"] for r in rows_after)
+print(f"held-out accuracy: before {accuracy_before:.2f}  ->  after {accuracy_after:.2f}: the adapter now answers "
+      f"{right_after} of {len(rows_after)} questions about people its training data never mentioned.\n")
 for before, after in list(zip(rows, rows_after))[:5]:
     print(f"{after['question']}\n   before: {before['answer']!r}\n   after:  {after['answer']!r}"
           f"   {'right' if after['correct'] else 'wrong'} (expected: {after['expected']})")

@@ -319,6 +319,8 @@ except ImportError:
 if transformers is not None:
     from adapterlab import load_llama
 
+    transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar
+
     hf_config = transformers.LlamaConfig(
         hidden_size=config.dim, num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
         num_key_value_heads=config.n_kv_heads, intermediate_size=config.ffn_hidden_dim,

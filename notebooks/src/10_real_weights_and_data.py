@@ -50,9 +50,7 @@ print("Alpaca file: ", ALPACA_JSON or "(stand-in: the tiny world's instruction s
 # (a checkpoint is untrusted input: no code in it runs).
 
 # %%
-meta_dir = Path(LLAMA_DIR) if LLAMA_DIR else tinyworld.base_dir()
-if not LLAMA_DIR:
-    tinyworld.build_base()  # make sure the stand-in exists (built once, cached)
+meta_dir = Path(LLAMA_DIR) if LLAMA_DIR else tinyworld.build_base()  # the stand-in's folder (shipped or cached)
 for f in sorted(meta_dir.iterdir()):
     print(f"{f.name:24s} {f.stat().st_size / 1e6:10.2f} MB")
 if (meta_dir / "params.json").is_file():
@@ -86,6 +84,7 @@ except ImportError:
     print("transformers is not installed: skipping the Hugging Face part (pip install transformers)")
 
 if transformers is not None:
+    transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar
     hf_dir = work / "hf-llama"
     hf_config = transformers.LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=tokenizer.n_words,

@@ -66,5 +66,5 @@ check_kv_cache_bytes(kv_bytes)
 
 # %% [markdown]
 # One GiB per 2048-token sequence: a batch of 16 such sequences needs 16 GiB of cache on
-# top of the 13 GiB of fp16 weights. With grouped-query attention (8 key/value heads instead
-# of 32) the cache would be 4 times smaller.
+# top of the 12.6 GiB (6.7 billion x 2 bytes) of fp16 weights. With grouped-query attention
+# (8 key/value heads instead of 32) the cache would be 4 times smaller.

@@ -1,0 +1,712 @@
+"""Zero-init attention beyond LLaMA: a ViT on VTAB-style tasks and a RoBERTa-style encoder on
+SQuAD-style questions, against the other ways of tuning a frozen model.
+
+Layer 9 (above recipes, ablate and textqa; below cli): imports files, squad, adapter, encoders,
+train, gates, baselines, vtab, textqa, recipes and ablate. ``adapterlab demo --vit`` /
+``adapterlab demo --roberta`` and ``adapterlab families`` call :func:`run_demo` and :func:`run_study`.
+
+The encoders (:mod:`adapterlab.encoders`) carry the same attention slot as LLaMA, so the gated
+prompt term of Eq. 7 is not written again here: ``zero_init`` and ``ungated_prompts`` attach the
+adapter of :mod:`adapterlab.adapter` unchanged. What each method trains (the task's new head
+always trains, as on VTAB and SQuAD):
+
+    method            trains besides the head                                   known as
+    zero_init         K prompts + one gate per head in the top L layers (Eq. 7)  LLaMA-Adapter
+    ungated_prompts   K prompts in the top L layers, in the tokens' softmax      VPT-deep, P-tuning v2
+    full              every weight                                               full fine-tuning
+    bitfit            every bias                                                 BitFit (bias tuning)
+    linear            nothing (ViT)                                              linear probe
+    input_prompts     K prompt vectors before the first layer (text)             prompt tuning
+    lora              rank-8 updates of W_q and W_v in every layer               LoRA
+
+One study, per family:
+
+    1. learning-rate search: each method, each rate of its small grid, 1 seed, on the search tasks;
+       trained on the train split, scored on the val split; the best mean score picks the rate
+    2. final runs: each method at its rate, ``seeds`` seeds, every task; trained on train + val,
+       scored on test
+    3. summary: per method the mean and std over seeds of every score (ViT: per task, per VTAB group -
+       the mean over the group's tasks - and the average over the groups; RoBERTa: EM and F1 on the
+       v1.1- and v2.0-style sets), and the trainable parameters
+
+Every run gets a fresh copy of the frozen base, the same steps, batch and schedule (AdamW, linear
+warm-up, cosine), a data order drawn from its seed, and one thread. ``DIR/runs.jsonl`` gets one
+line per finished run, rewritten atomically, so a study killed midway redoes only the run it was
+in. A run with gates writes ``DIR/runs/<run>/gates.jsonl`` (read by :mod:`adapterlab.gates`).
+The study writes ``metrics.json`` (the table), ``results.json`` (the table, the search, the
+command, date and machine), ``table.png`` and ``gates.png`` (the gates of one zero-init run).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import AdapterConfig, add_adapter, count_trainable, trainable_parameters
+from .files import atomic_write_text, cpu_threads, default_threads
+from .gates import GateRecorder, gated_layers, save_plot
+from .train import Schedule, TrainConfig, lr_at, make_optimizer
+
+FAMILIES = ("vit", "roberta")
+METHODS = {
+    "vit": ("zero_init", "ungated_prompts", "full", "bitfit", "linear", "lora"),
+    "roberta": ("zero_init", "ungated_prompts", "full", "bitfit", "input_prompts", "lora"),
+}
+ALL_METHODS = ("zero_init", "ungated_prompts", "full", "bitfit", "linear", "input_prompts", "lora")
+LABELS = {"zero_init": "zero-init gated prompts", "ungated_prompts": "ungated prompts (VPT-deep / P-tuning v2)",
+          "full": "full fine-tuning", "bitfit": "bias tuning (BitFit)", "linear": "linear probe",
+          "input_prompts": "input prompt tuning", "lora": "LoRA (W_q, W_v)"}
+GROUPS = ("natural", "specialized", "structured")  # VTAB's groups, in the paper's table order
+QA_TASKS = {"squad1": "1.1", "squad2": "2.0"}  # task name -> SQuAD version
+LORA_RANK, LORA_ALPHA = 8, 16.0
+RUNS_NAME, METRICS_NAME, RESULTS_NAME, TABLE_NAME, GATES_PLOT = (
+    "runs.jsonl", "metrics.json", "results.json", "table.png", "gates.png")
+
+# Learning-rate grids of the search (a factor of about 3 between neighbours, around where each
+# kind of parameter usually trains: new prompts and heads fast, pretrained weights slowly).
+LR_GRIDS = {
+    "zero_init": (1e-2, 3e-2, 1e-1),
+    "ungated_prompts": (1e-2, 3e-2, 1e-1),
+    "full": (3e-4, 1e-3, 3e-3),
+    "bitfit": (3e-3, 1e-2, 3e-2),
+    "linear": (3e-3, 1e-2, 3e-2),
+    "input_prompts": (1e-2, 3e-2, 1e-1),
+    "lora": (1e-3, 3e-3, 1e-2),
+}
+
+# The learning rate of each method, as chosen by the committed study's search (the demos use them):
+# docs/results/families/vit/results.json and docs/results/families/roberta/results.json, "chosen_lr".
+DEFAULT_LR = {
+    "vit": {"zero_init": 3e-2, "ungated_prompts": 3e-2, "full": 1e-3, "bitfit": 1e-2, "linear": 1e-2, "lora": 3e-3},
+    "roberta": {"zero_init": 3e-2, "ungated_prompts": 3e-2, "full": 1e-3, "bitfit": 1e-2, "input_prompts": 3e-2,
+                "lora": 3e-3},
+}
+
+
+# --------------------------------------------------------------------------- methods
+def prepare(model: nn.Module, method: str, *, prompt_len: int = 10, layers: int = 4, seed: int = 0) -> nn.Module:
+    """Put ``model`` (an encoder with its task head already set) in the state ``method`` trains
+    from, in place: freeze everything, attach what the method adds, unfreeze what it trains and the
+    head. Returns the model. The table in the module docstring says what trains."""
+    if method not in ALL_METHODS:
+        raise ValueError(f"method must be one of {ALL_METHODS}; got {method!r}")
+    model.requires_grad_(False)
+    before = {name for name, _ in model.named_parameters()}
+    if method in ("zero_init", "ungated_prompts"):
+        gate = "head" if method == "zero_init" else "none"  # Eq. 7's zero gates, or one joint softmax
+        add_adapter(model, AdapterConfig(prompt_len=prompt_len, layers=layers, gate=gate), seed=seed)
+    elif method == "lora":
+        from .baselines import add_lora
+
+        add_lora(model, rank=LORA_RANK, alpha=LORA_ALPHA, targets=("wq", "wv"), seed=seed)
+    elif method == "input_prompts":
+        from .encoders import add_input_prompts
+
+        add_input_prompts(model, prompt_len, seed=seed)
+    for name, p in model.named_parameters():
+        added = name not in before  # prompts, gates, LoRA's A and B
+        if added or method == "full" or (method == "bitfit" and name.endswith("bias")):
+            p.requires_grad_(True)
+    model.head.requires_grad_(True)
+    return model
+
+
+# --------------------------------------------------------------------------- tasks
+@dataclass
+class ImageTask:
+    """A VTAB-style classification task: images float in [0, 1] (N, 3, H, W), labels (N,)."""
+
+    name: str
+    group: str
+    n_out: int
+    splits: dict  # split -> (images, labels)
+
+    def examples(self, split: str) -> tuple[torch.Tensor, ...]:
+        return self.splits[split]
+
+    def loss(self, model: nn.Module, batch: tuple) -> torch.Tensor:
+        images, labels = batch
+        return F.cross_entropy(model(images), labels)
+
+    @torch.no_grad()
+    def score(self, model: nn.Module, split: str, batch: int = 250) -> dict:
+        images, labels = self.splits[split]
+        right = sum((model(images[s:s + batch]).argmax(-1) == labels[s:s + batch]).sum().item()
+                    for s in range(0, len(labels), batch))
+        return {"accuracy": right / len(labels)}
+
+
+@dataclass
+class QATask:
+    """A SQuAD-style task: records per split, encoded once; scored with the official semantics."""
+
+    name: str
+    group: str
+    n_out: int
+    records: dict  # split -> list of SQuAD records
+    encoded: dict  # split -> (tokens, mask, start, end)
+    vocab: object
+    max_len: int
+
+    def examples(self, split: str) -> tuple[torch.Tensor, ...]:
+        return self.encoded[split]
+
+    def loss(self, model: nn.Module, batch: tuple) -> torch.Tensor:
+        from .textqa import qa_loss
+
+        tokens, mask, start, end = batch
+        return qa_loss(model(tokens, mask), start, end, mask)
+
+    @torch.no_grad()
+    def score(self, model: nn.Module, split: str) -> dict:
+        from .squad import evaluate
+        from .textqa import predict_spans
+
+        result = evaluate(self.records[split], predict_spans(model, self.records[split], self.vocab, self.max_len))
+        return {"em": result["exact"] / 100, "f1": result["f1"] / 100}  # fractions, as the ViT's accuracy
+
+
+def training_examples(task, final: bool) -> tuple[torch.Tensor, ...]:
+    """The train split (learning-rate search) or train + val (final runs)."""
+    if not final:
+        return task.examples("train")
+    return tuple(torch.cat([a, b]) for a, b in zip(task.examples("train"), task.examples("val")))
+
+
+def selection_score(family: str, scores: dict) -> float:
+    """The number the learning-rate search maximises: accuracy (ViT) or F1 (RoBERTa)."""
+    return scores["accuracy"] if family == "vit" else scores["f1"]
+
+
+# --------------------------------------------------------------------------- bench
+@dataclass
+class Bench:
+    """What every run of a family shares: the frozen base (copied per run) and the tasks."""
+
+    family: str
+    base: nn.Module
+    tasks: dict  # name -> ImageTask | QATask
+    set_head: Callable[[nn.Module, int, int], nn.Module]
+
+
+def vit_bench(task_names: Optional[Sequence[str]] = None, sizes: Optional[dict] = None,
+              base: Optional[nn.Module] = None) -> Bench:
+    """The cached ViT base (or ``base``) and the VTAB-style tasks (all of them, or ``task_names``);
+    ``sizes``: smaller splits for quick tests, e.g. {"n_train": 64, "n_val": 32, "n_test": 32}."""
+    sizes = sizes or {}
+    from .encoders import set_head
+    from .vtab import TASKS, images_to_float, load_vit_base, make_task
+
+    tasks = {}
+    for name in task_names or tuple(TASKS):
+        t = make_task(name, seed=0, **sizes)
+        splits = {split: (images_to_float(getattr(t, f"{split}_images")), getattr(t, f"{split}_labels").long())
+                  for split in ("train", "val", "test")}
+        tasks[name] = ImageTask(name, t.group, t.n_classes, splits)
+    return Bench("vit", base if base is not None else load_vit_base(), tasks, set_head)
+
+
+def roberta_bench(task_names: Optional[Sequence[str]] = None, sizes: Optional[dict] = None,
+                  base: Optional[nn.Module] = None) -> Bench:
+    """The cached text encoder (or ``base``, with its ``.vocab``) and the SQuAD-style sets (v1.1- and
+    v2.0-style); ``sizes``: smaller splits for quick tests, e.g. {"train": 64, "val": 32, "test": 32}."""
+    from .encoders import set_head
+    from .textqa import QA_MAX_LEN, encode_qa, load_text_base, make_squad
+
+    base = base if base is not None else load_text_base()
+    vocab = base.vocab
+    del base.vocab  # the runs copy the model, not its tokenizer
+    tasks = {}
+    for name in task_names or tuple(QA_TASKS):
+        records = make_squad(version=QA_TASKS[name], seed=0, sizes=sizes)
+        encoded = {s: tuple(encode_qa(records[s], vocab, QA_MAX_LEN).values()) for s in ("train", "val")}
+        tasks[name] = QATask(name, name, 2, records, encoded, vocab, QA_MAX_LEN)
+    return Bench("roberta", base, tasks, set_head)
+
+
+def make_bench(family: str, task_names: Optional[Sequence[str]] = None, train_limit: Optional[int] = None) -> Bench:
+    """The family's bench; ``train_limit`` keeps at most N training and N validation examples per task."""
+    if family == "vit":
+        sizes = {} if train_limit is None else {"n_train": min(800, train_limit), "n_val": min(200, train_limit)}
+        return vit_bench(task_names, sizes)
+    sizes = {} if train_limit is None else {"train": min(1000, train_limit), "val": min(200, train_limit)}
+    return roberta_bench(task_names, sizes)
+
+
+# --------------------------------------------------------------------------- one run
+def data_order(n: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
+    """The examples of every step: shuffled epochs drawn from ``seed``, incomplete batches dropped."""
+    per_epoch = n // batch_size
+    if per_epoch < 1:
+        raise ValueError(f"batch_size={batch_size} is larger than the {n} training examples; lower it")
+    gen = torch.Generator().manual_seed(seed)
+    batches: list[torch.Tensor] = []
+    while len(batches) < steps:
+        batches += list(torch.randperm(n, generator=gen)[: per_epoch * batch_size].split(batch_size))
+    return batches[:steps]
+
+
+def fit(model: nn.Module, task, examples: tuple, *, steps: int, batch_size: int, lr: float, warmup_steps: int,
+        weight_decay: float, seed: int, run_dir: Optional[Path] = None, plot: bool = True) -> list[float]:
+    """Train what requires grad for ``steps`` steps; returns the loss of every step.
+
+    AdamW (weight decay on matrices only) with linear warm-up and a cosine decay
+    (:func:`adapterlab.train.lr_at`), gradients clipped to norm 1. A model with gates and a
+    ``run_dir`` records them there (gates.jsonl, and gates.png if ``plot``)."""
+    named = trainable_parameters(model)
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                         weight_decay=weight_decay, progress=False)
+    optimizer = make_optimizer(named, config)
+    n = len(examples[0])
+    schedule = Schedule(total_steps=steps, steps_per_epoch=n // batch_size, warmup_steps=min(warmup_steps, steps))
+    recorder = GateRecorder(run_dir, every=max(1, steps // 40), plot=plot) if run_dir and gated_layers(model) else None
+    if recorder:
+        recorder.on_start({"model": model, "start_step": 0, "total_steps": steps, "resumed": False, "lr": 0.0})
+    model.train()
+    losses = []
+    for step, idx in enumerate(data_order(n, batch_size, steps, seed)):
+        lr_now = lr_at(step, schedule, lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        loss = task.loss(model, tuple(t[idx] for t in examples))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if recorder:
+            recorder.on_step(step + 1, {"model": model, "loss": losses[-1], "lr": lr_now, "total_steps": steps,
+                                        "epoch": (step + 1) / schedule.steps_per_epoch})
+    if recorder:
+        recorder.on_end({})
+    model.eval()
+    return losses
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of a study."""
+
+    phase: str  # "search" (train -> val) or "final" (train + val -> test)
+    task: str
+    method: str
+    lr: float
+    seed: int
+
+    @property
+    def key(self) -> tuple:
+        return (self.phase, self.task, self.method, self.lr, self.seed)
+
+    @property
+    def folder(self) -> str:
+        return f"{self.phase}-{self.task}-{self.method}-lr{self.lr:g}-s{self.seed}"
+
+
+def run_one(bench: Bench, config: "StudyConfig", spec: RunSpec, out: Optional[Path] = None) -> dict:
+    """Train one method on one task with one seed and learning rate; return the run's record."""
+    t0 = time.perf_counter()
+    task = bench.tasks[spec.task]
+    model = bench.set_head(copy.deepcopy(bench.base), task.n_out, spec.seed)
+    prepare(model, spec.method, prompt_len=config.prompt_len, layers=config.layers, seed=spec.seed)
+    final = spec.phase == "final"
+    losses = fit(model, task, training_examples(task, final), steps=config.steps, batch_size=config.batch_size,
+                 lr=spec.lr, warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, seed=spec.seed,
+                 run_dir=None if out is None else out / "runs" / spec.folder, plot=config.run_plots)
+    scores = task.score(model, "test" if final else "val")
+    return {**asdict(spec), "settings": config.run_settings(), "scores": scores,
+            "trainable_params": count_trainable(model), "total_params": sum(p.numel() for p in model.parameters()),
+            "first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+            "losses": [round(x, 5) for x in losses], "seconds": round(time.perf_counter() - t0, 1)}
+
+
+# --------------------------------------------------------------------------- the study
+@dataclass
+class StudyConfig:
+    """One study of a family.
+
+    methods / tasks: None = all of the family's. seeds: final runs per method and task.
+    steps, batch_size, warmup_steps, weight_decay: every run's budget. prompt_len, layers: K prompts
+    in the top L layers (zero_init, ungated_prompts; K for input_prompts too).
+    lrs: {method: rate} to skip the search (the demos), else ``lr_grids`` are searched on
+    ``search_tasks`` (None: every task) with seed 0. train_limit: keep only the first N train (and
+    val) examples of each task. run_plots: draw gates.png in every gated run's folder.
+    """
+
+    family: str = "vit"
+    methods: Optional[tuple[str, ...]] = None
+    tasks: Optional[tuple[str, ...]] = None
+    seeds: int = 3
+    steps: int = 200
+    batch_size: int = 32
+    warmup_steps: int = 20
+    weight_decay: float = 0.02
+    prompt_len: int = 10
+    layers: int = 4
+    lrs: Optional[dict] = None
+    lr_grids: dict = field(default_factory=lambda: dict(LR_GRIDS))
+    search_tasks: Optional[tuple[str, ...]] = None
+    train_limit: Optional[int] = None
+    run_plots: bool = False
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}; got {self.family!r}")
+        self.methods = tuple(self.methods or METHODS[self.family])
+        wrong = [m for m in self.methods if m not in METHODS[self.family]]
+        if wrong or len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods for {self.family} must be distinct names from {METHODS[self.family]}; "
+                             f"got {list(self.methods)}")
+        for name in ("seeds", "steps", "batch_size", "prompt_len", "layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1; got {value!r}")
+        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"warmup_steps must be between 0 and steps={self.steps}; got {self.warmup_steps!r}")
+        if self.lrs is not None:
+            missing = [m for m in self.methods if m not in self.lrs]
+            if missing:
+                raise ValueError(f"lrs has no learning rate for {missing}; give one per method or None to search")
+            self.lrs = {m: float(self.lrs[m]) for m in self.methods}
+        known = task_names(self.family)
+        for name in ("tasks", "search_tasks"):
+            value = getattr(self, name)
+            if value is not None:
+                value = tuple(value)
+                wrong = [t for t in value if t not in known]
+                if not value or wrong or len(set(value)) != len(value):
+                    raise ValueError(f"{name} for {self.family} must be distinct names from {known}; got {list(value)}")
+                setattr(self, name, value)
+        if self.tasks and self.search_tasks and not set(self.search_tasks) <= set(self.tasks):
+            raise ValueError(f"search_tasks {list(self.search_tasks)} must be among tasks {list(self.tasks)}")
+        self.lr_grids = {m: tuple(float(x) for x in self.lr_grids[m]) for m in self.methods}
+
+    def run_settings(self) -> dict:
+        """What every run shares (not which methods, tasks or seeds run, nor how learning rates are chosen)."""
+        keep = ("family", "steps", "batch_size", "warmup_steps", "weight_decay", "prompt_len", "layers", "train_limit")
+        return {k: getattr(self, k) for k in keep}
+
+
+def task_names(family: str) -> tuple[str, ...]:
+    """The tasks of a family: the VTAB-style tasks (ViT) or the two SQuAD-style sets (RoBERTa)."""
+    if family == "vit":
+        from .vtab import TASKS
+
+        return tuple(TASKS)
+    return tuple(QA_TASKS)
+
+
+def read_runs(path: Path) -> list[dict]:
+    """The finished runs of runs.jsonl (a line that does not parse is an error naming it)."""
+    if not path.is_file():
+        return []
+    runs = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                runs.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}: not JSON ({e}); delete that line to redo the run") from None
+    return runs
+
+
+def check_settings(runs: list[dict], config: StudyConfig, path: Path) -> None:
+    settings = config.run_settings()
+    for r in runs:
+        if r.get("settings") != settings:
+            changed = sorted(k for k in settings if (r.get("settings") or {}).get(k) != settings[k])
+            raise ValueError(f"{path} holds runs made with other settings (differing: {', '.join(changed) or 'all'}); "
+                             "use a new --out folder, or the same settings to resume")
+
+
+def search_plan(config: StudyConfig, task_names: Sequence[str]) -> list[RunSpec]:
+    if config.lrs is not None:
+        return []
+    return [RunSpec("search", t, m, lr, 0) for m in config.methods for lr in config.lr_grids[m]
+            for t in (config.search_tasks or task_names)]
+
+
+def choose_lrs(runs: list[dict], config: StudyConfig) -> dict:
+    """Per method, the rate of its grid with the best mean search score (the fixed ``lrs`` if given)."""
+    if config.lrs is not None:
+        return dict(config.lrs)
+    chosen = {}
+    for m in config.methods:
+        means = search_table(runs, config)[m]
+        chosen[m] = float(max(means, key=lambda lr: means[lr]))
+    return chosen
+
+
+def search_table(runs: list[dict], config: StudyConfig) -> dict:
+    """{method: {lr: mean search score over the search tasks}}."""
+    table: dict = {}
+    for m in config.methods:
+        for lr in config.lr_grids[m]:
+            rows = [r for r in runs if r["phase"] == "search" and r["method"] == m and r["lr"] == lr]
+            if rows:
+                table.setdefault(m, {})[lr] = sum(selection_score(config.family, r["scores"]) for r in rows) / len(rows)
+    return table
+
+
+def run_study(out_dir: str | os.PathLike, config: StudyConfig, bench: Optional[Bench] = None, progress: bool = True,
+              command: Optional[str] = None, threads: Optional[int] = None) -> dict:
+    """Run every run of the study not yet in ``out_dir/runs.jsonl``, then write metrics.json,
+    results.json, table.png and gates.png; return the results. Safe to kill and rerun.
+
+    threads: CPU threads for torch (None: $ADAPTERLAB_THREADS, default 1; 0: leave torch's setting).
+    Raises ValueError if ``out_dir`` holds runs made with other settings.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder for the study's results")
+    out.mkdir(parents=True, exist_ok=True)
+    runs_path = out / RUNS_NAME
+    runs = read_runs(runs_path)
+    check_settings(runs, config, runs_path)
+    with cpu_threads(default_threads() if threads is None else threads):
+        bench = bench or make_bench(config.family, config.tasks, config.train_limit)
+        task_names = list(config.tasks or bench.tasks)
+        done = {tuple(r[k] for k in ("phase", "task", "method", "lr", "seed")) for r in runs}
+        search = search_plan(config, task_names)
+        n_final = len(config.methods) * len(task_names) * config.seeds
+        todo_search = [s for s in search if s.key not in done]
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(search) + n_final, initial=len(search) - len(todo_search), unit="run",
+                       desc=f"{config.family} study", dynamic_ncols=True)
+
+        def execute(plan: list[RunSpec]) -> None:
+            for spec in plan:
+                if spec.key in done:
+                    continue
+                if bar is not None:
+                    bar.set_postfix_str(f"{spec.phase} {spec.task} {spec.method} lr={spec.lr:g} seed {spec.seed}")
+                runs.append(run_one(bench, config, spec, out))
+                done.add(spec.key)
+                atomic_write_text(runs_path, "".join(json.dumps(r) + "\n" for r in runs))
+                if bar is not None:
+                    bar.update(1)
+
+        execute(todo_search)
+        lrs = choose_lrs(runs, config)
+        final = [RunSpec("final", t, m, lrs[m], s) for s in range(config.seeds) for m in config.methods
+                 for t in task_names]
+        if bar is not None:
+            bar.update(sum(s.key in done for s in final))
+        execute(final)
+        if bar is not None:
+            bar.close()
+    final_keys = {s.key for s in final}
+    finals = [r for r in runs if tuple(r[k] for k in ("phase", "task", "method", "lr", "seed")) in final_keys]
+    groups = {name: bench.tasks[name].group for name in task_names}
+    methods = summarize(finals, config, groups)
+    results = {"family": config.family, "methods": methods, "chosen_lr": lrs, "lr_search": search_table(runs, config),
+               "settings": {**asdict(config), "lrs": config.lrs, "tasks": task_names}, "task_groups": groups,
+               "command": command or f"adapterlab.families.run_study(config={config!r})",
+               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(threads),
+               "run_seconds": round(sum(r["seconds"] for r in runs), 1)}
+    atomic_write_text(out / METRICS_NAME, json.dumps({"methods": methods}, indent=2) + "\n")
+    atomic_write_text(out / RESULTS_NAME, json.dumps(results, indent=2) + "\n")
+    plot_table(results, out / TABLE_NAME)
+    gate_run = first_gate_run(out, finals)
+    if gate_run is not None:
+        save_plot(gate_run, out / GATES_PLOT)
+    return results
+
+
+def first_gate_run(out: Path, finals: list[dict]) -> Optional[Path]:
+    """The gates.jsonl of the first zero-init final run (seed 0 of the first task), if recorded."""
+    for r in finals:
+        if r["method"] == "zero_init":
+            path = out / "runs" / RunSpec(r["phase"], r["task"], r["method"], r["lr"], r["seed"]).folder / "gates.jsonl"
+            if path.is_file():
+                return path
+    return None
+
+
+# --------------------------------------------------------------------------- summary
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    xs = [float(x) for x in values]
+    mean = sum(xs) / len(xs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return mean, std
+
+
+def per_seed_scores(rows: list[dict], family: str, groups: dict) -> dict:
+    """One method's final runs -> {seed: {score name: value}}: per-task scores, then the VTAB groups
+    (mean over the group's tasks) and their average (ViT), or EM / F1 per SQuAD version (RoBERTa)."""
+    by_seed: dict = {}
+    for r in rows:
+        by_seed.setdefault(r["seed"], {})[r["task"]] = r["scores"]
+    table = {}
+    for seed, tasks in sorted(by_seed.items()):
+        if family == "vit":
+            row = {f"task:{t}": s["accuracy"] for t, s in tasks.items()}
+            present = [g for g in GROUPS if any(groups[t] == g for t in tasks)]
+            for g in present:
+                row[g] = sum(s["accuracy"] for t, s in tasks.items() if groups[t] == g) / sum(
+                    groups[t] == g for t in tasks)
+            row["average"] = sum(row[g] for g in present) / len(present)
+        else:
+            row = {}
+            for t, s in tasks.items():
+                row[f"{t}_em"], row[f"{t}_f1"] = s["em"], s["f1"]
+        table[seed] = row
+    return table
+
+
+def summarize(finals: list[dict], config: StudyConfig, groups: dict) -> dict:
+    """The table of metrics.json: per method, trainable parameters and every score's mean, with
+    its std over seeds beside it (``natural`` and ``natural_std`` ...), per-task numbers in ``tasks``."""
+    methods = {}
+    for m in config.methods:
+        rows = [r for r in finals if r["method"] == m]
+        if not rows:
+            continue
+        seeds = per_seed_scores(rows, config.family, groups)
+        names = list(next(iter(seeds.values())))
+        entry: dict = {"trainable_params": round(sum(r["trainable_params"] for r in rows) / len(rows)),
+                       "trainable_fraction": sum(r["trainable_params"] / r["total_params"] for r in rows) / len(rows),
+                       "lr": rows[0]["lr"], "seeds": len(seeds)}
+        tasks: dict = {}
+        for name in names:
+            mean, std = mean_std([row[name] for row in seeds.values() if name in row])
+            if name.startswith("task:"):
+                tasks[name[5:]] = {"mean": mean, "std": std}
+            else:
+                entry[name], entry[f"{name}_std"] = mean, std
+        if tasks:
+            entry["tasks"] = tasks
+        methods[m] = entry
+    return methods
+
+
+def score_columns(family: str, methods: dict) -> list[str]:
+    """The table's score columns, in the paper's order."""
+    if family == "vit":
+        return [g for g in (*GROUPS, "average") if any(g in row for row in methods.values())]
+    return [c for c in ("squad1_em", "squad1_f1", "squad2_em", "squad2_f1") if any(c in r for r in methods.values())]
+
+
+def format_table(family: str, methods: dict) -> str:
+    """The study as text: trainable parameters and mean +- std over seeds per method (in percent)."""
+    cols = score_columns(family, methods)
+    lines = [f"{'method':42s} {'trainable':>10s} " + " ".join(f"{c:>14s}" for c in cols)]
+    for m, row in methods.items():
+        cells = " ".join(f"{100 * row[c]:7.1f} +- {100 * row[c + '_std']:<4.1f}" for c in cols)
+        lines.append(f"{LABELS[m]:42s} {row['trainable_params']:>10,d} {cells}")
+    return "\n".join(lines)
+
+
+def plot_table(results: dict, path: Optional[str | os.PathLike] = None):
+    """The table as a picture: one row per method, mean +- std in percent, the best mean of each
+    column in bold. Returns the figure (saved to ``path`` when given)."""
+    from .gates import pyplot
+
+    plt = pyplot()
+    methods, family = results["methods"], results["family"]
+    cols = score_columns(family, methods)
+    best = {c: max(row[c] for row in methods.values()) for c in cols}
+    cells = [[f"{row['trainable_params']:,} ({100 * row['trainable_fraction']:.2f}%)"]
+             + [f"{100 * row[c]:.1f} ± {100 * row[c + '_std']:.1f}" for c in cols] for row in methods.values()]
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * (len(cols) + 1) + 1.8, 0.5 + 0.36 * (len(methods) + 1)))
+    ax.axis("off")
+    table = ax.table(cellText=cells, rowLabels=[LABELS[m] for m in methods], colLabels=["trainable"] + cols,
+                     loc="center", cellLoc="center")
+    table.auto_set_font_size(False)
+    table.set_fontsize(9)
+    table.scale(1, 1.3)
+    for i, row in enumerate(methods.values(), start=1):
+        for j, c in enumerate(cols, start=1):
+            if row[c] == best[c]:
+                table[i, j].get_text().set_fontweight("bold")
+    seeds = max(row["seeds"] for row in methods.values())
+    what = "accuracy (%)" if family == "vit" else "EM / F1 (%)"
+    ax.set_title(f"{family}: {what}, mean ± std over {seeds} seed(s)", fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+    return fig
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(threads: Optional[int] = None) -> dict:
+    """Where the numbers were made: platform, CPU, torch version and the threads used."""
+    n = default_threads() if threads is None else threads
+    return {"platform": platform.platform(), "cpu": cpu_name(), "torch": torch.__version__,
+            "threads": n or torch.get_num_threads()}
+
+
+# --------------------------------------------------------------------------- defaults
+# The committed studies (docs/results/families/<family>/results.json): budget per run, and the tasks
+# of the learning-rate search (ViT: one per VTAB group, to keep the search affordable on a CPU).
+STUDY = {
+    "vit": dict(steps=100, batch_size=32, warmup_steps=10, search_tasks=("digits", "noisy_shapes", "count")),
+    "roberta": dict(steps=150, batch_size=16, warmup_steps=15),
+}
+
+
+def study_config(family: str, **changes) -> StudyConfig:
+    """The study of ``family`` with :data:`STUDY`'s settings; ``changes`` set to None keep the default."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
+    settings = {**STUDY[family], **{k: v for k, v in changes.items() if v is not None}}
+    if "steps" in changes and changes["steps"] is not None:
+        settings["warmup_steps"] = min(settings["warmup_steps"], max(0, changes["steps"] // 10))
+    return StudyConfig(family=family, **settings)
+
+
+# --------------------------------------------------------------------------- demos
+# The demos: one seed, the study's learning rates (DEFAULT_LR), fewer steps, every task.
+DEMO = {
+    "vit": dict(steps=60, batch_size=32, warmup_steps=6, seeds=1, run_plots=True),
+    "roberta": dict(steps=60, batch_size=16, warmup_steps=6, seeds=1, run_plots=True),
+}
+
+
+def demo_config(family: str, **changes) -> StudyConfig:
+    """The demo's study: :data:`DEMO` for the family, the rates of :data:`DEFAULT_LR`, ``changes`` applied."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
+    return replace(StudyConfig(family=family, lrs=DEFAULT_LR[family], **DEMO[family]), **changes)
+
+
+def run_demo(out_dir: str | os.PathLike, family: str, progress: bool = True, verbose: bool = True,
+             bench: Optional[Bench] = None, **changes) -> dict:
+    """``adapterlab demo --vit`` / ``--roberta``: every method once on every task; prints the table;
+    writes metrics.json, results.json, table.png and gates.png into ``out_dir``."""
+    config = demo_config(family, **changes)
+    results = run_study(out_dir, config, bench=bench, progress=progress,
+                        command=f"adapterlab demo --{family} --out {out_dir}")
+    if verbose:
+        print(format_table(family, results["methods"]))
+    return results
+
+
+__all__ = ["FAMILIES", "METHODS", "LABELS", "LR_GRIDS", "DEFAULT_LR", "prepare", "ImageTask", "QATask", "Bench",
+           "vit_bench", "roberta_bench", "make_bench", "data_order", "fit", "RunSpec", "run_one", "StudyConfig",
+           "run_study", "read_runs", "choose_lrs", "search_table", "summarize", "format_table", "plot_table",
+           "machine", "STUDY", "study_config", "DEMO", "demo_config", "run_demo"]
