@@ -178,8 +178,8 @@ def joint_attention_literal(q, k, v, prompt_k, prompt_v, token_mask=None):
     """The ungated form as prefix tuning writes it: keys/values [P; T], ONE softmax, no gate.
 
     Shapes and token_mask as :func:`zero_init_attention_literal` (None: causal). Compare the two:
-    there, the prompt scores S^K and the token scores S^{M+1} get their own softmax and the gate scales the prompt block;
-    here every prompt competes with every token for the same unit of attention.
+    there, the prompt scores S^K and the token scores S^{M+1} get their own softmax and the gate
+    scales the prompt block; here every prompt competes with every token for the same unit of attention.
     """
     B, H, T, d = q.shape
     K = prompt_k.shape[2]

@@ -468,7 +468,7 @@ def run_family_demo_command(args: argparse.Namespace) -> int:
     recipes.check_out_dir(args.out)
     print(f"Zero-init attention beyond LLaMA: the {family} demo -> {args.out}/")
     try:
-        run_family_demo(args.out, family, progress=not args.no_progress)
+        run_family_demo(args.out, family, progress=not args.no_progress, threads=0)  # main() set the threads
     except ValueError as e:  # a folder holding another demo's runs
         return _fail(f"--out {args.out}: {e}")
     print(f"wrote {Path(args.out) / 'metrics.json'}, results.json, table.png and gates.png")

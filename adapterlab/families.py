@@ -601,12 +601,17 @@ def score_columns(family: str, methods: dict) -> list[str]:
     return [c for c in ("squad1_em", "squad1_f1", "squad2_em", "squad2_f1") if any(c in r for r in methods.values())]
 
 
+def mean_pm_std(row: dict, column: str, pm: str = "±") -> str:
+    """``row[column]`` and its std over seeds, in percent: "71.3 ± 1.2"."""
+    return f"{100 * row[column]:.1f} {pm} {100 * row[column + '_std']:.1f}"
+
+
 def format_table(family: str, methods: dict) -> str:
     """The study as text: trainable parameters and mean +- std over seeds per method (in percent)."""
     cols = score_columns(family, methods)
-    lines = [f"{'method':42s} {'trainable':>10s} " + " ".join(f"{c:>14s}" for c in cols)]
+    lines = [f"{'method':42s} {'trainable':>10s} " + " ".join(f"{c:>15s}" for c in cols)]
     for m, row in methods.items():
-        cells = " ".join(f"{100 * row[c]:7.1f} +- {100 * row[c + '_std']:<4.1f}" for c in cols)
+        cells = " ".join(f"{mean_pm_std(row, c, '+-'):>15s}" for c in cols)
         lines.append(f"{LABELS[m]:42s} {row['trainable_params']:>10,d} {cells}")
     return "\n".join(lines)
 
@@ -621,7 +626,7 @@ def plot_table(results: dict, path: Optional[str | os.PathLike] = None):
     cols = score_columns(family, methods)
     best = {c: max(row[c] for row in methods.values()) for c in cols}
     cells = [[f"{row['trainable_params']:,} ({100 * row['trainable_fraction']:.2f}%)"]
-             + [f"{100 * row[c]:.1f} ± {100 * row[c + '_std']:.1f}" for c in cols] for row in methods.values()]
+             + [mean_pm_std(row, c) for c in cols] for row in methods.values()]
     fig, ax = plt.subplots(figsize=(2.2 + 1.6 * (len(cols) + 1) + 1.8, 0.5 + 0.36 * (len(methods) + 1)))
     ax.axis("off")
     table = ax.table(cellText=cells, rowLabels=[LABELS[m] for m in methods], colLabels=["trainable"] + cols,
@@ -635,7 +640,7 @@ def plot_table(results: dict, path: Optional[str | os.PathLike] = None):
                 table[i, j].get_text().set_fontweight("bold")
     seeds = max(row["seeds"] for row in methods.values())
     what = "accuracy (%)" if family == "vit" else "EM / F1 (%)"
-    ax.set_title(f"{family}: {what}, mean ± std over {seeds} seed(s)", fontsize=10)
+    fig.suptitle(f"{family}: {what}, mean ± std over {seeds} seed(s)", fontsize=10)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -680,9 +685,10 @@ def study_config(family: str, **changes) -> StudyConfig:
 
 
 # --------------------------------------------------------------------------- demos
-# The demos: one seed, the study's learning rates (DEFAULT_LR), fewer steps, every task.
+# The demos: one seed, the study's learning rates (DEFAULT_LR), fewer steps; the ViT on one task per VTAB group.
 DEMO = {
-    "vit": dict(steps=60, batch_size=32, warmup_steps=6, seeds=1, run_plots=True),
+    "vit": dict(steps=60, batch_size=32, warmup_steps=6, seeds=1, run_plots=True,
+                tasks=("digits", "noisy_shapes", "count")),
     "roberta": dict(steps=60, batch_size=16, warmup_steps=6, seeds=1, run_plots=True),
 }
 
@@ -695,11 +701,12 @@ def demo_config(family: str, **changes) -> StudyConfig:
 
 
 def run_demo(out_dir: str | os.PathLike, family: str, progress: bool = True, verbose: bool = True,
-             bench: Optional[Bench] = None, **changes) -> dict:
-    """``adapterlab demo --vit`` / ``--roberta``: every method once on every task; prints the table;
-    writes metrics.json, results.json, table.png and gates.png into ``out_dir``."""
+             bench: Optional[Bench] = None, threads: Optional[int] = None, **changes) -> dict:
+    """``adapterlab demo --vit`` / ``--roberta``: every method once on the demo's tasks; prints the
+    table; writes metrics.json, results.json, table.png and gates.png into ``out_dir``.
+    threads: as :func:`run_study`."""
     config = demo_config(family, **changes)
-    results = run_study(out_dir, config, bench=bench, progress=progress,
+    results = run_study(out_dir, config, bench=bench, progress=progress, threads=threads,
                         command=f"adapterlab demo --{family} --out {out_dir}")
     if verbose:
         print(format_table(family, results["methods"]))

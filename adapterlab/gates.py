@@ -48,6 +48,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -282,12 +283,10 @@ class GateRecorder:
         require_gates(state["model"], "GateRecorder")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.total_steps = state["total_steps"]
-        self.lr_sum = 0.0
+        self.lr_sum = state.get("lr_sum", 0.0 if state["start_step"] == 0 else None)  # (train() gives it)
         if state["resumed"]:
             kept = [r for r in read_gates(self.path, missing_ok=True) if r["step"] <= state["start_step"]]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-            last = kept[-1] if kept else {}
-            self.lr_sum = last.get("lr_sum") if last.get("step") == state["start_step"] else None
         else:
             atomic_write_text(self.path, json.dumps(self._record(start_record(state), state["model"])) + "\n")
         self._arm(state["model"], state["start_step"] + 1)
@@ -677,8 +676,14 @@ def _x_of(log: GateLog, x: str) -> np.ndarray:
 def _reduce(values: np.ndarray, reduce: str) -> np.ndarray:
     """(S, ...) -> (S,): "mean_abs" (mean of |values|) or "mean" over everything after the first axis."""
     flat = values.reshape(len(values), -1)
-    with np.errstate(invalid="ignore"):
-        return np.nanmean(np.abs(flat), 1) if reduce == "mean_abs" else np.nanmean(flat, 1)
+    return _nanmean(np.abs(flat) if reduce == "mean_abs" else flat, 1)
+
+
+def _nanmean(values: np.ndarray, axis: int) -> np.ndarray:
+    """np.nanmean without the warning for an all-NaN slice (a record without that field): NaN there."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(values, axis)
 
 
 def plot_runs(runs, quantity: str = "gates", x: str = "step", layer: Optional[int] = None,
@@ -793,8 +798,7 @@ def _index_at(log: GateLog, step: int) -> int:
 
 
 def _quantity_heatmap(log: GateLog, quantity: str, ax) -> None:
-    with np.errstate(invalid="ignore"):
-        data = np.nanmean(np.abs(log.quantity(quantity)), -1)  # (S, L), NaN where not recorded
+    data = _nanmean(np.abs(log.quantity(quantity)), -1)  # (S, L), NaN where not recorded
     steps = log.steps.astype(float)
     mids = (steps[1:] + steps[:-1]) / 2 if len(steps) > 1 else np.array([])
     x_edges = np.concatenate([[steps[0]], mids, [steps[-1] + (0 if len(steps) > 1 else 1)]])
@@ -812,8 +816,7 @@ def _bars(runs: dict, quantity: str, step: int, ax) -> None:
     colors = run_colors(len(logs)) if len(logs) > 1 else [layer_colors(len(layers))]
     for k, ((label, log), color) in enumerate(zip(runs.items(), colors)):
         values = np.abs(log.quantity(quantity)[_index_at(log, step)])  # (L, H)
-        with np.errstate(invalid="ignore"):
-            means = np.nanmean(values, -1)
+        means = _nanmean(values, -1)
         x = np.array([layers.index(l) for l in log.layers]) + (k - (len(logs) - 1) / 2) * width
         ax.bar(x, means, width=width, color=color, label=label if len(logs) > 1 else "mean over heads")
         if len(logs) == 1:

@@ -160,7 +160,8 @@ class Callback:
     """Base class for callbacks. A plain function ``f(step, info)`` works too (called every step).
 
     on_start(state): before the first step; state has start_step, total_steps, resumed, out_dir,
-    model, config, schedule, and the epoch and lr at start_step.
+    model, config, schedule, the epoch and lr at start_step, and lr_sum (the learning rates of
+    the updates before start_step, summed).
     on_gradients(step, model): optional; once the gradients of step ``step`` are complete, before
     the optimizer uses (and clears) them.
     on_step(step, info): after every optimizer step (info: see :func:`train`).
@@ -287,7 +288,8 @@ def train(
         "start_step": run.start_step, "total_steps": schedule.total_steps, "resumed": run.resumed,
         "out_dir": out_dir, "model": raw, "config": config, "schedule": schedule,
         "epoch": run.start_step / schedule.steps_per_epoch,
-        "lr": lr_at(run.start_step, schedule, config.peak_lr, config.min_lr)})
+        "lr": lr_at(run.start_step, schedule, config.peak_lr, config.min_lr),
+        "lr_sum": sum(lr_at(s, schedule, config.peak_lr, config.min_lr) for s in range(run.start_step))})
     bar = _progress_bar(config, schedule, run.start_step) if is_main else None
     model.train()
     t0 = time.perf_counter()

@@ -4,7 +4,7 @@
           -> VisualProjection (learnable MLP)                 -> one image token I_p  (B, C)
           -> added to the K adaption prompts of every adapted layer: P_l^v = P_l + Repeat(I_p)
 
-Layer 6 (tooling above train): imports scenes and train. This module holds the encoders (the
+Layer 6 (tooling above train): imports scenes, clip and train. This module holds the encoders (the
 first step); the last two belong to the adapter and live in :mod:`adapterlab.adapter`
 (:class:`~adapterlab.adapter.VisualProjection`, and ``model(tokens, visual=I_p)`` or
 ``model(tokens, image_features=...)``).
@@ -231,14 +231,11 @@ class CLIPEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, layers: Sequence[int] = (-1,), **kwargs) -> "CLIPEncoder":
-        """Load a local CLIP folder (a CLIPModel or CLIPVisionModel saved by transformers). Never downloads."""
-        from transformers import CLIPVisionModel
+        """Load a local CLIP folder (a CLIPModel or CLIPVisionModel saved by transformers). Never downloads.
+        A folder that is not one raises :class:`adapterlab.clip.NotACLIPFolder` (a ValueError and a FileNotFoundError)."""
+        from .clip import load_clip_vision
 
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} is not a transformers CLIP folder (no config.json). Download "
-                                    f"e.g. openai/clip-vit-large-patch14 once and pass its local folder")
-        return cls(CLIPVisionModel.from_pretrained(path, local_files_only=True), layers, **kwargs)
+        return cls(load_clip_vision(path), layers, **kwargs)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = check_images(images, None if self.resize else self.image_size)

@@ -182,7 +182,8 @@ def test_the_study_resumes_and_skips_finished_runs(vit_bench, tmp_path, monkeypa
     assert calls == [] and again["methods"] == first["methods"]
     (tmp_path / "runs.jsonl").write_text("\n".join(lines[:-1]) + "\n")  # as if killed during the last run
     fam.run_study(tmp_path, config, bench=vit_bench, progress=False)
-    assert [c.key for c in calls] == [tuple(json.loads(lines[-1])[k] for k in ("phase", "task", "method", "lr", "seed"))]
+    last = json.loads(lines[-1])
+    assert [c.key for c in calls] == [tuple(last[k] for k in ("phase", "task", "method", "lr", "seed"))]
     with pytest.raises(ValueError, match="other settings.*steps"):
         fam.run_study(tmp_path, tiny_study(seeds=1, methods=("linear",), steps=4), bench=vit_bench, progress=False)
 

@@ -105,12 +105,14 @@ def test_official_file_layout_round_trips(tmp_path, world):
 
 
 def test_offsets_point_at_each_piece(vocab):
-    text = "By trade, Celia is a teacher. Every morning Zeno feeds the goldfish."
+    text = "By trade, Celia is a teacher.  Every morning Paula feeds the goldfish."  # (two spaces)
     pieces = vocab.encode_with_offsets(text)
     assert [p for p, _, _ in pieces] == vocab.encode(text)
     for piece_id, b, e in pieces:
         assert text[b:e] == vocab.tokenizer.sp.id_to_piece(piece_id).replace("\u2581", " ").lstrip(" ")
     assert "".join(text[b:e] for _, b, e in pieces) == text.replace(" ", "")
+    with pytest.raises(ValueError, match="does not know"):
+        vocab.encode_with_offsets("Caf\u00e9 \u00fcber alles")
 
 
 def test_gold_token_span_decodes_to_the_answer_for_every_training_record(vocab, world):
@@ -146,9 +148,11 @@ class FixedScores(nn.Module):
         return self.logits[: tokens.shape[0], : tokens.shape[1]]
 
 
-def test_predict_spans_picks_the_best_span_or_no_answer_by_the_null_score(vocab):
-    record = {"id": "q", "title": "t", "context": "Mara lives in Oslo. Zeno has a cat.",
-              "question": "Where does Mara live?", "answers": {"text": ["Oslo"], "answer_start": [14]}}
+def test_predict_spans_picks_the_best_span_or_no_answer_by_the_null_score(vocab, world):
+    a, b = (p.name for p in world.people[:2])
+    context = f"{a} lives in Oslo. {b} has a cat."
+    record = {"id": "q", "title": "t", "context": context, "question": f"Where does {a} live?",
+              "answers": {"text": ["Oslo"], "answer_start": [context.index("Oslo")]}}
     lay = tq.qa_layout(record, vocab, tq.QA_MAX_LEN)
     oslo = lay.start
     assert vocab.decode([lay.ids[oslo]]) == "Oslo"
@@ -192,14 +196,14 @@ def test_qa_loss_is_the_mean_of_two_masked_cross_entropies_and_has_gradients():
 
 
 def test_a_span_head_on_a_tiny_encoder_trains(vocab, world):
-    records = tq.make_split("2.0", "train", n=16, world=world)
+    records = tq.make_split("2.0", "train", n=8, world=world)
     tokens, mask, start, end = tq.encode_qa(records, vocab, tq.QA_MAX_LEN).values()
-    config = TextEncoderConfig(vocab_size=vocab.size, max_seq_len=tq.QA_MAX_LEN, dim=32, n_layers=1, n_heads=2,
-                               mlp_hidden=64)
+    config = TextEncoderConfig(vocab_size=vocab.size, max_seq_len=tq.QA_MAX_LEN, dim=16, n_layers=1, n_heads=2,
+                               mlp_hidden=32)
     model = set_head(init_encoder_weights(TextEncoder(config), seed=0), 2)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
-    for _ in range(25):
+    for _ in range(12):
         loss = tq.qa_loss(model(tokens, mask), start, end, mask)
         opt.zero_grad()
         loss.backward()
@@ -208,7 +212,7 @@ def test_a_span_head_on_a_tiny_encoder_trains(vocab, world):
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
     scores = evaluate(records, tq.predict_spans(model, records, vocab))
-    assert 0 <= scores["f1"] <= 100 and scores["total"] == 16
+    assert 0 <= scores["f1"] <= 100 and scores["total"] == 8
 
 
 def test_mask_tokens_follows_robertas_80_10_10_recipe(vocab):
