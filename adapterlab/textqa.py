@@ -7,8 +7,8 @@ optimizer and schedule) and tinyworld.
 corpus's own phrasings, shuffled; a question asks about one of them, and its answer is a span of
 the paragraph (the SQuAD v1.1 form)::
 
-    context:  "Every morning Mara feeds the parrot. Zeno plays the harp. Mara works as a pilot."
-    question: "What does Mara do for a living?"          answer: "pilot" (answer_start 72)
+    context:  "Every morning Celia feeds the parrot. Paula plays the harp. Celia works as a pilot."
+    question: "What does Celia do for a living?"          answer: "pilot" (answer_start 77)
 
 In the v2.0-style set about a third of the questions have no answer in the paragraph: they ask
 about an attribute the paragraph does not state for that person, or about a person it does not
@@ -349,7 +349,10 @@ def qa_layout(record: Mapping, vocab: EncoderVocab, max_len: int) -> QALayout:
         if record["context"][char_start:char_end] != texts[0]:
             raise ValueError(f"record {record['id']!r}: answer {texts[0]!r} is not at answer_start={char_start} "
                              f"of its context (found {record['context'][char_start:char_end]!r})")
-        first, last = answer_token_span(offsets, char_start, char_end)
+        try:
+            first, last = answer_token_span(offsets, char_start, char_end)
+        except ValueError as e:
+            raise ValueError(f"record {record['id']!r}: {e} of its context") from None
         start, end = context_start + first, context_start + last
     return QALayout(ids, context_start, offsets, start, end)
 
@@ -488,9 +491,9 @@ class TextRecipe:
     n_heads: int = 4
     mlp_hidden: int = 256
     seq_len: int = 64  # rows of the MLM data, and the encoder's max_seq_len (>= QA_MAX_LEN)
-    steps: int = 2000
+    steps: int = 1500
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 3e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
     clip: float = 1.0

@@ -12,7 +12,9 @@ Policy (notebooks/BUILDING.md):
 - the build fails if an output holds a warning, a traceback, an error, an absolute path of this
   machine (/work, /root, /home, /Users; temporary folders are allowed), or if a cell marked ``# NBVAL_CHECK_OUTPUT`` (compared by ``pytest --nbval-lax``)
   writes to stderr or shows a figure;
-- the notebook's metadata records where and when it was built: date, machine, CPU threads.
+- the notebook's metadata records where and when it was built: date, machine, CPU threads, the
+  wall time of the run, the kernel's CPU time (with one thread: the run's time on an idle machine)
+  and the load average at the end.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import io
 import os
 import platform
 import re
+import resource
 import sys
 import time
 from datetime import datetime, timezone
@@ -190,6 +193,13 @@ def machine() -> dict:
 
 
 # --------------------------------------------------------------------------- build
+def children_cpu_seconds() -> float:
+    """CPU time of the finished child processes (the kernel, once shut down). With one torch
+    thread it is close to the wall time the run takes on an idle machine, whatever the load now."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def slow_cells(nb: nbformat.NotebookNode, n: int = 4) -> list[tuple[float, str]]:
     """The n slowest cells (nbclient records timings in the cell metadata)."""
     slow = []
@@ -225,20 +235,21 @@ def build(src_path: Path, execute: bool = True) -> float:
     nb.nbformat_minor = 5
     nb.cells = parse(src_path.read_text())
     nb.metadata = {"kernelspec": KERNELSPEC, "language_info": {"name": "python"}}
-    elapsed = 0.0
+    elapsed = cpu = 0.0
     if execute:
         started = datetime.now(timezone.utc)
-        t0 = time.time()
+        t0, cpu0 = time.time(), children_cpu_seconds()
         NotebookClient(nb, timeout=900, kernel_name="python3", store_widget_state=True,
                        resources={"metadata": {"path": str(out_path.parent)}}).execute()
-        elapsed = time.time() - t0
+        elapsed, cpu = time.time() - t0, children_cpu_seconds() - cpu0
         for t, first in slow_cells(nb):
             print(f"   {t:6.1f}s  {first}")
         state = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
     nb.metadata = {"kernelspec": KERNELSPEC, "language_info": {"name": "python"}}
     if execute:
         nb.metadata["adapterlab"] = {"built": started.strftime("%Y-%m-%d %H:%M UTC"),
-                                     "run_seconds": round(elapsed, 1), "machine": machine(),
+                                     "run_seconds": round(elapsed, 1), "kernel_cpu_seconds": round(cpu, 1),
+                                     "load_average": round(os.getloadavg()[0], 1), "machine": machine(),
                                      "command": f"python notebooks/build.py notebooks/src/{rel.as_posix()}"}
     count, bad = 0, []
     for cell in nb.cells:
@@ -259,7 +270,8 @@ def build(src_path: Path, execute: bool = True) -> float:
     size = out_path.stat().st_size
     if execute:
         review_copy(nb, rel)
-    print(f"{out_path.relative_to(REPO)}: {len(nb.cells)} cells, {size / 1024:.1f} KB, executed in {elapsed:.1f}s")
+    print(f"{out_path.relative_to(REPO)}: {len(nb.cells)} cells, {size / 1024:.1f} KB, executed in {elapsed:.1f}s"
+          + (f" (kernel CPU time {cpu:.1f}s)" if execute else ""))
     if size > MAX_BYTES:
         raise SystemExit(f"{out_path.relative_to(REPO)} is {size / 1e6:.2f} MB: make its figures smaller "
                          f"(figsize, fewer panels); stored notebooks stay under {MAX_BYTES / 1e6:.0f} MB")

@@ -63,7 +63,7 @@ def test_no_answer_questions_count_only_an_empty_prediction():
 def test_evaluate_averages_in_percent_and_splits_has_and_no_answer():
     records = [record("a", ["cat"]), record("b", ["big black dog", "dog"]), record("c", []), record("d", [])]
     predictions = {"a": "The cat.",    # EM 1, F1 1
-                   "b": "black dog",   # EM 0 (neither ref); F1 max(0.8 vs "big black dog", 2*(1/2)/(3/2)=2/3 vs "dog") = 0.8
+                   "b": "black dog",   # EM 0; F1 max(0.8 vs "big black dog", (2*1/2*1)/(1/2+1) = 2/3 vs "dog") = 0.8
                    "c": "",            # no answer, predicted none: 1, 1
                    "d": "Oslo"}        # no answer, predicted one: 0, 0
     result = evaluate(records, predictions)

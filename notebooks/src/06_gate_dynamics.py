@@ -277,7 +277,7 @@ for seed in sorted(by_opt["AdamW"]):
 rows = {name: [r for r in study if r["name"] == name] for name in ("AdamW", "SGD")}
 for name, rs in rows.items():
     print(f"{name}: held-out accuracy {np.mean([r['heldout_accuracy'] for r in rs]):.2f} "
-          f"(seeds {', '.join(f'{r['heldout_accuracy']:.2f}' for r in rs)}), held-out loss "
+          f"(seeds: {', '.join(format(r['heldout_accuracy'], '.2f') for r in rs)}), held-out loss "
           f"{np.mean([r['heldout_loss'] for r in rs]):.3f}")
 
 # %% [markdown]
