@@ -150,8 +150,13 @@ def test_pretraining_set_is_deterministic_balanced_and_apart_from_its_heldout_se
     assert not torch.equal(images, vtab.pretrain_set(48, seed=1)[0])
     assert not torch.equal(images[:16], vtab.pretrain_set(16, seed=0, split="heldout")[0])
     assert images.dtype == torch.uint8 and tuple(images.shape) == (48, 3, 32, 32)
-    assert torch.bincount(labels, minlength=16).tolist() == [3] * 16
     assert len(vtab.PRETRAIN_CLASSES) == 16 and vtab.PRETRAIN_CLASSES[0] == "red circle"
+    assert torch.bincount(labels, minlength=16).tolist() == [3] * 16
+
+
+def test_new_shapes_are_not_among_the_pretraining_shapes():
+    assert set(vtab.NEW_SHAPES).isdisjoint(vtab.PRETRAIN_SHAPES)
+    assert not any(shape in name for name in vtab.PRETRAIN_CLASSES for shape in vtab.NEW_SHAPES)
 
 
 def test_images_to_float():
@@ -220,4 +225,4 @@ def test_base_is_built_once_into_the_cache_and_rebuilds_to_the_same_bytes(tmp_pa
     model = vtab.load_vit_base(recipe=TINY)
     assert isinstance(model, ViT) and not model.training
     assert not any(p.requires_grad for p in model.parameters())
-    assert model.head.out_features == 16
+    assert model.head.out_features == len(vtab.PRETRAIN_CLASSES)

@@ -190,19 +190,19 @@ def moves(log):  # (S-1, L, H): how each raw g moved at each update
 sgd_predicted = -sgd.lr[1:, None, None] * (sgd.grad[1:] + sgd_config.weight_decay * sgd.raw[:-1])
 print("SGD: every update of every gate is -lr x (gradient + weight decay x g):",
       bool(np.allclose(moves(sgd), sgd_predicted, rtol=1e-3, atol=1e-6)))
-early = slice(1, TINY_WORLD.warmup_steps + 1)  # the updates of the warm-up (lr > 0)
-adam_ratio = np.abs(moves(adamw)[early]) / adamw.lr[early][:, None, None]  # |step| / lr
+W = TINY_WORLD.warmup_steps
+early = slice(1, W + 1)  # moves k is update k + 1, made with lr[k + 1]; update 1 has lr 0 (warm-up starts there)
+adam_ratio = np.abs(moves(adamw)[early]) / adamw.lr[2:W + 2][:, None, None]  # |step| / lr
 print("AdamW: no warm-up update moved a gate by more than 1.5 x lr:", bool(adam_ratio.max() < 1.5))
-spread = {name: np.abs(log.raw[TINY_WORLD.warmup_steps]).std() / np.abs(log.raw[TINY_WORLD.warmup_steps]).mean()
-          for name, log in (("AdamW", adamw), ("SGD", sgd))}
+spread = {name: np.abs(log.raw[W + 1]).std() / np.abs(log.raw[W + 1]).mean() for name, log in (("AdamW", adamw), ("SGD", sgd))}
 print("after the warm-up the heads have moved more alike under AdamW than under SGD (spread of |g| over heads):",
       bool(spread["AdamW"] < spread["SGD"]))
 
 # %%
-print(f"after {TINY_WORLD.warmup_steps} warm-up updates: median |step| / lr under AdamW {np.median(adam_ratio):.2f}; "
+print(f"after the {W} warm-up updates with lr > 0: median |step| / lr under AdamW {np.median(adam_ratio):.2f}; "
       f"spread (std / mean) of |g| over the {adamw.raw[0].size} heads: AdamW {spread['AdamW']:.2f}, SGD {spread['SGD']:.2f}")
-g_adam, g_sgd = np.abs(adamw.grad[early]).mean(0).ravel(), np.abs(sgd.grad[early]).mean(0).ravel()
-size = lambda log: np.abs(log.raw[TINY_WORLD.warmup_steps]).ravel()  # noqa: E731
+g_adam, g_sgd = (np.abs(log.grad[1:W + 2]).mean(0).ravel() for log in (adamw, sgd))  # mean |dL/dg| per head
+size = lambda log: np.abs(log.raw[W + 1]).ravel()  # noqa: E731
 print(f"rank correlation, over heads, of how far a gate moved with how large its gradient was: "
       f"AdamW {spearman(size(adamw), g_adam):+.2f}, SGD {spearman(size(sgd), g_sgd):+.2f}")
 
@@ -329,6 +329,31 @@ for name, seed, rho, top_rise, same in verdicts:
 strong = sum(rho > 0.5 for _, _, rho, _, _ in verdicts)
 print(f"-> in {strong} of {len(verdicts)} committed runs the wider gates clearly matter more (rank correlation > 0.5); "
       f"the widest gate is the one that matters most in {sum(v[4] for v in verdicts)} of {len(verdicts)}.")
+
+# %% [markdown]
+# ### What the lab says
+#
+# The two questions, answered from the numbers above (the sentences are printed from them, so
+# they hold for the runs you see; the committed study's part is the same for everyone).
+
+# %%
+same_heads = [spearman(final_abs(by_opt["AdamW"][k]), final_abs(by_opt["SGD"][k])) for k in by_opt["AdamW"] if k in by_opt["SGD"]]
+print(f"1. Optimizer or data? Early on, the optimizer: under AdamW every gate moved by about lr per update "
+      f"(median {np.median(adam_ratio):.2f} x lr in the warm-up) and the heads moved alike (spread {spread['AdamW']:.2f} "
+      f"against SGD's {spread['SGD']:.2f}); under SGD the heads separated at once, each with its gradient.")
+if same_heads:
+    agree = np.mean(same_heads)
+    print(f"   At the end of 300 steps the rank correlation of the heads' |gate| between AdamW and SGD runs from the same "
+          f"seed is {min(same_heads):+.2f} .. {max(same_heads):+.2f} ({len(same_heads)} seeds): "
+          + ("the same heads end wide under both - which heads open is the data's choice."
+             if agree > 0.5 else "which heads end wide is not fixed by the data alone - the optimizer shapes it too."))
+rhos = {name: [v[2] for v in verdicts if v[0] == name] for name in rows}
+print(f"2. Do the widest gates matter most? Rank correlation of |gate| with the loss rise when that head is closed: "
+      + "; ".join(f"{name} {min(r):+.2f} .. {max(r):+.2f} over {len(r)} seeds" for name, r in rhos.items() if r)
+      + f"; this notebook's {log.steps[-1]}-step run {spearman(width.ravel(), rise.ravel()):+.2f}.")
+print("   " + ("Yes, in every run: the wider the gate, the more its head matters." if min(v[2] for v in verdicts) > 0.5 else
+             "Not reliably: a wide gate is no sure sign that its head matters; "
+             f"in {strong} of {len(verdicts)} committed runs the wider gates clearly matter more (rank correlation > 0.5)."))
 
 # %% [markdown]
 # ## 6. What changes what opens, and when

@@ -47,7 +47,8 @@ print("Alpaca file: ", ALPACA_JSON or "(stand-in: the tiny world's instruction s
 # original model-parallel run: 1 for 7B, 2 for 13B, 4 for 33B, 8 for 65B) and `tokenizer.model`
 # (SentencePiece; for Meta's downloads often one folder up). `load_llama` merges the shards,
 # checks every tensor's shape against `params.json`, and loads pickles with `weights_only=True`
-# (a checkpoint is untrusted input: no code in it runs).
+# (a checkpoint is untrusted input: no code in it runs). The stand-in keeps its weights as
+# `consolidated.00.safetensors` instead of a pickle; `load_llama` reads either.
 
 # %%
 meta_dir = Path(LLAMA_DIR) if LLAMA_DIR else tinyworld.build_base()  # the stand-in's folder (shipped or cached)
