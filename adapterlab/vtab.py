@@ -139,13 +139,6 @@ def upsample_matrix(n_out: int, n_in: int) -> np.ndarray:
     return w
 
 
-def texture(rng: np.random.Generator, cells: int = 4, lo: int = 60, hi: int = 200, size: int = IMAGE_SIZE) -> np.ndarray:
-    """A smooth colourful background (size, size, 3): a random cells x cells colour grid, interpolated."""
-    grid = rng.uniform(lo, hi, size=(cells, cells, 3))
-    w = upsample_matrix(size, cells)
-    return np.einsum("yi,ijc,xj->yxc", w, grid, w)
-
-
 def jitter(rgb: tuple, rng: np.random.Generator, amount: int = 15) -> tuple:
     """A named colour, a little off (as in the scenes)."""
     return tuple(np.clip(np.array(rgb, float) + rng.integers(-amount, amount + 1, size=3), 0, 255))

@@ -1,6 +1,6 @@
 """Build adapterlab notebooks from percent-format sources: execute them and store them with their outputs.
 
-    python notebooks/build.py notebooks/src/02_llama_from_blocks.py [more sources ...] [--no-exec]
+    python notebooks/build.py notebooks/src/02_llama_from_blocks.py [more sources ...] [--no-exec | --text-only]
 
 Policy (notebooks/BUILDING.md):
 - every cell runs at build time, and the notebook is stored **with its outputs** (text and figures),
@@ -227,7 +227,22 @@ def review_copy(nb: nbformat.NotebookNode, rel: Path) -> None:
                 (folder / f"cell{i:02d}_{n}.png").write_bytes(base64.b64decode(o["data"]["image/png"]))
 
 
-def build(src_path: Path, execute: bool = True) -> float:
+def reuse_outputs(nb: nbformat.NotebookNode, out_path: Path) -> bool:
+    """Give ``nb`` the outputs and build record of the stored notebook if their code cells are the
+    same (only the text changed, so a run would print the same); False if they differ."""
+    if not out_path.is_file():
+        return False
+    stored = nbformat.read(out_path, as_version=4)
+    code = lambda book: [c for c in book.cells if c.cell_type == "code"]  # noqa: E731
+    if [c.source for c in code(stored)] != [c.source for c in code(nb)] or "adapterlab" not in stored.metadata:
+        return False
+    for new, old in zip(code(nb), code(stored)):
+        new.outputs, new.execution_count = old.outputs, old.execution_count
+    nb.metadata["adapterlab"] = stored.metadata["adapterlab"]
+    return True
+
+
+def build(src_path: Path, execute: bool = True, text_only: bool = False) -> float:
     rel = src_path.relative_to(SRC)
     out_path = REPO / "notebooks" / rel.with_suffix(".ipynb")
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,6 +250,15 @@ def build(src_path: Path, execute: bool = True) -> float:
     nb.nbformat_minor = 5
     nb.cells = parse(src_path.read_text())
     nb.metadata = {"kernelspec": KERNELSPEC, "language_info": {"name": "python"}}
+    if text_only:
+        if not reuse_outputs(nb, out_path):
+            raise SystemExit(f"{out_path.relative_to(REPO)}: --text-only needs a stored, executed notebook with the "
+                             "same code cells as the source; the code changed, so run it (without --text-only)")
+        nbformat.validate(nb)
+        nbformat.write(nb, out_path)
+        print(f"{out_path.relative_to(REPO)}: text updated, outputs kept from the build of "
+              f"{nb.metadata['adapterlab']['built']}")
+        return 0.0
     elapsed = cpu = 0.0
     if execute:
         started = datetime.now(timezone.utc)
@@ -282,7 +306,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("sources", nargs="+", type=Path, help="notebooks/src/<name>.py (or solutions/<name>.py)")
     ap.add_argument("--no-exec", action="store_true", help="write the cells without running them (no outputs)")
+    ap.add_argument("--text-only", action="store_true",
+                    help="only markdown cells changed: keep the stored outputs (refused if a code cell changed)")
     args = ap.parse_args()
     for s in args.sources:
-        build(s.resolve(), execute=not args.no_exec)
+        build(s.resolve(), execute=not args.no_exec, text_only=args.text_only)
     sys.exit(0)

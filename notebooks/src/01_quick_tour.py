@@ -14,7 +14,9 @@
 # pretrained on text about a small synthetic world). The same calls work on real LLaMA weights
 # (notebook 10).
 #
-# **Runtime** (measured on 2 CPU cores, one torch thread): RUNTIME_NB1.
+# **Runtime:** about 2 minutes on 2 CPU cores with one torch thread, most of it the training
+# cell; the same with an empty cache, since the tiny base ships with the package (measured
+# 2026-12-02; `notebooks/README.md` has every notebook's times).
 
 # %%
 import matplotlib.pyplot as plt

