@@ -122,7 +122,9 @@ def small_png(data: str) -> str:
     raw = base64.b64decode(data)
     image = Image.open(io.BytesIO(raw)).convert("RGBA")
     buf = io.BytesIO()
-    image.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(buf, format="PNG", optimize=True)
+    # no dithering: it turns the scenes' faint sensor noise into visible speckles
+    image.quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(
+        buf, format="PNG", optimize=True)
     return base64.b64encode(buf.getvalue()).decode() if buf.tell() < len(raw) else data
 
 

@@ -23,6 +23,7 @@ from adapterlab.exercises import (
     check_kv_cache_bytes,
     check_llama_param_count,
     check_rmsnorm,
+    check_squad_f1,
     check_step0_gradients,
     check_adapted_layers,
     check_hf_to_meta_rows,
@@ -59,7 +60,7 @@ def assert_wrong(result: CheckResult, *phrases: str) -> None:
 @pytest.mark.parametrize("checker", [
     check_rmsnorm, check_llama_param_count, check_kv_cache_bytes, check_zero_init_attention,
     check_adapter_param_count, check_step0_gradients, check_uniform_loss, check_adapted_layers,
-    check_hf_to_meta_rows, check_multimodal_param_count, check_accumulation_steps,
+    check_hf_to_meta_rows, check_multimodal_param_count, check_accumulation_steps, check_squad_f1,
 ])
 @pytest.mark.parametrize("blank", [None, ...])
 def test_blank_answer_asks_for_one_and_does_not_raise(checker, blank):
@@ -400,6 +401,31 @@ def test_accumulation_steps_match_the_distributed_batch_rules():
         assert check_accumulation_steps(micro_batches, global_batch, world, micro), (global_batch, world, micro)
     assert_wrong(check_accumulation_steps(16), "share")
     assert_wrong(check_accumulation_steps(3), "not it")
+
+
+# --------------------------------------------------------------------------- SQuAD F1 (notebook 11)
+def test_squad_f1_accepts_the_hand_worked_score_and_names_the_mistake():
+    # "the old red boat, the red one" -> old red boat red one (5 words). Against "a red boat" -> red boat:
+    # 2 shared (red once: the reference has it once), P = 2/5, R = 2/2, F1 = 4/7; against the first
+    # reference "The old boat in the harbour" -> old boat in harbour: P = 2/5, R = 2/4, F1 = 4/9.
+    f1 = 2 * (2 / 5) * 1 / (2 / 5 + 1)
+    assert math.isclose(f1, 4 / 7)
+    for right in (f1, round(f1, 3), 100 * f1):
+        assert check_squad_f1(right), right
+    assert_wrong(check_squad_f1(4 / 9), "first reference")
+    assert_wrong(check_squad_f1((4 / 7 + 4 / 9) / 2), "best")
+    assert_wrong(check_squad_f1(2 / 5), "precision")
+    assert_wrong(check_squad_f1(1.0), "recall")
+    assert_wrong(check_squad_f1(0.0), "exact match")
+    assert_wrong(check_squad_f1(0.7), "harmonic")  # (P + R) / 2
+    assert_wrong(check_squad_f1(2 * (3 / 5) * (3 / 2) / (3 / 5 + 3 / 2)), "repeats")  # red twice: 3 "shared"
+    assert_wrong(check_squad_f1(2 / 3), "distinct")  # sets: {old, red, boat, one} vs {red, boat}
+    assert_wrong(check_squad_f1(100 * 2 / 5), "precision")
+    assert_wrong(check_squad_f1(0.3), "not it")
+    # SQuAD v2.0: no reference answer; only the empty prediction is right
+    assert check_squad_f1(1, prediction="The.", references=[])
+    assert check_squad_f1(0, prediction="Oslo", references=[])
+    assert_wrong(check_squad_f1(1, prediction="Oslo", references=[]), "empty")
 
 
 # --------------------------------------------------------------------------- the notebooks themselves

@@ -131,20 +131,21 @@ print(f"loss {losses[0]:.3f} at step 1 -> {losses[-1]:.3f} at step {len(losses)}
 print("the loss fell over the 60 steps, by more than 1 nat:", losses[-1] < losses[0] - 1.0)
 
 # %% [markdown]
-# The full recipe runs `recipe.steps` steps (printed below, with the time your copy took to
-# build). It is built once, on first use, into a cache folder, and loaded from there afterwards: that is what
-# `load_llama("tinyworld")` and `tinyworld.load_base()` return. The folder is a Meta-style
-# LLaMA folder (`params.json`, `consolidated.00.pth`, `tokenizer.model`), so real weights load
-# with the same call.
+# The full recipe runs `recipe.steps` steps (printed below, with the time its build took). The
+# package ships the result, built by this same code with one thread, so every machine starts from
+# the same weights; with a changed recipe it is built once, on first use, into a cache folder.
+# Either way, that is what `load_llama("tinyworld")` and `tinyworld.load_base()` return. The
+# folder is a Meta-style LLaMA folder (`params.json`, the weights as
+# `consolidated.00.safetensors` or `.pth`, `tokenizer.model`), so real weights load with the same call.
 
 # %%
 base = tinyworld.load_base()
 folder = tinyworld.base_dir()
 info = json.loads((folder / "tinyworld.json").read_text())
-print("cached in", folder)
+print("folder:", folder)
 print(sorted(p.name for p in folder.iterdir()))
 print(f"the full recipe: {info['recipe']['steps']} steps of {info['recipe']['batch_size']} windows of "
-      f"{info['recipe']['seq_len']} tokens; this copy took {info['pretrain_seconds'] / 60:.1f} minutes to build")
+      f"{info['recipe']['seq_len']} tokens; its build took {info['pretrain_seconds'] / 60:.1f} minutes")
 
 # %%
 print(base.config)
@@ -251,6 +252,6 @@ check_uniform_loss(uniform_loss, vocab_size=tokenizer.n_words)
 # - The tiny world: people, places and sums, generated from a seed; part of the people are held out.
 # - A SentencePiece tokenizer with LLaMA's special ids; a small LLaMA (same code as the 7B one)
 #   pretrained on the world's text, starting from the uniform loss ln V.
-# - The base is built once and cached as a Meta-style folder.
+# - The base ships with the package as a Meta-style folder (built once and cached if the recipe changes).
 # - Probing shows the base **knows** the facts, held-out people included, but it does **not
 #   answer** instruction-formatted questions. Closing that gap is the adapter's job.

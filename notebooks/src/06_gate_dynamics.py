@@ -318,15 +318,16 @@ for ax, (name, rs) in zip(axes[1:], rows.items()):
         w = np.abs(np.array(r["log"][-1]["gates"])).ravel()
         d = (np.array(r["ablated_heldout_loss"]) - r["heldout_loss"]).ravel()
         rho = spearman(w, d)
-        verdicts.append((name, r["seed"], rho, d.max(), w[d.argmax()] == w.max()))
+        rho_share = spearman(np.array(r["log"][-1]["prompt_share"]).ravel(), d)
+        verdicts.append((name, r["seed"], rho, d.max(), w[d.argmax()] == w.max(), rho_share))
         ax.scatter(w, d, color=color, s=14, label=f"seed {r['seed']}: rank corr. {rho:+.2f}")
     ax.set(xlabel="|gate| after 300 steps", title=f"{name}, committed study")
     ax.legend(fontsize=7)
 fig.tight_layout()
-for name, seed, rho, top_rise, same in verdicts:
-    print(f"{name:5s} seed {seed}: rank correlation |gate| vs loss rise {rho:+.2f}; largest rise {top_rise:+.3f}"
-          + ("; it is the widest gate's" if same else "; not the widest gate's"))
-strong = sum(rho > 0.5 for _, _, rho, _, _ in verdicts)
+for name, seed, rho, top_rise, same, rho_share in verdicts:
+    print(f"{name:5s} seed {seed}: rank correlation with the loss rise: |gate| {rho:+.2f}, prompt share {rho_share:+.2f}; "
+          f"largest rise {top_rise:+.3f}" + (", the widest gate's" if same else ", not the widest gate's"))
+strong = sum(v[2] > 0.5 for v in verdicts)
 print(f"-> in {strong} of {len(verdicts)} committed runs the wider gates clearly matter more (rank correlation > 0.5); "
       f"the widest gate is the one that matters most in {sum(v[4] for v in verdicts)} of {len(verdicts)}.")
 
@@ -354,6 +355,13 @@ print(f"2. Do the widest gates matter most? Rank correlation of |gate| with the 
 print("   " + ("Yes, in every run: the wider the gate, the more its head matters." if min(v[2] for v in verdicts) > 0.5 else
              "Not reliably: a wide gate is no sure sign that its head matters; "
              f"in {strong} of {len(verdicts)} committed runs the wider gates clearly matter more (rank correlation > 0.5)."))
+for name in rows:
+    gate_rho = [v[2] for v in verdicts if v[0] == name]
+    share_rho = [v[5] for v in verdicts if v[0] == name]
+    if gate_rho:
+        better = "better" if np.mean(share_rho) > np.mean(gate_rho) + 0.1 else "worse" if np.mean(share_rho) < np.mean(gate_rho) - 0.1 else "about as well"
+        print(f"   {name}: the prompts' share of the output predicts the loss rise {better} than |gate| "
+              f"(mean rank correlation {np.mean(share_rho):+.2f} against {np.mean(gate_rho):+.2f}).")
 
 # %% [markdown]
 # ## 6. What changes what opens, and when
