@@ -10,6 +10,8 @@
 # 2. at the first training step the **gate** gets a gradient and the **prompts do not**:
 #    the gate opens first, then the prompts learn.
 #
+# **Runtime:** under half a minute on 2 CPU cores (9 s measured), with or without a cache.
+#
 # **The setting.** In each of the top L layers, LLaMA-Adapter adds K learnable *adaption
 # prompts* $P_l \in \mathbb{R}^{K \times C}$. They pass through the layer's frozen $W_k$, $W_v$
 # and every word token may attend to them. For a query token $t$ with earlier tokens $T$:

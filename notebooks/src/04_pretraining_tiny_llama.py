@@ -9,6 +9,9 @@
 # about it. In this notebook we look at the world, its tokenizer, the pretraining loss, and we
 # probe what the base knows - including facts about people the instruction data will never
 # mention.
+#
+# **Runtime:** under a minute on 2 CPU cores (47 s measured), most of it a short pretraining run
+# done live; the same with an empty cache, since the full base ships with the package.
 
 # %%
 import dataclasses

@@ -152,18 +152,22 @@ fig.tight_layout();
 #
 # Two runs from the same seed, same data order, every step logged: AdamW at the tiny world's
 # learning rate and plain SGD at `lr = 10` (the gates' gradients are about 1e-3 to 1e-2,
-# so SGD needs a far larger step to move them at all).
+# so SGD needs a far larger step to move them at all). SGD runs without weight decay: its
+# decay is added to the gradient, and 0.02 at `lr = 10` would shrink every gate by 20% per
+# step, a third force besides the optimizer and the data (AdamW's decoupled decay, 0.02 x lr,
+# shrinks a gate by 0.1% per step).
 
 # %%
 LAB_STEPS = 60
 
 
-def lab_run(optimizer, lr, seed=0, steps=LAB_STEPS):
+def lab_run(optimizer, lr, weight_decay=0.02, seed=0, steps=LAB_STEPS):
     model = load_llama("tinyworld")
     add_adapter(model, AdapterConfig(prompt_len=TINY_WORLD.prompt_len, layers=TINY_WORLD.adapter_layers), seed=seed)
     out = Path(tempfile.mkdtemp()) / f"{optimizer}-{seed}"
     config = TrainConfig(steps=steps, batch_size=TINY_WORLD.batch_size, lr=lr, warmup_steps=TINY_WORLD.warmup_steps,
-                         length_group=TINY_WORLD.length_group, optimizer=optimizer, seed=seed, log_every=1,
+                         length_group=TINY_WORLD.length_group, optimizer=optimizer, weight_decay=weight_decay,
+                         seed=seed, log_every=1,
                          checkpoint=False, progress=False, out_dir=str(out))
     train(model, data, config)
     return GateLog.read(out), config
@@ -171,15 +175,15 @@ def lab_run(optimizer, lr, seed=0, steps=LAB_STEPS):
 
 start = time.time()
 adamw, adamw_config = lab_run("adamw", TINY_WORLD.lr["adapter"])
-sgd, sgd_config = lab_run("sgd", 10.0)
+sgd, sgd_config = lab_run("sgd", 10.0, weight_decay=0.0)
 print(f"2 runs of {LAB_STEPS} steps, every step logged: {time.time() - start:.0f} s")
 print("recorded:", adamw.available(), "+ lr_sum; raw g per record:", adamw.raw.shape)
 
 # %% [markdown]
-# First the bookkeeping: under plain SGD each update of `raw` is exactly
-# `-lr x (grad + weight_decay x raw)` (the per-head gate, a 4-d tensor, gets the weight decay of
-# the matrices) - so the recorded gradient is the one the update used. Under AdamW the
-# same gradients give updates of about `lr` each, whatever their size.
+# First the bookkeeping: under plain SGD each update of `raw` is exactly `-lr x grad` (plus
+# `weight_decay x raw` in the gradient when there is a decay: the per-head gate, a 4-d tensor,
+# is decayed like the matrices) - so the recorded gradient is the one the update used. Under
+# AdamW the same gradients give updates of about `lr` each, whatever their size.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -188,7 +192,7 @@ def moves(log):  # (S-1, L, H): how each raw g moved at each update
 
 
 sgd_predicted = -sgd.lr[1:, None, None] * (sgd.grad[1:] + sgd_config.weight_decay * sgd.raw[:-1])
-print("SGD: every update of every gate is -lr x (gradient + weight decay x g):",
+print("SGD: every update of every gate is -lr x its recorded gradient:",
       bool(np.allclose(moves(sgd), sgd_predicted, rtol=1e-3, atol=1e-6)))
 W = TINY_WORLD.warmup_steps
 early = slice(1, W + 1)  # moves k is update k + 1, made with lr[k + 1]; update 1 has lr 0 (warm-up starts there)
@@ -216,12 +220,14 @@ print(f"rank correlation, over heads, of how far a gate moved with how large its
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(12, 3.4), sharey=True)
 top = adamw.layers[-1]
-for ax, (name, log) in zip(axes, (("AdamW", adamw), ("SGD lr 10", sgd))):
-    x = log.cumulative_lr()
-    for i, (layer, color) in enumerate(zip(log.layers, layer_colors(len(log.layers)))):
-        for h in range(log.raw.shape[2]):
-            ax.plot(x, np.abs(log.raw[:, i, h]), color=color, lw=0.8, label=f"layer {layer}" if h == 0 else None)
-    ax.plot(x, x, color="grey", ls="--", lw=1, label="|g| = summed lr")
+for ax, (name, lab_log) in zip(axes, (("AdamW", adamw), ("SGD lr 10", sgd))):
+    x = lab_log.cumulative_lr()
+    for i, (layer, color) in enumerate(zip(lab_log.layers, layer_colors(len(lab_log.layers)))):
+        for h in range(lab_log.raw.shape[2]):
+            ax.plot(x, np.abs(lab_log.raw[:, i, h]), color=color, lw=0.8, label=f"layer {layer}" if h == 0 else None)
+    if name == "AdamW":  # the line a gate follows if every update moves it by lr
+        ax.plot(x, x, color="grey", ls="--", lw=1, label="|g| = summed lr")
+    ax.set_ylim(0, 1.1 * np.abs(lab_log.raw).max())
     ax.set(xlabel="summed learning rate so far", title=f"{name}: |raw g| of every head (blue: darker = higher layer)")
 axes[0].set_ylabel("|raw g|")
 axes[0].legend(fontsize=7)
@@ -230,7 +236,7 @@ fig.tight_layout();
 # %% [markdown]
 # ### Several seeds on one plot (the committed study)
 #
-# 300-step runs (the tiny world's budget), three seeds each, AdamW and SGD, were too long to
+# 300-step runs (the tiny world's budget), three seeds each, AdamW and SGD (as above), were too long to
 # run here; `docs/results/gate_lab/study.py` ran them once and committed the logs
 # (`docs/results/gate_lab/README.md`: command, date, machine). One colour per seed.
 
@@ -359,8 +365,9 @@ for name in rows:
     gate_rho = [v[2] for v in verdicts if v[0] == name]
     share_rho = [v[5] for v in verdicts if v[0] == name]
     if gate_rho:
-        better = "better" if np.mean(share_rho) > np.mean(gate_rho) + 0.1 else "worse" if np.mean(share_rho) < np.mean(gate_rho) - 0.1 else "about as well"
-        print(f"   {name}: the prompts' share of the output predicts the loss rise {better} than |gate| "
+        better = ("better than" if np.mean(share_rho) > np.mean(gate_rho) + 0.1 else
+                  "worse than" if np.mean(share_rho) < np.mean(gate_rho) - 0.1 else "about as well as")
+        print(f"   {name}: the prompts' share of the output predicts the loss rise {better} |gate| "
               f"(mean rank correlation {np.mean(share_rho):+.2f} against {np.mean(gate_rho):+.2f}).")
 
 # %% [markdown]

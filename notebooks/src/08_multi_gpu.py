@@ -10,6 +10,9 @@
 # We launch a 2-process run in the background, watch its gates live from the log, run the same
 # training in one process, and check that both give the same gates. At the end: the command
 # for LLaMA-7B on 8 GPUs.
+#
+# **Runtime:** about a minute on 2 CPU cores (61 s of CPU time measured, the two training
+# processes sharing the cores); the same with an empty cache, since the tiny base ships with the package.
 
 # %%
 import os

@@ -4,7 +4,9 @@ Runs on the embedded tiny world, each with the tiny-world defaults of adapterlab
 (K=10 prompts in all 4 layers, batch 32, 10 warm-up steps, 300 steps, cosine schedule) unless
 the group changes a setting:
 
-    optimizer   AdamW (lr 5e-2, the default) vs plain SGD (lr 10), seeds 0..4; the gate log with
+    optimizer   AdamW (lr 5e-2 and weight decay 0.02, the defaults: decoupled, it shrinks a gate by
+                0.1% per step) vs plain SGD (lr 10, no weight decay: SGD's L2 decay of 0.02 at lr 10
+                would shrink every gate by 20% per step), seeds 0..4; the gate log with
                 every detail every 5 steps; per-head ablation of the held-out loss at the end
     sweep       one setting changed at a time from the AdamW run: lr 1e-2 / 1.5e-1, L = 1 / 2
                 adapted layers, K = 1 / 40 prompts; seeds 0..2 (the AdamW runs of seeds 0..2 are
@@ -51,7 +53,7 @@ def runs_wanted(seeds_opt: int, seeds_sweep: int) -> list[dict]:
     for seed in range(seeds_opt):
         runs.append({"study": "optimizer", "name": "AdamW", "seed": seed, **base, "every": 5, "details": True})
         runs.append({"study": "optimizer", "name": "SGD", "seed": seed, **base, "optimizer": "sgd", "lr": SGD_LR,
-                     "every": 5, "details": True})
+                     "weight_decay": 0.0, "every": 5, "details": True})
     changes = [("lr 0.01", {"lr": 1e-2}), ("lr 0.15", {"lr": 1.5e-1}), ("L = 1", {"layers": 1}),
                ("L = 2", {"layers": 2}), ("K = 1", {"prompt_len": 1}), ("K = 40", {"prompt_len": 40})]
     for seed in range(seeds_sweep):
@@ -78,6 +80,7 @@ def one_run(spec: dict, data, heldout_data, heldout_records) -> dict:
     t = TINY_WORLD
     config = TrainConfig(steps=spec["steps"], batch_size=t.batch_size, lr=spec["lr"], warmup_steps=t.warmup_steps,
                          length_group=t.length_group, optimizer=spec["optimizer"], seed=spec["seed"],
+                         weight_decay=spec.get("weight_decay", TrainConfig.weight_decay),
                          checkpoint=False, progress=False, log_every=spec["every"])
     start = time.time()
     out = Path(tempfile.mkdtemp(prefix="gate-lab-"))
