@@ -234,12 +234,13 @@ def score(examples: Sequence[Example], outputs: Sequence[str]) -> dict:
     correct = [parse_answer(out) == ex.answer for ex, out in mc]
     by_context = {c: float(np.mean([ok for (ex, _), ok in zip(mc, correct) if ex.context == c] or [float("nan")]))
                   for c in CONTEXTS}
-    by_kind = {k: float(np.mean([ok for (ex, _), ok in zip(mc, correct) if ex.context == "image" and ex.kind == k]))
+    by_kind = {k: float(np.mean([ok for (ex, _), ok in zip(mc, correct) if ex.context == "image" and ex.kind == k]
+                                or [float("nan")]))  # nan: no question of that kind in the set
                for k in KINDS}
     caps = [(ex, out) for ex, out in zip(examples, outputs) if ex.context == "caption"]
     bleu = corpus_bleu([out for _, out in caps], [ex.references for ex, _ in caps]) if caps else None
     return {
-        "accuracy": float(np.mean(correct)),
+        "accuracy": float(np.mean(correct or [float("nan")])),
         "accuracy_by_context": by_context,
         "image_accuracy_by_kind": by_kind,
         "counts": {c: sum(ex.context == c for ex, _ in mc) for c in CONTEXTS} | {"caption": len(caps)},

@@ -59,3 +59,16 @@ def test_score_counts_per_context_and_kind_and_scores_captions():
     assert s["image_accuracy_by_kind"] == {"colour": 1.0, "shape": 0.0, "count": 0.0, "corner": 1.0}
     assert s["counts"] == {"image": 4, "text": 1, "none": 1, "caption": 1}
     assert s["bleu4"] == corpus_bleu([outputs[-1]], [captions(scene)])["bleu"] and 0 < s["bleu4"] < 1
+
+
+def test_score_of_a_set_without_picture_questions_warns_nothing_and_says_nan():
+    import math
+    import warnings
+
+    from adapterlab.scenetext import score
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "Mean of empty slice" would raise here
+        result = score([], [])
+    assert math.isnan(result["accuracy"])
+    assert all(math.isnan(v) for v in result["image_accuracy_by_kind"].values())
