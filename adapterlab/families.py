@@ -88,7 +88,7 @@ LR_GRIDS = {
 # The learning rate of each method, as chosen by the committed study's search (the demos use them):
 # docs/results/families/vit/results.json and docs/results/families/roberta/results.json, "chosen_lr".
 DEFAULT_LR = {
-    "vit": {"zero_init": 3e-2, "ungated_prompts": 3e-2, "full": 1e-3, "bitfit": 1e-2, "linear": 1e-2, "lora": 3e-3},
+    "vit": {"zero_init": 3e-2, "ungated_prompts": 3e-2, "full": 3e-3, "bitfit": 3e-2, "linear": 3e-2, "lora": 1e-2},
     "roberta": {"zero_init": 1e-1, "ungated_prompts": 1e-1, "full": 1e-3, "bitfit": 3e-2, "input_prompts": 3e-2,
                 "lora": 1e-2},
 }

@@ -23,9 +23,11 @@
 # 4. the committed multi-seed study of both families, and where the paper's direction reproduces;
 # 5. CLIP, for users who have `transformers`.
 #
-# **Run time:** about 2 minutes on one CPU thread (measured at build time; most of it is the live
-# run of section 3). The ViT and the text encoder were pretrained by this package's own code
-# (`adapterlab/vtab.py`, `adapterlab/textqa.py`) and are loaded, not trained, here.
+# **Run time:** under a minute on one CPU thread (31 s measured on the 2-core build machine, with
+# other jobs running; 55 s when it was busier). The live run of section 3 is most of it. The ViT and the text
+# encoder were pretrained by this package's own code (`adapterlab/vtab.py`, `adapterlab/textqa.py`);
+# the ViT is loaded here, not trained (its first use on a new machine builds it once, about two
+# minutes), and the text encoder's results are read from the committed study.
 
 # %%
 import copy
@@ -36,8 +38,8 @@ from pathlib import Path
 from unittest import mock
 
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
-from IPython.display import Image, display
 
 from adapterlab import adapter, families, gates, squad, textqa, vtab
 from adapterlab.adapter import AdapterConfig, add_adapter, count_trainable
@@ -49,6 +51,7 @@ torch.manual_seed(0)
 torch.set_num_threads(default_threads())  # $ADAPTERLAB_THREADS, else 1: the thread policy of `adapterlab demo`
 plt.rcParams.update({"figure.dpi": 72, "figure.figsize": (7, 3)})
 
+RESULTS = next((p for p in (Path("../docs/results/families"), Path("docs/results/families")) if p.is_dir()), None)
 vit = vtab.load_vit_base()  # frozen, eval mode; shipped or cached (built once on first use)
 info = vtab.base_info()
 print(f"ViT base: {vit.num_params():,} parameters, {vit.config.n_layers} layers, width {vit.config.dim}, "
@@ -153,17 +156,17 @@ print(f"ungated prompts at init move the CLS feature by {100 * change.mean():.1f
 # validation pictures (the 1,000 of VTAB-1k) and 500 test pictures.
 
 # %%
-fig, axes = plt.subplots(len(vtab.TASKS), 6, figsize=(6.2, 8.4))
+fig, axes = plt.subplots(len(vtab.TASKS), 4, figsize=(4.2, 7.0))
 for row, name in enumerate(vtab.TASKS):
-    task = vtab.make_task(name, n_train=6, n_val=0, n_test=0)
-    for col in range(6):
+    task = vtab.make_task(name, n_train=4, n_val=0, n_test=0)
+    for col in range(4):
         ax = axes[row, col]
         ax.imshow(task.train_images[col].permute(1, 2, 0).numpy(), interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(task.classes[task.train_labels[col]], fontsize=7, pad=2)
     axes[row, 0].set_ylabel(f"{task.group}\n{name}", fontsize=8)
-fig.suptitle("Six training pictures of each VTAB-style task, with their labels", fontsize=10)
+fig.suptitle("Four training pictures of each task,\nwith their labels", fontsize=10)
 fig.tight_layout()
 
 # %%
@@ -220,7 +223,8 @@ print({k: round(v, 1) for k, v in scores.items()})
 # The harness (`adapterlab/families.py`) gives every method a fresh copy of the frozen base, a new
 # classification head, the same data in the same order, the same steps and schedule, and its own
 # learning rate (those `adapterlab demo --vit` uses, `families.DEFAULT_LR`). We run three methods
-# on the digits task (real handwritten digits), one seed, 100 steps of 32 pictures:
+# on the digits task (real handwritten digits), one seed, with the demo's budget - the settings of
+# the committed study of section 4, so these three runs are also runs of that study:
 #
 # | method | trains besides the head | known as |
 # |---|---|---|
@@ -230,7 +234,9 @@ print({k: round(v, 1) for k, v in scores.items()})
 
 # %%
 methods = ("zero_init", "ungated_prompts", "linear")
-config = families.demo_config("vit", methods=methods, tasks=("digits",), steps=100, warmup_steps=10)
+config = families.demo_config("vit", methods=methods, tasks=("digits",))
+print(f"{config.steps} steps of {config.batch_size} pictures, warm-up {config.warmup_steps} steps, "
+      f"K = {config.prompt_len} prompts in the top L = {config.layers} layers")
 bench = families.vit_bench(("digits",), base=vit)
 out = Path(tempfile.mkdtemp(prefix="beyond-llama-"))
 families.run_study(out, config, bench=bench, progress=True)
@@ -243,6 +249,14 @@ for m in methods:
 best = max(methods, key=lambda m: runs[m]["scores"]["accuracy"])
 print(f"chance: {1 / digits.n_classes:.3f}. Best on this seed: {families.LABELS[best]} - one seed only; section 4 "
       "has means and spreads over seeds")
+
+committed = RESULTS / "vit" / "runs.jsonl" if RESULTS else None  # the same runs in the committed study?
+same = {r["method"]: r for r in (families.read_runs(committed) if committed else [])
+        if (r["phase"], r["task"], r["seed"]) == ("final", "digits", 0) and r["method"] in runs
+        and r["lr"] == runs[r["method"]]["lr"] and r["settings"] == config.run_settings()}
+for m, r in same.items():
+    print(f"committed study, same settings: {families.LABELS[m]:42s} test accuracy {r['scores']['accuracy']:.3f} "
+          f"({'the same as yours' if r['scores'] == runs[m]['scores'] else 'yours differs: another CPU or thread count'})")
 
 # %% [markdown]
 # The parameter counts are arithmetic: the head has (dim + 1) x classes values; the zero-init
@@ -294,7 +308,7 @@ print("every gate has opened by the end:", bool((log.gates[-1] != 0).all()))
 # pictures, VTAB-1k's 1,000) and scored on its test split. Its results are committed under `docs/results/families/` and read here.
 
 # %%
-STUDY = next((p for p in (Path("../docs/results/families"), Path("docs/results/families")) if p.is_dir()), None)
+STUDY = RESULTS  # docs/results/families/, found from the notebooks/ folder or the repository root
 
 
 def load_study(family: str):
@@ -320,10 +334,14 @@ for family, res in study.items():
     print(families.format_table(family, res["methods"]))
     print()
 
+# %% [markdown]
+# The same tables as pictures (`families.plot_table`, which drew each study's `table.png`; the best
+# mean of each column in bold):
+
 # %%
 for family, res in study.items():
-    if res is not None and (STUDY / family / "table.png").is_file():
-        display(Image(filename=str(STUDY / family / "table.png"), width=720))
+    if res is not None:
+        families.plot_table(res)
 
 # %% [markdown]
 # Read the tables as mean ± std over seeds, in percent (ViT: accuracy per VTAB group, each the
@@ -425,12 +443,32 @@ for family, res in study.items():
           m["zero_init"]["trainable_params"] - m["ungated_prompts"]["trainable_params"] == gates_LH)
 
 # %% [markdown]
-# The study also recorded the gates of its zero-init runs. Here are those of the text encoder's
-# first zero-init run (the same four pictures `adapterlab gates` draws for LLaMA):
+# The study also recorded the gates of every zero-init run (`runs/<run>/gates.jsonl`, read by the
+# same `adapterlab.gates` as LLaMA's). Where did they open? For each final run, the mean |gate|
+# of every adapted layer at the end of training - pictures on the left, questions on the right:
 
 # %%
-if study["roberta"] is not None and (STUDY / "roberta" / "gates.png").is_file():
-    display(Image(filename=str(STUDY / "roberta" / "gates.png"), width=720))
+final_gates = {family: {p.parent.name: gates.GateLog.read(p)
+                        for p in sorted((STUDY / family / "runs").glob("final-*-zero_init-*/gates.jsonl"))}
+               for family, res in study.items() if res is not None}
+fig, axes = plt.subplots(1, len(final_gates), figsize=(5 * len(final_gates), 3), squeeze=False)
+for ax, (family, logs) in zip(axes[0], final_gates.items()):
+    tasks = sorted({name.split("-")[1] for name in logs})
+    for name, log in logs.items():
+        task = name.split("-")[1]
+        ax.plot(log.layers, np.abs(log.gates[-1]).mean(-1), marker="o", color=f"C{tasks.index(task)}",
+                label=task if name.endswith("-s0") else None)
+    ax.set_xticks(log.layers)
+    ax.set_xlabel("adapted layer")
+    ax.set_ylabel("mean |gate| at the end")
+    ax.set_title(f"{family}: {len(logs)} final zero-init runs (tasks x seeds)", fontsize=10)
+    ax.legend(fontsize=8)
+fig.tight_layout()
+for family, logs in final_gates.items():
+    ends = np.array([np.abs(log.gates[-1]).mean(-1) for log in logs.values()])  # (runs, L)
+    print(f"{family}: mean |gate| per adapted layer, bottom to top, averaged over the runs: "
+          f"{[round(x, 3) for x in ends.mean(0).tolist()]}; the top layer's is the largest in "
+          f"{int((ends.argmax(1) == ends.shape[1] - 1).sum())} of {len(ends)} runs")
 
 # %% [markdown]
 # ## 5. CLIP, for users who have it
