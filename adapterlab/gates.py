@@ -33,8 +33,12 @@ a per-layer gate is repeated over the heads)::
 
 The mass of the prompt block itself is not worth a field: each of its rows sums to the gate
 (the prompts' softmax sums to 1), so it is ``gates``. The share above also counts how long the
-prompts' values are against the tokens' values. A log without these fields (an older run, or
-``GateRecorder(details=False)``) reads the same; :class:`GateLog` then has ``None`` for them.
+prompts' values are against the tokens' values. Under torchrun the share is rank 0's part of the
+batch. The details are measured on logged steps only; their cost was below the noise of a
+measurement on the tiny world even with every step logged (CPU time per step within +-3%).
+A log without these fields (an older run, or ``GateRecorder(details=False)``) reads the same;
+:class:`GateLog` then has ``None`` for them. :func:`ablate_heads` closes one head's gate at a
+time and measures what that costs (e.g. the held-out loss).
 
 Pictures: :func:`plot_heatmap` (layer x step), :func:`plot_head_curves` (heads of one layer),
 :func:`plot_final_bars` (per-layer at the end), :func:`plot_summary` (all of them, loss beside

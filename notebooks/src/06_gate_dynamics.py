@@ -158,7 +158,7 @@ fig.tight_layout();
 # shrinks a gate by 0.1% per step).
 
 # %%
-LAB_STEPS = 60
+LAB_STEPS = 40
 
 
 def lab_run(optimizer, lr, weight_decay=0.02, seed=0, steps=LAB_STEPS):
@@ -355,12 +355,15 @@ if same_heads:
           + ("the same heads end wide under both - which heads open is the data's choice."
              if agree > 0.5 else "which heads end wide is not fixed by the data alone - the optimizer shapes it too."))
 rhos = {name: [v[2] for v in verdicts if v[0] == name] for name in rows}
-print(f"2. Do the widest gates matter most? Rank correlation of |gate| with the loss rise when that head is closed: "
-      + "; ".join(f"{name} {min(r):+.2f} .. {max(r):+.2f} over {len(r)} seeds" for name, r in rhos.items() if r)
-      + f"; this notebook's {log.steps[-1]}-step run {spearman(width.ravel(), rise.ravel()):+.2f}.")
-print("   " + ("Yes, in every run: the wider the gate, the more its head matters." if min(v[2] for v in verdicts) > 0.5 else
-             "Not reliably: a wide gate is no sure sign that its head matters; "
-             f"in {strong} of {len(verdicts)} committed runs the wider gates clearly matter more (rank correlation > 0.5)."))
+print(f"2. Do the widest gates matter most? Rank correlation of |gate| with the loss rise when that head is closed "
+      f"(this notebook's {log.steps[-1]}-step run: {spearman(width.ravel(), rise.ravel()):+.2f}):")
+for name, r in rhos.items():
+    if r:
+        answer = ("yes: the wider the gate, the more its head matters" if min(r) > 0.5 else
+                  "no: a wide gate is no sign that its head matters" if max(r) < 0.3 else "not reliably")
+        widest_most = sum(v[4] for v in verdicts if v[0] == name)
+        print(f"   {name}, committed study: {min(r):+.2f} .. {max(r):+.2f} over {len(r)} seeds - {answer}; "
+              f"the widest gate is the one that matters most in {widest_most} of {len(r)}.")
 for name in rows:
     gate_rho = [v[2] for v in verdicts if v[0] == name]
     share_rho = [v[5] for v in verdicts if v[0] == name]
