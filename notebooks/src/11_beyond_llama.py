@@ -23,8 +23,8 @@
 # 4. the committed multi-seed study of both families, and where the paper's direction reproduces;
 # 5. CLIP, for users who have `transformers`.
 #
-# **Run time:** under a minute on one CPU thread (31 s measured on the 2-core build machine, with
-# other jobs running; 55 s when it was busier). The live run of section 3 is most of it. The ViT and the text
+# **Run time:** about a minute on one CPU thread (31-57 s measured on the 2-core build machine,
+# depending on what else ran on it). The live run of section 3 is most of it. The ViT and the text
 # encoder were pretrained by this package's own code (`adapterlab/vtab.py`, `adapterlab/textqa.py`);
 # the ViT is loaded here, not trained (its first use on a new machine builds it once, about two
 # minutes), and the text encoder's results are read from the committed study.
@@ -77,7 +77,7 @@ print(inspect.getsource(EncoderAttention.forward))
 # `self.adapter` is the `AdaptionPrompt` of `adapterlab/adapter.py`, and its gated term is
 # `gated_prompt_attention` - Eq. 7's $\tanh(g)\cdot\mathrm{softmax}(QP_k^\top/\sqrt d)\,P_v$, written
 # once for LLaMA, the ViT, the text encoder and CLIP. We check it by watching that function while
-# the ViT runs: every adapted layer calls it, and no other copy of the formula exists.
+# the ViT runs (`unittest.mock` wraps it and counts the calls): every adapted layer calls it.
 #
 # The prompts pass through the layer's frozen `wk`, `wv` and get **no position**: they are a set,
 # not a sequence, so reordering them changes nothing. And with the gate at 0 the ViT's output is
