@@ -59,6 +59,17 @@ def test_shipped_bases_are_the_current_recipes(scene_corpus):
     shipped_folder("scenes", mm.scene_base_name(mm.MultimodalConfig(), scene_corpus))
 
 
+def test_encoder_bases_ship_and_load_without_building(tmp_path, monkeypatch):
+    from adapterlab import textqa, vtab
+
+    monkeypatch.setenv("ADAPTERLAB_CACHE", str(tmp_path / "cache"))
+    shipped_folder("vit", vtab.vit_base_name())
+    shipped_folder("textenc", textqa.text_base_name())
+    vit, text = vtab.load_vit_base(progress=False), textqa.load_text_base()
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir()), "a shipped base was rebuilt"
+    assert not any(p.requires_grad for p in vit.parameters()) and not any(p.requires_grad for p in text.parameters())
+
+
 def test_shipped_folders_hold_safetensors_json_and_tokenizers_only_and_are_packaged():
     folders = [p for p in SHIPPED_ROOT.iterdir() if p.is_dir()]
     assert folders
