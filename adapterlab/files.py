@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import shutil
 import time
 from pathlib import Path
@@ -149,3 +150,38 @@ def cpu_threads(n: Optional[int]) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- pretrained bases: shipped, cached or built
+def build_machine() -> dict:
+    """What decides a base's bytes besides its recipe: threads, torch and the CPU's vector unit."""
+    return {"threads": BUILD_THREADS, "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
+            "machine": platform.machine()}
+
+
+def base_folder(name: str, marker: str, build: Callable[[Path], Any], force: bool = False,
+                announce: Optional[str] = None) -> Path:
+    """The folder of the pretrained base ``name``: shipped with the package, else in the cache,
+    else built now into the cache. Every base of the package (tiny world, scenes, ViT, text
+    encoder) is found this way.
+
+    ``build(folder)`` pretrains and writes the base into an empty folder; it runs with
+    ``BUILD_THREADS`` threads, under a lock (concurrent first uses wait for one build), and the
+    folder is published whole or not at all. ``marker``: the file whose presence says a cached
+    folder is complete. force=True: build anew into the cache (a shipped copy is left alone and
+    still found first: compare the two to check a rebuild). announce: printed before a build.
+    """
+    shipped = shipped_base(name)
+    if shipped is not None and not force:
+        return shipped
+    final = cache_root() / name
+    if (final / marker).is_file() and not force:
+        return final
+    with file_lock(final.with_name(final.name + ".lock")):
+        if (final / marker).is_file() and not force:  # another process built it while we waited
+            return final
+        if announce:
+            print(announce.format(folder=final))
+        with cpu_threads(BUILD_THREADS):
+            publish_folder(final, build)
+    return final

@@ -26,7 +26,6 @@ import copy
 import hashlib
 import json
 import math
-import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ import torch
 from .adapter import AdapterConfig, add_adapter, count_trainable
 from .checkpoints import load_llama, save_llama
 from .data import IGNORE_INDEX, TokenDataset, text_windows
-from .files import BUILD_THREADS, cache_root, cpu_threads, file_lock, publish_folder, shipped_base
+from .files import BUILD_THREADS, base_folder, build_machine, cache_root, cpu_threads, shipped_base
 from .gates import pyplot
 from .generate import generate_tokens
 from .model import Llama, LlamaConfig, init_weights
@@ -213,22 +212,17 @@ def build_scene_base(corpus: Sequence[str], config: MultimodalConfig, progress: 
     The folder: params.json, consolidated.00.safetensors, tokenizer.model (a Meta-style folder,
     :func:`adapterlab.checkpoints.save_llama`) and scenes.json (how it was made)."""
     name = scene_base_name(config, corpus)
-    if not force and shipped_base(name):
-        return shipped_base(name)
-    folder = cache_root() / name
-    with file_lock(folder.with_name(folder.name + ".lock")):  # another process building the same base: wait
-        if force or not (folder / "params.json").is_file():
-            t0 = time.perf_counter()
-            with cpu_threads(BUILD_THREADS):
-                model, tokenizer, metrics = pretrain_scene_base(corpus, config, progress)
-            info = {"final_loss": metrics["final_loss"], "steps": metrics["steps"], "config": config.to_dict(),
-                    "version": BASE_VERSION, "key": name, "loss_history": metrics["loss_history"],
-                    "first_losses": metrics["first_losses"], "pretrain_seconds": round(time.perf_counter() - t0, 1),
-                    "built_with": {"threads": BUILD_THREADS, "torch": torch.__version__,
-                                   "cpu": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine()}}
-            publish_folder(folder, lambda tmp: save_llama(model, tokenizer, tmp, extra={BASE_INFO: info},
-                                                          weights="safetensors"))
-    return folder
+
+    def build(folder: Path) -> None:
+        t0 = time.perf_counter()
+        model, tokenizer, metrics = pretrain_scene_base(corpus, config, progress)
+        info = {"final_loss": metrics["final_loss"], "steps": metrics["steps"], "config": config.to_dict(),
+                "version": BASE_VERSION, "key": name, "loss_history": metrics["loss_history"],
+                "first_losses": metrics["first_losses"], "pretrain_seconds": round(time.perf_counter() - t0, 1),
+                "built_with": build_machine()}
+        save_llama(model, tokenizer, folder, extra={BASE_INFO: info}, weights="safetensors")
+
+    return base_folder(name, "params.json", build, force=force)
 
 
 def load_scene_base(corpus: Sequence[str], config: MultimodalConfig, progress: bool = True, cache: bool = True):

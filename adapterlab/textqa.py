@@ -63,10 +63,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .encoders import TextEncoder, TextEncoderConfig, init_encoder_weights, load_encoder, save_encoder
-from .files import BUILD_THREADS, atomic_write_text, cache_root, cpu_threads, file_lock, publish_folder, shipped_base
+from .files import atomic_write_text, base_folder, build_machine
 from .squad import answer_texts
 from .tinyworld import (
-    ATTRIBUTES, QUESTIONS, STATEMENTS, Recipe, World, article, build_machine, build_world, corpus_hash,
+    ATTRIBUTES, QUESTIONS, STATEMENTS, Recipe, World, article, build_world, corpus_hash,
     pretrain_corpus, train_tokenizer,
 )
 from .tokenizer import Tokenizer
@@ -572,29 +572,19 @@ def build_text_base(progress: bool = True, force: bool = False, recipe: TextReci
     MLM accuracy beside the majority baseline, and the machine it was built on).
     """
     name = text_base_name(recipe)
-    if not force and shipped_base(name):
-        return shipped_base(name)
-    final = cache_root() / name
-    if (final / "textbase.json").is_file() and not force:
-        return final
-    with file_lock(final.with_name(final.name + ".lock")):
-        if (final / "textbase.json").is_file() and not force:  # another process built it while we waited
-            return final
-        if progress:
-            print(f"Building the text-encoder base (first use only, about 2 minutes on one CPU thread) into {final}")
+
+    def build(folder: Path) -> None:
         t0 = time.perf_counter()
-        with cpu_threads(BUILD_THREADS):
-            model, vocab, info = pretrain_text_encoder(recipe, progress=progress)
+        model, vocab, info = pretrain_text_encoder(recipe, progress=progress)
         info = {"recipe": asdict(recipe), "version": TEXT_BASE_VERSION, "key": name, **info,
                 "pretrain_seconds": round(time.perf_counter() - t0, 1), "built_with": build_machine()}
+        save_encoder(model, folder)
+        vocab.tokenizer.save(folder / "tokenizer.model")
+        atomic_write_text(folder / "textbase.json", json.dumps(info, indent=1))
 
-        def write(folder: Path) -> None:
-            save_encoder(model, folder)
-            vocab.tokenizer.save(folder / "tokenizer.model")
-            atomic_write_text(folder / "textbase.json", json.dumps(info, indent=1))
-
-        publish_folder(final, write)
-    return final
+    announce = ("Building the text-encoder base (first use only, about 2 minutes on one CPU thread) into {folder}"
+                if progress else None)
+    return base_folder(name, "textbase.json", build, force=force, announce=announce)
 
 
 def load_text_base(device=None, progress: bool = True, recipe: TextRecipe = TEXT_RECIPE) -> TextEncoder:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import random
 import re
 import time
@@ -47,7 +46,7 @@ import torch
 from . import checkpoints
 from .checkpoints import save_llama
 from .data import format_prompt, load_alpaca, text_windows
-from .files import BUILD_THREADS, cache_root, cpu_threads, file_lock, publish_folder, shipped_base
+from .files import BUILD_THREADS, base_folder, build_machine, cache_root, cpu_threads, shipped_base
 from .generate import generate
 from .model import Llama, LlamaConfig, init_weights
 from .tokenizer import Tokenizer
@@ -520,34 +519,21 @@ def build_base(recipe: Optional[Recipe] = None, progress: bool = True, force: bo
     loss history, the first steps' losses, and the machine it was built on)."""
     recipe = recipe or Recipe()
     name = base_name(recipe)
-    if not force and shipped_base(name):
-        return shipped_base(name)
-    final = cache_root() / name
-    if (final / "params.json").is_file() and not force:
-        return final
-    with file_lock(final.with_name(final.name + ".lock")):
-        if (final / "params.json").is_file() and not force:  # another process built it while we waited
-            return final
-        if progress:
-            print(f"Building the tiny-world base model (first use only, about 4 minutes on one CPU thread) into {final}")
+
+    def build(folder: Path) -> None:
         t0 = time.perf_counter()
         first = FirstLosses(PREFIX_STEPS)
-        with cpu_threads(BUILD_THREADS):
-            model, tokenizer, metrics = pretrain(recipe, out_dir=None, progress=progress, callbacks=[first])
-        info = {"recipe": asdict(recipe), "recipe_version": RECIPE_VERSION, "key": final.name,
+        model, tokenizer, metrics = pretrain(recipe, out_dir=None, progress=progress, callbacks=[first])
+        info = {"recipe": asdict(recipe), "recipe_version": RECIPE_VERSION, "key": name,
                 "final_loss": metrics["final_loss"], "loss_history": metrics["loss_history"],
                 "first_losses": first.losses, "pretrain_seconds": round(time.perf_counter() - t0, 1),
                 "corpus_tokens": metrics["corpus_tokens"], "params": model.num_params(),
                 "built_with": build_machine()}
-        publish_folder(final, lambda tmp: save_llama(model, tokenizer, tmp, extra={"tinyworld.json": info},
-                                                     weights="safetensors"))
-    return final
+        save_llama(model, tokenizer, folder, extra={"tinyworld.json": info}, weights="safetensors")
 
-
-def build_machine() -> dict:
-    """What decides a build's bytes besides the recipe: threads, torch and the CPU's vector unit."""
-    return {"threads": BUILD_THREADS, "torch": torch.__version__, "cpu": torch.backends.cpu.get_cpu_capability(),
-            "machine": platform.machine()}
+    announce = ("Building the tiny-world base model (first use only, about 4 minutes on one CPU thread) into {folder}"
+                if progress else None)
+    return base_folder(name, "params.json", build, force=force, announce=announce)
 
 
 def load_base(device=None, recipe: Optional[Recipe] = None, progress: bool = True) -> Llama:

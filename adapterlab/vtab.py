@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .files import atomic_write_text, cache_root, cpu_threads, file_lock, publish_folder, shipped_base
+from .files import atomic_write_text, base_folder, build_machine
 from .scenes import COLOURS, RGB, SHAPES, shape_mask
 
 IMAGE_SIZE = 32
@@ -459,26 +459,15 @@ def build_vit_base(progress: bool = True, force: bool = False, recipe: Optional[
 
     recipe = recipe or VIT_RECIPE
     name = vit_base_name(recipe)
-    shipped = shipped_base(name)
-    if shipped is not None and not force:
-        return shipped
-    final = cache_root() / name
-    if (final / "vit.json").is_file() and not force:
-        return final
-    with file_lock(final.with_name(final.name + ".lock")):
-        if (final / "vit.json").is_file() and not force:  # another process built it while we waited
-            return final
-        if progress:
-            print(f"Building the ViT base (first use only, about 2 minutes on one CPU thread) into {final}")
-        with cpu_threads(1):
-            model, info = pretrain_vit(recipe, progress=progress)
 
-        def write(folder: Path) -> None:
-            save_encoder(model, folder)
-            atomic_write_text(folder / "vit.json", json.dumps(info, indent=1))
+    def build(folder: Path) -> None:
+        model, info = pretrain_vit(recipe, progress=progress)
+        save_encoder(model, folder)
+        atomic_write_text(folder / "vit.json", json.dumps({**info, "built_with": build_machine()}, indent=1))
 
-        publish_folder(final, write)
-    return final
+    announce = ("Building the ViT base (first use only, about 2 minutes on one CPU thread) into {folder}"
+                if progress else None)
+    return base_folder(name, "vit.json", build, force=force, announce=announce)
 
 
 def load_vit_base(device=None, progress: bool = True, recipe: Optional[ViTRecipe] = None):

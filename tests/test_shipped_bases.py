@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from adapterlab import multimodal as mm
 from adapterlab import tinyworld as tw
-from adapterlab.files import BUILD_THREADS, SHIPPED_ROOT, cpu_threads, shipped_base
+from adapterlab.files import BUILD_THREADS, SHIPPED_ROOT, build_machine, cpu_threads, shipped_base
 
 ROOT = Path(__file__).resolve().parents[1]
 RESHIP = "the recipe changed: rebuild and ship with `python tools/ship_bases.py --only {kind}`, then commit adapterlab/bases/"
@@ -45,7 +45,7 @@ def same_losses(now: list[float], info: dict, what: str) -> None:
     vector unit, one thread); elsewhere float rounding may differ in the last digits."""
     shipped = info["first_losses"]
     assert len(now) == len(shipped) > 0
-    if tw.build_machine() == info["built_with"]:
+    if build_machine() == info["built_with"]:
         assert now == shipped, f"{what}: the first {len(now)} pretraining losses differ from the shipped build's; " + \
             RESHIP.format(kind=what)
     else:  # another torch or CPU kind: the same recipe, rounded differently
