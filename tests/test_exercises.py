@@ -439,11 +439,11 @@ def test_notebooks_exist():
 
 @pytest.mark.parametrize("path", notebooks(), ids=lambda p: p.name)
 def test_notebook_shape(path: Path):
-    """Kernelspec (JupyterLab opens without a kernel dialog), small file, an exercise with a checker,
-    a solutions notebook, a line in notebooks/README.md, and checked cells that print facts only."""
+    """Kernelspec (JupyterLab opens without a kernel dialog), an exercise with a checker, a solutions
+    notebook, a line in notebooks/README.md, and checked cells that print facts only (no stderr, no
+    figure). Notebooks are stored executed; their size and clean outputs are checked in test_packaging.py."""
     nb = json.loads(path.read_text())
     assert nb["metadata"].get("kernelspec", {}).get("name") == "python3", f"{path.name}: no python3 kernelspec"
-    assert path.stat().st_size < 300_000, f"{path.name} is {path.stat().st_size} bytes; strip outputs"
     code = ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
     text = "\n".join("".join(c["source"]) for c in nb["cells"])
     assert "adapterlab.exercises" in text and re.search(r"\bcheck_\w+\(", text), f"{path.name}: no checker"
@@ -457,8 +457,7 @@ def test_notebook_shape(path: Path):
         if cell["cell_type"] != "code":
             continue
         checked = "NBVAL_CHECK_OUTPUT" in "".join(cell["source"])
-        for out in cell.get("outputs", []):
-            assert checked, f"{path.name}: an unchecked cell kept its output (policy: only checked outputs are saved)"
+        for out in cell.get("outputs", []) if checked else ():
             assert out.get("name") != "stderr", f"{path.name}: a checked cell writes to stderr"
             assert not any(k.startswith("image/") for k in out.get("data", {})), f"{path.name}: image in checked cell"
     assert any("NBVAL_CHECK_OUTPUT" in c for c in code), f"{path.name}: no checked cell"
