@@ -350,10 +350,12 @@ def _prepare_out_dir(config: TrainConfig, is_main: bool) -> Optional[Path]:
 def _with_gate_recorder(callbacks: list, raw: nn.Module, config: TrainConfig, out_dir: Optional[Path],
                         is_main: bool) -> list:
     """A model with a gated adapter records its gates in out_dir/gates.jsonl unless told not to
-    (an ungated adapter, AdapterConfig(gate="none"), has no gate: no gates.jsonl)."""
+    (an ungated adapter, AdapterConfig(gate="none"), has no gate: no gates.jsonl). Under FSDP the
+    frozen weights are shards, so the details that run them outside a forward pass (the prompt
+    norms through W_v) are left out: the log holds the gates, loss and learning rate."""
     wanted = out_dir is not None and config.record_gates and is_main and _has_gates(raw)
     if wanted and not any(isinstance(cb, GateRecorder) for cb in callbacks):
-        callbacks.insert(0, GateRecorder(out_dir, every=config.log_every))
+        callbacks.insert(0, GateRecorder(out_dir, every=config.log_every, details=strategy_of(raw) != "fsdp"))
     return callbacks
 
 
