@@ -544,16 +544,18 @@ def run_ablate(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- families
 def add_families_arguments(p: argparse.ArgumentParser) -> None:
-    from .families import FAMILIES, StudyConfig
+    from .families import ALL_METHODS, FAMILIES, StudyConfig, task_names
 
     d = StudyConfig()
+    tasks = name_list([t for family in FAMILIES for t in task_names(family)])  # the family's own: checked later
     p.add_argument("--family", choices=FAMILIES, required=True, help="vit (VTAB-style tasks) or roberta (SQuAD-style)")
     p.add_argument("--out", required=True, help="folder for runs.jsonl, metrics.json, results.json, table.png, "
                                                 "gates.png (rerun with the same flags to resume: finished runs are skipped)")
     p.add_argument("--seeds", type=positive_int, default=d.seeds, help=f"seeds per method and task (default {d.seeds})")
-    p.add_argument("--methods", default=None, help="comma-separated subset of the family's methods (default: all)")
-    p.add_argument("--tasks", default=None, help="comma-separated subset of the family's tasks (default: all)")
-    p.add_argument("--search-tasks", default=None,
+    p.add_argument("--methods", type=name_list(ALL_METHODS), default=None,
+                   help="comma-separated subset of the family's methods (default: all)")
+    p.add_argument("--tasks", type=tasks, default=None, help="comma-separated subset of the family's tasks (default: all)")
+    p.add_argument("--search-tasks", type=tasks, default=None,
                    help="tasks of the learning-rate search (default: one per VTAB group for vit, all for roberta)")
     p.add_argument("--steps", type=positive_int, default=None, help="training steps per run (default: the family's)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="default: the family's")
@@ -569,11 +571,10 @@ def run_families(args: argparse.Namespace) -> int:
 
     from .families import format_table, run_study, study_config
 
-    split = lambda text: None if text is None else tuple(t.strip() for t in text.split(",") if t.strip())  # noqa: E731
     recipes.check_out_dir(args.out)
     try:
-        config = study_config(args.family, methods=split(args.methods), tasks=split(args.tasks),
-                              search_tasks=split(args.search_tasks), seeds=args.seeds, steps=args.steps,
+        config = study_config(args.family, methods=args.methods, tasks=args.tasks,
+                              search_tasks=args.search_tasks, seeds=args.seeds, steps=args.steps,
                               batch_size=args.batch_size, train_limit=args.train_limit)
     except ValueError as e:  # name the flag, not the setting
         return _fail(re.sub(r"\b(search_tasks|batch_size|train_limit|warmup_steps|methods|tasks|seeds|steps)\b",
