@@ -76,13 +76,13 @@ RUNS_NAME, METRICS_NAME, RESULTS_NAME, TABLE_NAME, GATES_PLOT = (
 # Learning-rate grids of the search (a factor of about 3 between neighbours, around where each
 # kind of parameter usually trains: new prompts and heads fast, pretrained weights slowly).
 LR_GRIDS = {
-    "zero_init": (1e-2, 3e-2, 1e-1),
-    "ungated_prompts": (1e-2, 3e-2, 1e-1),
-    "full": (3e-4, 1e-3, 3e-3),
-    "bitfit": (3e-3, 1e-2, 3e-2),
-    "linear": (3e-3, 1e-2, 3e-2),
-    "input_prompts": (1e-2, 3e-2, 1e-1),
-    "lora": (1e-3, 3e-3, 1e-2),
+    "zero_init": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+    "ungated_prompts": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+    "full": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
+    "bitfit": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+    "linear": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+    "input_prompts": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+    "lora": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
 }
 
 # The learning rate of each method, as chosen by the committed study's search (the demos use them):
@@ -678,9 +678,8 @@ def machine(threads: Optional[int] = None) -> dict:
 # tasks, and the task the learning-rate search runs on. Sized for one thread of a busy 2-core machine:
 # the ViT on one task per VTAB group, the search on one task per family.
 STUDY = {
-    "vit": dict(steps=60, batch_size=32, warmup_steps=6, tasks=("digits", "noisy_shapes", "count"),
-                search_tasks=("digits",)),
-    "roberta": dict(steps=100, batch_size=16, warmup_steps=10, search_tasks=("squad1",)),
+    "vit": dict(steps=200, batch_size=32, warmup_steps=20, search_tasks=("digits",)),
+    "roberta": dict(steps=400, batch_size=32, warmup_steps=40, search_tasks=("squad1",)),
 }
 
 

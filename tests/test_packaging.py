@@ -51,7 +51,7 @@ def test_python_floor_is_what_the_code_and_tests_need():
 def test_readme_test_command_is_what_ci_runs():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    cmd = "python -m pytest tests --nbval-lax --nbval-current-env notebooks"
+    cmd = "python -m pytest -n auto --dist loadscope tests --nbval-lax --nbval-current-env notebooks"
     assert cmd in readme and cmd in ci
 
 
