@@ -193,7 +193,10 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.system(),
             "ADAPTERLAB_THREADS": os.environ.get("ADAPTERLAB_THREADS", "(unset: 1)"),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "(unset)"),
-            "python": platform.python_version(), "torch": torch.__version__}
+            "python": platform.python_version(), "torch": torch.__version__,
+            # the vector unit torch uses: another one (AVX2 vs AVX-512) rounds sums differently, so
+            # training ends elsewhere even at the same seed and thread count
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 # --------------------------------------------------------------------------- build

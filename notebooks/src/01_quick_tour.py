@@ -99,8 +99,9 @@ print("output identical after attaching the adapter:", torch.equal(logits_before
 # The instruction set asks about most of the people; the others are **held out**. The
 # training settings are `adapterlab demo`'s too (`recipes.train_config()`: `recipes.TINY_WORLD`'s
 # steps, batch and learning rate), with the same seed, so this run *is* the demo's run: same
-# gates, same accuracy on a machine with the same thread count. The picture below redraws every
-# 10 steps.
+# gates, same accuracy on the same machine with the same thread count. (Another CPU can round
+# differently, for example one with AVX-512 instead of AVX2, and then training ends elsewhere:
+# other gates, another count of right answers.) The picture below redraws every 10 steps.
 
 # %%
 data = instruction_dataset(train_records, tokenizer, max_seq_len=recipes.TINY_WORLD.max_seq_len)

@@ -8,7 +8,8 @@
 # never mentions, count parameters (at tiny size and at the 7B shape) and save the adapter.
 #
 # The settings are the tiny world's defaults, `recipes.TINY_WORLD`: the same as `adapterlab demo`
-# and notebook 1, so this is the same run and reaches the same accuracy.
+# and notebook 1, so on the same machine and thread count this is the same run and reaches the
+# same accuracy.
 #
 # **Runtime:** about 2 minutes on 2 CPU cores with one torch thread (128 s measured), most of
 # it the training cell; the same with an empty cache, since the tiny base ships with the package.
