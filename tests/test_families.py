@@ -2,6 +2,7 @@
 and tiny task sets: what each method trains, the zero-init start, the study's files and resuming."""
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +224,16 @@ def test_demo_rates_are_one_table_for_every_method():
     for family in fam.FAMILIES:
         config = fam.demo_config(family)
         assert config.lrs == {m: fam.DEFAULT_LR[family][m] for m in fam.METHODS[family]} and config.seeds == 1
+
+
+@pytest.mark.parametrize("family", fam.FAMILIES)
+def test_the_committed_study_is_the_study_the_code_describes(family):
+    """docs/results/families/<family>: run with STUDY's budget and LR_GRIDS, on every task, and the
+    demo's rates (DEFAULT_LR) are the ones its search chose."""
+    results = json.loads((Path(__file__).parents[1] / "docs" / "results" / "families" / family / "results.json").read_text())
+    settings, study = results["settings"], fam.study_config(family)
+    for key in ("steps", "batch_size", "warmup_steps", "weight_decay", "prompt_len", "layers", "seeds"):
+        assert settings[key] == getattr(study, key), key
+    assert tuple(settings["tasks"]) == fam.task_names(family)
+    assert {m: tuple(g) for m, g in settings["lr_grids"].items()} == {m: fam.LR_GRIDS[m] for m in fam.METHODS[family]}
+    assert results["chosen_lr"] == fam.DEFAULT_LR[family]
