@@ -725,6 +725,10 @@ def run_demo(out_dir: str | os.PathLike, family: str, progress: bool = True, ver
                         command=f"adapterlab demo --{family} --out {out_dir}")
     if verbose:
         print(format_table(family, results["methods"]))
+        study = study_config(family)
+        print(f"One seed at {config.steps} steps per run: a short budget, where the slower methods have not learned yet. "
+              f"The committed study ({study.seeds} seeds, {study.steps} steps, every task) is in "
+              f"docs/results/families/{family}/ and notebook 11.")
     return results
 
 
