@@ -298,16 +298,21 @@ def train_adapter(model: Llama, tokenizer, examples: Sequence[Example], features
 @torch.no_grad()
 def answer(model: Llama, tokenizer, examples: Sequence[Example], features: Optional[torch.Tensor],
            max_new_tokens: int = 24, batch_size: int = 128) -> list[str]:
-    """Greedy answers (the paper decodes greedily) to the examples' prompts, with their pictures."""
-    outputs = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        prompts = [tokenizer.encode(ex.prompt, bos=True, eos=False) for ex in chunk]
-        inputs = image_inputs(features, [ex.image for ex in chunk])
+    """Greedy answers (the paper decodes greedily) to the examples' prompts, with their pictures.
+
+    Prompts of similar length are batched together (the generation loop feeds a batch's prompts
+    from its shortest one on, one position per step), and the answers come back in the examples' order."""
+    prompts = [tokenizer.encode(ex.prompt, bos=True, eos=False) for ex in examples]
+    order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))
+    outputs: list[str] = [""] * len(examples)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        inputs = image_inputs(features, [examples[i].image for i in chunk])
         visual = model.image_token(**{k: v.to(model.device) for k, v in inputs.items()}) if inputs else None  # (B, dim)
-        new = generate_tokens(model, prompts, max_new_tokens=max_new_tokens, greedy=True, visual=visual,
-                              eos_id=tokenizer.eos_id)
-        outputs += [tokenizer.decode(t).strip() for t in new]
+        new = generate_tokens(model, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens, greedy=True,
+                              visual=visual, eos_id=tokenizer.eos_id)
+        for i, t in zip(chunk, new):
+            outputs[i] = tokenizer.decode(t).strip()
     return outputs
 
 
