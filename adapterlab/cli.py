@@ -556,7 +556,7 @@ def add_families_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated subset of the family's methods (default: all)")
     p.add_argument("--tasks", type=tasks, default=None, help="comma-separated subset of the family's tasks (default: all)")
     p.add_argument("--search-tasks", type=tasks, default=None,
-                   help="tasks of the learning-rate search (default: one per VTAB group for vit, all for roberta)")
+                   help="tasks of the learning-rate search (default: the study's, digits for vit and squad1 for roberta)")
     p.add_argument("--steps", type=positive_int, default=None, help="training steps per run (default: the family's)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="default: the family's")
     p.add_argument("--train-limit", type=positive_int, default=None,
