@@ -18,7 +18,7 @@ The first term is ordinary causal attention (a fused kernel in model.Attention);
 :func:`gated_prompt_attention` below - the only new computation the adapter adds.
 :func:`zero_init_attention_literal` writes Eq. 5-8 literally (one score matrix, two softmaxes)
 for teaching and for the tests that prove both forms equal. Bidirectional encoders
-(:mod:`adapterlab.encoders`) use the same functions with a ``token_mask`` (which token keys each
+(:mod:`adapterlab.encoders.transformer`) use the same functions with a ``token_mask`` (which token keys each
 query may see: all but padding) in place of the causal mask (``token_mask=None``, LLaMA's).
 
 For comparison, ``AdapterConfig(gate="none")`` is the ungated design zero-init attention improves
@@ -255,7 +255,7 @@ class VisualProjection(nn.Module):
 
     The image token is added to the K prompts of every adapted layer (``model(tokens, visual=I_p)``,
     see :meth:`AdaptionPrompt.prompt_kv`); the encoders that make the features are in
-    :mod:`adapterlab.vision`.
+    :mod:`adapterlab.worlds.vision`.
 
     LayerNorm (features of different encoders and layers have very different scales), a
     two-layer MLP with a narrow hidden width (a bottleneck: hidden=128 by default), and a

@@ -201,7 +201,7 @@ def add_pretrain_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from .tinyworld import Recipe
+    from .worlds.tinyworld import Recipe
 
     recipe = Recipe()
     if args.steps is not None:
@@ -243,9 +243,9 @@ def add_speed_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_method_arguments(p: argparse.ArgumentParser) -> None:
-    from .baselines import LORA_TARGETS, METHODS
+    from .studies.baselines import LORA_TARGETS, METHODS
 
-    g = p.add_argument_group("method (baselines of the paper's Table 3: adapterlab.baselines)")
+    g = p.add_argument_group("method (baselines of the paper's Table 3: adapterlab.studies.baselines)")
     g.add_argument("--method", choices=METHODS, default="adapter",
                    help="adapter: LLaMA-Adapter on the frozen base (default); lora: LoRA on the frozen base; "
                         "full: train every weight (writes a whole new base folder)")
@@ -312,7 +312,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     else:
         print(f"no gate summary: --method {method} has no zero-init gates (only the adapter records gates.jsonl)")
         files = {"lora": "metrics.json lora.safetensors lora_config.json checkpoint.pt "
-                         "(load with adapterlab.baselines.load_lora(base, folder))",
+                         "(load with adapterlab.studies.baselines.load_lora(base, folder))",
                  "full": "metrics.json params.json consolidated.00.pth tokenizer.model checkpoint.pt "
                          f"(a whole base: adapterlab generate --base {args.out})"}[method]
     print(f"wrote {args.out}/: {files}")
@@ -367,7 +367,7 @@ def run_gates(args: argparse.Namespace) -> int:
     if args.png is not None and not args.no_plot and not Path(args.png).parent.is_dir():
         raise UsageError(f"the folder {Path(args.png).parent} does not exist; create it or choose another file", "png")
     if args.follow:
-        from .live import follow_gates
+        from .gates.live import follow_gates
 
         folder = Path(args.path)
         if folder.suffix == ".jsonl":
@@ -412,10 +412,10 @@ MULTIMODAL_OPTIONS = {"steps": "steps", "batch_size": "batch_size", "lr": "lr", 
 
 
 def run_multimodal_demo_command(args: argparse.Namespace) -> int:
-    """``adapterlab demo --multimodal``: see :func:`adapterlab.multimodal.run_multimodal_demo`."""
+    """``adapterlab demo --multimodal``: see :func:`adapterlab.worlds.multimodal.run_multimodal_demo`."""
     from dataclasses import replace
 
-    from .multimodal import MultimodalConfig, run_multimodal_demo
+    from .worlds.multimodal import MultimodalConfig, run_multimodal_demo
 
     parser_defaults = build_parser().parse_args(["demo"])
     ignored = sorted(k for k, v in vars(args).items()
@@ -449,8 +449,8 @@ FAMILY_DEMO_OPTIONS = ("out", "no_progress", "threads", "vit", "roberta", "run",
 
 
 def run_family_demo_command(args: argparse.Namespace) -> int:
-    """``adapterlab demo --vit`` / ``--roberta``: see :func:`adapterlab.families.run_demo`."""
-    from .families import run_demo as run_family_demo
+    """``adapterlab demo --vit`` / ``--roberta``: see :func:`adapterlab.studies.families.run_demo`."""
+    from .studies.families import run_demo as run_family_demo
 
     chosen = [f"--{name}" for name in ("multimodal", "vit", "roberta") if getattr(args, name)]
     if len(chosen) > 1:
@@ -462,7 +462,7 @@ def run_family_demo_command(args: argparse.Namespace) -> int:
     if ignored:
         return _fail(f"demo --{family} does not use " + ", ".join("--" + k.replace("_", "-") for k in ignored)
                      + "; it understands --out, --no-progress and --threads (the study's settings are fixed: "
-                       "adapterlab.families.DEMO)")
+                       "adapterlab.studies.families.DEMO)")
     if args.out == "runs/demo":
         args.out = f"runs/demo_{family}"
     recipes.check_out_dir(args.out)
@@ -488,7 +488,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- ablate
 def add_ablate_arguments(p: argparse.ArgumentParser) -> None:
-    from .ablate import VARIANTS, AblationConfig
+    from .studies.ablate import VARIANTS, AblationConfig
 
     d = AblationConfig()
     p.add_argument("--out", required=True, help="folder for runs.jsonl, summary.json and ablation.png "
@@ -516,10 +516,10 @@ def add_ablate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_ablate(args: argparse.Namespace) -> int:
-    """``adapterlab ablate``: zero-init vs random-init gates vs ungated prompts over seeds (adapterlab.ablate)."""
+    """``adapterlab ablate``: zero-init vs random-init gates vs ungated prompts over seeds (adapterlab.studies.ablate)."""
     import shlex
 
-    from .ablate import AblationConfig, format_table, run_ablation
+    from .studies.ablate import AblationConfig, format_table, run_ablation
 
     try:
         config = AblationConfig(variants=args.variants, seeds=args.seeds, lr=args.lr, steps=args.steps,
@@ -544,7 +544,7 @@ def run_ablate(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- families
 def add_families_arguments(p: argparse.ArgumentParser) -> None:
-    from .families import ALL_METHODS, FAMILIES, StudyConfig, task_names
+    from .studies.families import ALL_METHODS, FAMILIES, StudyConfig, task_names
 
     d = StudyConfig()
     tasks = name_list([t for family in FAMILIES for t in task_names(family)])  # the family's own: checked later
@@ -565,11 +565,11 @@ def add_families_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_families(args: argparse.Namespace) -> int:
-    """``adapterlab families``: the multi-seed comparison of one family (adapterlab.families.run_study)."""
+    """``adapterlab families``: the multi-seed comparison of one family (adapterlab.studies.families.run_study)."""
     import re
     import shlex
 
-    from .families import format_table, run_study, study_config
+    from .studies.families import format_table, run_study, study_config
 
     recipes.check_out_dir(args.out)
     try:
@@ -630,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _threads(args: argparse.Namespace) -> Optional[int]:
     """--threads, else $ADAPTERLAB_THREADS (default 1) for the tiny world, else torch's own choice."""
-    from .files import default_threads
+    from .io.files import default_threads
 
     if args.threads is not None or not _uses_tiny_world(args):
         return args.threads
@@ -645,7 +645,7 @@ def main(argv: Optional[Sequence[str]] = None, callbacks: Sequence = ()) -> int:
     ``callbacks`` go to the training loop of finetune and demo (tests, notebooks)."""
     from .data import DataError
     from .distributed import DistributedError, cleanup, rank_and_world
-    from .files import cpu_threads
+    from .io.files import cpu_threads
     from .train import CheckpointMismatch, TrainingDiverged
 
     try:

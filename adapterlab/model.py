@@ -8,7 +8,7 @@ Layer 1 (beside tokenizer and scenes): torch only, nothing from adapterlab.
 
 Weights use Meta's names (``layers.{i}.attention.wq.weight`` ...) and Meta's rotary
 layout (interleaved pairs), so a Meta ``consolidated.*.pth`` loads as is; the Hugging Face
-layout is converted in :mod:`adapterlab.checkpoints`.
+layout is converted in :mod:`adapterlab.io.checkpoints`.
 
 The LLaMA-Adapter hooks in at one place only: :class:`Attention` calls
 ``self.adapter`` (see :mod:`adapterlab.adapter`, Eq. 5-8 of the paper) when one is attached.

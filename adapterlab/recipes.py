@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from .adapter import AdapterConfig
-from .baselines import LoRAConfig
+from .studies.baselines import LoRAConfig
 from .model import Llama
 from .train import CHECKPOINT_NAME, TrainConfig
 
@@ -159,7 +159,7 @@ def load_records(data: Union[PathLike, Sequence[dict]]) -> list[dict]:
     """Instruction records: ``"tinyworld"``, an Alpaca ``.json``/``.jsonl`` file, or the records
     themselves; all validated (DataError lists every bad record) before anything trains."""
     from .data import validate_records
-    from .tinyworld import load_instruction_data
+    from .worlds.tinyworld import load_instruction_data
 
     if not isinstance(data, (str, os.PathLike)):
         return validate_records(list(data), "records")
@@ -179,11 +179,11 @@ def load_base_model(base: PathLike, device: Optional[str] = None) -> Llama:
     import torch
 
     if str(base) == TINY:
-        from .tinyworld import load_base
+        from .worlds.tinyworld import load_base
 
         model = load_base(device=device)
     else:
-        from .checkpoints import load_llama
+        from .io.checkpoints import load_llama
 
         try:
             model = load_llama(base, device=device)
@@ -200,8 +200,8 @@ def load_base_model(base: PathLike, device: Optional[str] = None) -> Llama:
 def load_tuned_model(base: PathLike, adapter: Optional[PathLike] = None, device: Optional[str] = None) -> Llama:
     """A base with a tuned adapter attached: a folder from :func:`finetune` (adapter or LoRA), an
     official release ``.pth`` or a PEFT adaption-prompt folder (None: the base alone)."""
-    from .baselines import LORA_CONFIG, load_lora
-    from .checkpoints import load_adapter
+    from .studies.baselines import LORA_CONFIG, load_lora
+    from .io.checkpoints import load_adapter
 
     if adapter is not None and not Path(adapter).exists():  # before the (maybe large) base is read
         raise UsageError(f"{adapter} does not exist; pass the --out folder of a finetune run, an official .pth "
@@ -244,10 +244,10 @@ def pretrain(out_dir: Optional[PathLike] = None, recipe=None, force: bool = Fals
 
     out_dir None: build it into the cache (once; ``force`` rebuilds), where ``load_llama("tinyworld")``
     finds it. Otherwise pretrain anew and write a Meta folder (+ metrics.json) to ``out_dir``.
-    recipe: a :class:`adapterlab.tinyworld.Recipe` (None: the default one).
+    recipe: a :class:`adapterlab.worlds.tinyworld.Recipe` (None: the default one).
     """
-    from . import tinyworld
-    from .checkpoints import save_llama
+    from .worlds import tinyworld
+    from .io.checkpoints import save_llama
     from .train import write_metrics
 
     recipe = recipe or tinyworld.Recipe()
@@ -297,7 +297,7 @@ def finetune(
     gates.png, adapter.safetensors + adapter_config.json).
     """
     from . import distributed
-    from .baselines import prepare
+    from .studies.baselines import prepare
     from .data import check_batch_sizes, instruction_dataset
     from .train import train as run_training, write_metrics
 
@@ -351,7 +351,7 @@ def finetune(
 
     eval_fn = None
     if tiny:
-        from .tinyworld import heldout_accuracy, load_world
+        from .worlds.tinyworld import heldout_accuracy, load_world
 
         _, _, heldout = load_world()
         eval_fn = lambda m: {"heldout_accuracy": heldout_accuracy(m, tokenizer, heldout)}  # noqa: E731
@@ -369,7 +369,7 @@ def finetune(
 
 
 def _method_settings(method: str, adapter, lora, n_layers: int, tiny: bool) -> dict:
-    """What :func:`adapterlab.baselines.prepare` attaches for ``method``, checked against the base."""
+    """What :func:`adapterlab.studies.baselines.prepare` attaches for ``method``, checked against the base."""
     if method == "adapter":
         adapter = _resolve(adapter, AdapterConfig, lambda **c: adapter_config(n_layers, tiny, **c))
         if adapter.layers > n_layers:
@@ -388,8 +388,8 @@ def _method_settings(method: str, adapter, lora, n_layers: int, tiny: bool) -> d
 
 def _save_tuned(model: Llama, method: str, out: Path) -> None:
     """The result of ``method``: the adapter, the LoRA, or a whole new base in Meta's layout (load_llama reads it)."""
-    from .baselines import save_lora
-    from .checkpoints import save_adapter, save_llama
+    from .studies.baselines import save_lora
+    from .io.checkpoints import save_adapter, save_llama
 
     if method == "adapter":
         save_adapter(model, out)
@@ -406,7 +406,7 @@ def demo(out_dir: PathLike = "runs/demo", adapter: Union[AdapterConfig, dict, No
     """The whole story on the embedded tiny world, printed: the frozen base -> its answers before ->
     adapter tuning -> answers after. Writes the run (and the demo's metrics.json) to ``out_dir``;
     returns those metrics. adapter / train: configs or changes to :data:`TINY_WORLD`."""
-    from . import tinyworld
+    from .worlds import tinyworld
     from .gates import read_gates
     from .train import write_metrics
 

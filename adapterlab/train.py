@@ -48,7 +48,7 @@ from .distributed import (
     all_reduce_sum, check_replicas, collective_guard, no_sync, rank_and_world, reduced_elements, strategy_of,
     sync_gradients, unwrap, wrap_model,
 )
-from .files import atomic_torch_save, atomic_write_text, remove_stale_temps
+from .io.files import atomic_torch_save, atomic_write_text, remove_stale_temps
 from .gates import GateRecorder, gated_layers
 from .losses import loss_sum
 from .model import autocast_for

@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from adapterlab import AdapterConfig, Llama, LlamaConfig, add_adapter  # noqa: E402
 from adapterlab import distributed as D  # noqa: E402
 from adapterlab.adapter import adapted_layers, trainable_parameters  # noqa: E402
-from adapterlab.files import atomic_write_text  # noqa: E402
+from adapterlab.io.files import atomic_write_text  # noqa: E402
 from adapterlab.losses import loss_sum  # noqa: E402
 from adapterlab.model import autocast_for  # noqa: E402
 from adapterlab.train import make_optimizer, TrainConfig  # noqa: E402

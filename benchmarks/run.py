@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from adapterlab import AdapterConfig, Llama, LlamaConfig, add_adapter  # noqa: E402
 from adapterlab.adapter import adapted_layers, remove_adapter  # noqa: E402
-from adapterlab.checkpoints import HF_LAYER_NAMES, HF_TOP_NAMES  # noqa: E402
+from adapterlab.io.checkpoints import HF_LAYER_NAMES, HF_TOP_NAMES  # noqa: E402
 from adapterlab.losses import IGNORE_INDEX, compile_model, lm_loss, uncompile_model  # noqa: E402
 
 GIB = 2**30
@@ -92,14 +92,14 @@ class BenchShape:
 
 
 def shapes(quick: bool) -> dict[str, BenchShape]:
-    # The embedded default model (adapterlab.tinyworld: dim 128, 4 layers, 640-token vocabulary)
+    # The embedded default model (adapterlab.worlds.tinyworld: dim 128, 4 layers, 640-token vocabulary)
     # with `adapterlab finetune`'s tiny defaults (K=10, all 4 layers, batch 32): what a student's
     # laptop runs.
     tinyworld = BenchShape(
         "tinyworld", LlamaConfig(dim=128, n_layers=4, n_heads=4, vocab_size=640, multiple_of=32, max_seq_len=256),
         prompt_len=10, adapter_layers=4, train_batch=(32, 96), ckpt_batch=(32, 96), gen_batches=(1, 8),
         gen_prompt=32, gen_new=128, warmup=2, steps=5 if quick else 10, rounds=3 if quick else 5,
-        gen_rounds=3 if quick else 5, about="the embedded tiny-world model (adapterlab.tinyworld)",
+        gen_rounds=3 if quick else 5, about="the embedded tiny-world model (adapterlab.worlds.tinyworld)",
     )
     # A small LLaMA with LLaMA's vocabulary and proportions (head width 64, SwiGLU 8/3 C), the
     # top 7 of 8 layers adapted (7B: top 30 of 32): matrix products dominate, as at 7B.
@@ -173,12 +173,12 @@ def hf_config_from(cfg: LlamaConfig, dtype: torch.dtype):
 
 def meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """q/k rows from Meta's interleaved rotary pairs to HF's rotated halves (the inverse of
-    adapterlab.checkpoints.hf_to_meta_rows): row h*d + 2i + c moves to h*d + c*d/2 + i."""
+    adapterlab.io.checkpoints.hf_to_meta_rows): row h*d + 2i + c moves to h*d + c*d/2 + i."""
     d = w.shape[0] // n_heads
     return w.reshape(n_heads, d // 2, 2, -1).transpose(1, 2).reshape(w.shape)
 
 
-# Meta name -> Hugging Face name: the loader's maps (adapterlab.checkpoints), inverted.
+# Meta name -> Hugging Face name: the loader's maps (adapterlab.io.checkpoints), inverted.
 _HF_TOP = {meta: hf for hf, meta in HF_TOP_NAMES.items()}
 _HF_LAYER = {meta: hf for hf, meta in HF_LAYER_NAMES.items()}
 

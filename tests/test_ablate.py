@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from adapterlab import ablate
-from adapterlab import tinyworld as tw
-from adapterlab.ablate import AblationConfig
+from adapterlab.studies import ablate
+from adapterlab.worlds import tinyworld as tw
+from adapterlab.studies.ablate import AblationConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -16,7 +16,7 @@ FAST = dict(seeds=2, variants=("zero", "none"), steps=3, batch_size=8, layers=2,
 
 def read_base(folder):
     """The conftest's base, frozen, on the CPU (as tinyworld.load_base gives the cached one)."""
-    from adapterlab.checkpoints import load_llama
+    from adapterlab.io.checkpoints import load_llama
 
     return load_llama(folder, device="cpu").requires_grad_(False)
 

@@ -5,7 +5,7 @@ import torch
 from conftest import make_hf_llama, make_tiny_model, random_tokens
 
 from adapterlab.adapter import count_trainable, gate_values
-from adapterlab.baselines import (
+from adapterlab.studies.baselines import (
     METHODS, LoRAConfig, add_lora, load_lora, lora_modules, lora_param_count, lora_state_dict, merge_lora, prepare,
     prepare_full_finetune, remove_lora, save_lora,
 )
@@ -40,7 +40,7 @@ def test_lora_matches_peft(tmp_path):
     """Same base, same A and B -> our logits equal PEFT's LoRA on transformers' Llama."""
     peft = pytest.importorskip("peft")
     from adapterlab import load_llama
-    from adapterlab.checkpoints import hf_to_meta_rows
+    from adapterlab.io.checkpoints import hf_to_meta_rows
 
     hf = make_hf_llama(dim=64, n_layers=3, n_heads=4)
     hf.save_pretrained(tmp_path / "base")

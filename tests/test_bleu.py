@@ -4,9 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from adapterlab.bleu import caption_tokens, corpus_bleu
-from adapterlab.scenes import random_scene
-from adapterlab.scenetext import captions
+from adapterlab.metrics.bleu import caption_tokens, corpus_bleu
+from adapterlab.worlds.scenes import random_scene
+from adapterlab.worlds.scenetext import captions
 
 
 def test_bleu_matches_a_hand_computed_example():

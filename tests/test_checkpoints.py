@@ -226,7 +226,7 @@ def test_truncated_adapter_file_is_named(tmp_path, kind, cut):
 
 
 def test_save_llama_writes_a_meta_folder_that_load_llama_reads_exactly(tmp_path):
-    from adapterlab.checkpoints import save_llama
+    from adapterlab.io.checkpoints import save_llama
 
     model = add_adapter(make_tiny_model(), AdapterConfig(prompt_len=2, layers=1))  # the adapter is left out
     texts = [f"the {w} number {i} is {i * 7}" for i, w in enumerate(["red", "blue", "green", "big", "small"] * 8)]

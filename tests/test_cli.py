@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from adapterlab import tinyworld as tw
+from adapterlab.worlds import tinyworld as tw
 from adapterlab.cli import COMMANDS, main
 
 RUN_FILES = {"metrics.json", "gates.jsonl", "gates.png", "adapter.safetensors", "adapter_config.json", "checkpoint.pt"}
@@ -54,7 +54,7 @@ def test_finetune_writes_a_complete_run_and_resumes(small_base, tmp_path, capsys
 
 
 def test_pretrain_writes_a_meta_folder_that_load_llama_reads(tmp_path, capsys):
-    from adapterlab.checkpoints import load_llama
+    from adapterlab.io.checkpoints import load_llama
 
     out = tmp_path / "base"
     assert main(["pretrain", "--out", str(out), "--steps", "2", "--no-progress"]) == 0

@@ -7,7 +7,7 @@ import torch
 
 from adapterlab.adapter import AdapterConfig, joint_attention_literal, zero_init_attention_literal
 from conftest import randomize_
-from adapterlab.clip import (
+from adapterlab.encoders.clip import (
     GatedCLIPAttention,
     add_clip_prompts,
     clip_adapted_layers,

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from adapterlab import tinyworld
+from adapterlab.worlds import tinyworld
 from adapterlab.data import (
     IGNORE_INDEX,
     DataError,

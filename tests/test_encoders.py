@@ -15,7 +15,7 @@ from adapterlab.adapter import (
     joint_prompt_attention,
     zero_init_attention_literal,
 )
-from adapterlab.encoders import (
+from adapterlab.encoders.transformer import (
     TextEncoder,
     TextEncoderConfig,
     ViT,

@@ -1,4 +1,4 @@
-"""The comparison harness of the encoder families (adapterlab.families), on tiny random encoders
+"""The comparison harness of the encoder families (adapterlab.studies.families), on tiny random encoders
 and tiny task sets: what each method trains, the zero-init start, the study's files and resuming."""
 import copy
 import json
@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterlab import families as fam
+from adapterlab.studies import families as fam
 from adapterlab.adapter import trainable_parameters
-from adapterlab.encoders import TextEncoder, TextEncoderConfig, ViT, ViTConfig, init_encoder_weights, set_head
+from adapterlab.encoders.transformer import TextEncoder, TextEncoderConfig, ViT, ViTConfig, init_encoder_weights, set_head
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -190,7 +190,7 @@ def test_the_study_resumes_and_skips_finished_runs(vit_bench, tmp_path, monkeypa
 
 
 def test_a_text_study_reports_em_and_f1_on_both_squad_versions(tmp_path):
-    from adapterlab.textqa import tiny_world_vocab
+    from adapterlab.worlds.textqa import tiny_world_vocab
 
     vocab = tiny_world_vocab()
     base = tiny_text(vocab_size=vocab.size)

@@ -1,4 +1,4 @@
-"""The live gate view: tailing a gates.jsonl that is being written (adapterlab.live)."""
+"""The live gate view: tailing a gates.jsonl that is being written (adapterlab.gates.live)."""
 from __future__ import annotations
 
 import io
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from adapterlab.live import GateTail, LiveGates, follow_gates, render_png, summary_line, text_heatmap
+from adapterlab.gates.live import GateTail, LiveGates, follow_gates, render_png, summary_line, text_heatmap
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -142,7 +142,7 @@ def test_render_png_writes_atomically(tmp_path):
 def test_finished_run_is_shown_and_a_restarted_one_followed(tmp_path):
     import os
 
-    from adapterlab.live import run_finished
+    from adapterlab.gates.live import run_finished
 
     (tmp_path / "gates.jsonl").write_text(line(record(10)) + line(record(20)))
     (tmp_path / "metrics.json").write_text("{}")

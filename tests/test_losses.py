@@ -343,7 +343,7 @@ def load_benchmark():
 def test_benchmark_weight_conversion_matches_transformers_exactly():
     """The CUDA path builds transformers' model from our tensors in memory: logits must agree (fp32)."""
     pytest.importorskip("transformers")
-    from adapterlab.checkpoints import hf_to_meta_rows
+    from adapterlab.io.checkpoints import hf_to_meta_rows
 
     run = load_benchmark()
     w = torch.randn(4 * 8, 5)

@@ -9,11 +9,11 @@ from adapterlab.adapter import adapted_layers
 from adapterlab.data import get_batch
 from adapterlab.losses import loss_sum
 from adapterlab.model import init_weights
-from adapterlab.multimodal import (
+from adapterlab.worlds.multimodal import (
     MultimodalConfig, answer, example_dataset, image_inputs, make_data, run_multimodal_demo,
 )
-from adapterlab.scenes import Scene
-from adapterlab.scenetext import CONTEXTS, knowledge_facts, knowledge_question, scene_question
+from adapterlab.worlds.scenes import Scene
+from adapterlab.worlds.scenetext import CONTEXTS, knowledge_facts, knowledge_question, scene_question
 
 
 # ---------------------------------------------------------------------------- tasks
@@ -133,12 +133,12 @@ def test_demo_writes_every_output(tmp_path):
 
 
 def test_scene_base_is_cached_and_reloaded_exactly(tmp_path, monkeypatch):
-    from adapterlab.multimodal import load_scene_base, pretrain_corpus
+    from adapterlab.worlds.multimodal import load_scene_base, pretrain_corpus
 
     monkeypatch.setenv("ADAPTERLAB_CACHE", str(tmp_path))
     cfg = MultimodalConfig(train_scenes=60, dim=32, n_layers=2, n_heads=2, vocab_size=200, pretrain_steps=2,
                            pretrain_batch_size=4, pretrain_seq_len=64)
-    from adapterlab.scenes import make_scenes
+    from adapterlab.worlds.scenes import make_scenes
 
     scenes, _ = make_scenes(60, seed=1)
     corpus = pretrain_corpus(scenes, knowledge_facts(), np.random.default_rng(0))
@@ -161,7 +161,7 @@ def test_demo_multimodal_command(tmp_path, monkeypatch, capsys):
     """`adapterlab demo --multimodal --out DIR` runs the multi-modal demo with the options it understands."""
     import dataclasses
 
-    import adapterlab.multimodal as mm
+    import adapterlab.worlds.multimodal as mm
     from adapterlab.cli import main
 
     monkeypatch.setenv("ADAPTERLAB_CACHE", str(tmp_path / "cache"))

@@ -154,7 +154,7 @@ def test_builder_stores_widgets_as_what_they_showed():
 
 
 def test_files_the_notebooks_cite_exist():
-    """A path in backquotes in a notebook source (`docs/method.md`, `adapterlab/tinyworld.py`, ...) is a file here."""
+    """A path in backquotes in a notebook source (`docs/method.md`, `adapterlab/worlds/tinyworld.py`, ...) is a file here."""
     cited = re.compile(r"`((?:docs|adapterlab|notebooks|tests|benchmarks)/[^`\s]+\.(?:md|py|ipynb|json|png))`")
     missing = [f"{src.relative_to(ROOT)}: {path}" for src in sorted((ROOT / "notebooks" / "src").rglob("*.py"))
                for path in cited.findall(src.read_text()) if not (ROOT / path).is_file()]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from adapterlab import tinyworld as tw
-from adapterlab.files import cache_root
+from adapterlab.worlds import tinyworld as tw
+from adapterlab.io.files import cache_root
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,8 @@ WITHOUT_FCNTL = textwrap.dedent("""
     except ImportError:
         print("fcntl is blocked")
     import adapterlab.cli
-    from adapterlab import load_llama, tinyworld
+    from adapterlab import load_llama
+    from adapterlab.worlds import tinyworld
 """)
 
 SMALL_BASE = WITHOUT_FCNTL + textwrap.dedent("""

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from adapterlab.bleu import corpus_bleu
-from adapterlab.scenes import Scene
-from adapterlab.scenetext import (
+from adapterlab.metrics.bleu import corpus_bleu
+from adapterlab.worlds.scenes import Scene
+from adapterlab.worlds.scenetext import (
     KINDS, LETTERS, OPTIONS, caption_example, captions, knowledge_facts, knowledge_question, parse_answer,
     pretrain_corpus, scene_answer, scene_question, score,
 )
@@ -65,7 +65,7 @@ def test_score_of_a_set_without_picture_questions_warns_nothing_and_says_nan():
     import math
     import warnings
 
-    from adapterlab.scenetext import score
+    from adapterlab.worlds.scenetext import score
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # numpy's "Mean of empty slice" would raise here

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapterlab import multimodal as mm
-from adapterlab import tinyworld as tw
-from adapterlab.files import BUILD_THREADS, SHIPPED_ROOT, build_machine, cpu_threads, shipped_base
+from adapterlab.worlds import multimodal as mm
+from adapterlab.worlds import tinyworld as tw
+from adapterlab.io.files import BUILD_THREADS, SHIPPED_ROOT, build_machine, cpu_threads, shipped_base
 
 ROOT = Path(__file__).resolve().parents[1]
 RESHIP = "the recipe changed: rebuild and ship with `python tools/ship_bases.py --only {kind}`, then commit adapterlab/bases/"
@@ -60,7 +60,7 @@ def test_shipped_bases_are_the_current_recipes(scene_corpus):
 
 
 def test_encoder_bases_ship_and_load_without_building(tmp_path, monkeypatch):
-    from adapterlab import textqa, vtab
+    from adapterlab.worlds import textqa, vtab
 
     monkeypatch.setenv("ADAPTERLAB_CACHE", str(tmp_path / "cache"))
     shipped_folder("vit", vtab.vit_base_name())

@@ -1,7 +1,7 @@
 """The SQuAD metric against examples worked by hand (the expected numbers are derived in the comments)."""
 import pytest
 
-from adapterlab.squad import evaluate, exact_match, f1_score, normalize_answer, reference_answers, score_question
+from adapterlab.metrics.squad import evaluate, exact_match, f1_score, normalize_answer, reference_answers, score_question
 
 
 def record(qid: str, answers: list[str]) -> dict:

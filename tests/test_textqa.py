@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from adapterlab import textqa as tq
-from adapterlab.encoders import TextEncoder, TextEncoderConfig, init_encoder_weights, set_head
-from adapterlab.squad import evaluate
-from adapterlab.tinyworld import ATTRIBUTES, NAMES, QUESTIONS, Recipe, build_world
+from adapterlab.worlds import textqa as tq
+from adapterlab.encoders.transformer import TextEncoder, TextEncoderConfig, init_encoder_weights, set_head
+from adapterlab.metrics.squad import evaluate
+from adapterlab.worlds.tinyworld import ATTRIBUTES, NAMES, QUESTIONS, Recipe, build_world
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapterlab import tinyworld as tw
+from adapterlab.worlds import tinyworld as tw
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,7 +108,7 @@ BUILD = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {tests!r})
     from test_tinyworld import small_recipe
-    from adapterlab import tinyworld as tw
+    from adapterlab.worlds import tinyworld as tw
     folder = tw.build_base(small_recipe(), progress=True)
     model = tw.load_base(recipe=small_recipe(), progress=False)
     print("FOLDER", folder, model.num_params(), model.tokenizer.n_words)

@@ -6,9 +6,9 @@ import torch
 from adapterlab import AdapterConfig, Llama, LlamaConfig, add_adapter
 from adapterlab.adapter import adapted_layers, adapter_state_dict, count_trainable
 from adapterlab.model import init_weights
-from adapterlab.scenes import COLOURS, CORNERS, IMAGE_SIZE, RGB, SHAPES, Scene, make_scenes, render_scene
+from adapterlab.worlds.scenes import COLOURS, CORNERS, IMAGE_SIZE, RGB, SHAPES, Scene, make_scenes, render_scene
 from adapterlab.adapter import VisualProjection
-from adapterlab.vision import CLIPEncoder, SceneEncoder, check_images, encode_images
+from adapterlab.worlds.vision import CLIPEncoder, SceneEncoder, check_images, encode_images
 
 DIM, VOCAB = 64, 97
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from adapterlab import vtab
-from adapterlab.encoders import ViT
+from adapterlab.worlds import vtab
+from adapterlab.encoders.transformer import ViT
 
 SMALL = dict(n_train=24, n_val=12, n_test=12)  # enough to see balance; seconds for all tasks
 

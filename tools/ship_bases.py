@@ -29,18 +29,18 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from adapterlab.files import SHIPPED_ROOT, publish_folder  # noqa: E402
+from adapterlab.io.files import SHIPPED_ROOT, publish_folder  # noqa: E402
 
 
 # --------------------------------------------------------------------------- the builders, one per kind of base
 def build_tinyworld(progress: bool) -> Path:
-    from adapterlab import tinyworld
+    from adapterlab.worlds import tinyworld
 
     return tinyworld.build_base(progress=progress, force=True)
 
 
 def build_scenes(progress: bool) -> Path:
-    from adapterlab import multimodal
+    from adapterlab.worlds import multimodal
 
     config = multimodal.MultimodalConfig()
     corpus = multimodal.make_data(config).corpus

@@ -23,10 +23,11 @@ import matplotlib.pyplot as plt
 import torch
 
 from adapterlab import add_adapter, gate_values, load_llama
-from adapterlab import recipes, tinyworld
+from adapterlab import recipes
+from adapterlab.worlds import tinyworld
 from adapterlab.adapter import count_trainable
 from adapterlab.data import format_prompt, instruction_dataset
-from adapterlab.files import default_threads
+from adapterlab.io.files import default_threads
 from adapterlab.gates import LivePlot, explorer
 from adapterlab.generate import generate
 from adapterlab.train import train

@@ -5,7 +5,7 @@
 # weights, and the adapter only teaches the model to use it for following instructions. To
 # watch that happen on a laptop we need a base model that knows something. Real LLaMA weights
 # cannot be downloaded here, and a tiny model pretrained on real web text knows nothing useful,
-# so `adapterlab.tinyworld` makes a small synthetic world and pretrains a small LLaMA on text
+# so `adapterlab.worlds.tinyworld` makes a small synthetic world and pretrains a small LLaMA on text
 # about it. In this notebook we look at the world, its tokenizer, the pretraining loss, and we
 # probe what the base knows - including facts about people the instruction data will never
 # mention.
@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from adapterlab import tinyworld
+from adapterlab.worlds import tinyworld
 from adapterlab.data import format_prompt
 from adapterlab.generate import generate
 from adapterlab.model import Llama, LlamaConfig, init_weights
@@ -188,7 +188,7 @@ for name, text in zip(held, generate(base, tokenizer, [f"{n} lives in" for n in 
 # value wins. The sentences are the answers of the instruction set (`tinyworld.ANSWERS`).
 # `tinyworld.sentence_logprobs` sums log p(token | earlier tokens) over each sentence;
 # `tinyworld.probe_base` compares those sums across the 8 values of each attribute (both are
-# short: read them in `adapterlab/tinyworld.py`).
+# short: read them in `adapterlab/worlds/tinyworld.py`).
 
 # %%
 known_train = tinyworld.probe_base(base, tokenizer, world.train_people)

@@ -22,10 +22,11 @@ import matplotlib.pyplot as plt
 import torch
 
 from adapterlab import AdapterConfig, Llama, LlamaConfig, add_adapter, load_adapter, load_llama, save_adapter
-from adapterlab import recipes, tinyworld
+from adapterlab import recipes
+from adapterlab.worlds import tinyworld
 from adapterlab.adapter import adapter_state_dict, count_trainable
 from adapterlab.data import IGNORE_INDEX, format_prompt, instruction_dataset
-from adapterlab.files import default_threads
+from adapterlab.io.files import default_threads
 from adapterlab.gates import LivePlot, format_summary, summarize
 from adapterlab.train import train
 from adapterlab.exercises import check_target_token_count

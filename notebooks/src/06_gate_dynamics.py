@@ -25,8 +25,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from adapterlab import AdapterConfig, add_adapter, load_llama, tinyworld
-from adapterlab.ablate import mean_loss
+from adapterlab import AdapterConfig, add_adapter, load_llama
+from adapterlab.worlds import tinyworld
+from adapterlab.studies.ablate import mean_loss
 from adapterlab.adapter import adapted_layers, prompt_attention_map
 from adapterlab.data import format_prompt, instruction_dataset
 from adapterlab.gates import (GateLog, ablate_heads, explorer, format_summary, gate_record, layer_colors, plot_head_curves,

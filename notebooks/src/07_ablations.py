@@ -30,10 +30,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from adapterlab import AdapterConfig, add_adapter, load_llama, tinyworld
-from adapterlab import ablate
-from adapterlab.ablate import AblationConfig
-from adapterlab.baselines import add_lora, lora_param_count, prepare_full_finetune, remove_lora
+from adapterlab import AdapterConfig, add_adapter, load_llama
+from adapterlab.worlds import tinyworld
+from adapterlab.studies import ablate
+from adapterlab.studies.ablate import AblationConfig
+from adapterlab.studies.baselines import add_lora, lora_param_count, prepare_full_finetune, remove_lora
 from adapterlab.data import collate, instruction_dataset, text_windows
 from adapterlab.losses import loss_sum
 from adapterlab.recipes import TINY_WORLD
@@ -443,7 +444,7 @@ print(f"live run: held-out loss {' -> '.join(f'{x:.3f}' for x in live_losses)}: 
 #
 # The paper's Table 3 sets the adapter beside two baselines: full fine-tuning (Alpaca: every
 # weight trains) and LoRA (Alpaca-LoRA: a trainable low-rank update `(alpha/r) B A` beside the
-# frozen `W_q` and `W_v` of every layer, `adapterlab.baselines.add_lora`). All three run here
+# frozen `W_q` and `W_v` of every layer, `adapterlab.studies.baselines.add_lora`). All three run here
 # through the same loop, on the same data, seed, batch and number of steps (40: the adapter is the
 # live run of section 3); only the trainable tensors and the learning rate differ (the tiny
 # world's rate for each method, `TINY_WORLD.lr`: adapter 5e-2, LoRA 1e-2, full fine-tuning 1e-3).
@@ -458,7 +459,7 @@ print(f"live run: held-out loss {' -> '.join(f'{x:.3f}' for x in live_losses)}: 
 # %%
 # NBVAL_CHECK_OUTPUT
 from adapterlab import LlamaConfig
-from adapterlab.baselines import LoRAConfig
+from adapterlab.studies.baselines import LoRAConfig
 
 alpaca_lora = LoRAConfig(rank=8, alpha=16, targets=("wq", "wv"))
 print(f"LoRA r=8 on W_q, W_v: {lora_param_count(alpaca_lora, LlamaConfig()):,} values at 7B, "

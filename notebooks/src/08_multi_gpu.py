@@ -25,9 +25,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from adapterlab import tinyworld
+from adapterlab.worlds import tinyworld
 from adapterlab.gates import GateLog
-from adapterlab.live import LiveGates, launch
+from adapterlab.gates.live import LiveGates, launch
 from adapterlab.exercises import check_accumulation_steps
 
 plt.rcParams.update({"figure.dpi": 72})

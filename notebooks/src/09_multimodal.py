@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 from adapterlab import AdapterConfig, add_adapter, gate_values
-from adapterlab import multimodal as mm
-from adapterlab.scenetext import parse_answer, score
+from adapterlab.worlds import multimodal as mm
+from adapterlab.worlds.scenetext import parse_answer, score
 from adapterlab.adapter import VisualProjection, count_trainable
-from adapterlab.vision import encode_images, pretrain_scene_encoder
-from adapterlab.files import default_threads
+from adapterlab.worlds.vision import encode_images, pretrain_scene_encoder
+from adapterlab.io.files import default_threads
 from adapterlab.exercises import check_multimodal_param_count
 
 torch.manual_seed(0)

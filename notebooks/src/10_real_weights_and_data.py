@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from adapterlab import AdapterConfig, add_adapter, load_adapter, load_llama, save_adapter, tinyworld
+from adapterlab import AdapterConfig, add_adapter, load_adapter, load_llama, save_adapter
+from adapterlab.worlds import tinyworld
 from adapterlab.adapter import adapted_layers, gate_values, remove_adapter
 from adapterlab.data import DataError, format_prompt, instruction_dataset, load_alpaca, save_alpaca
 from adapterlab.generate import generate

@@ -25,7 +25,7 @@
 #
 # **Run time:** about a minute on one CPU thread (66 s measured on the 2-core build machine); the
 # live run of section 3 (three 200-step runs) is most of it. The ViT and the text encoder were
-# pretrained by this package's own code (`adapterlab/vtab.py`, `adapterlab/textqa.py`) and ship
+# pretrained by this package's own code (`adapterlab/worlds/vtab.py`, `adapterlab/worlds/textqa.py`) and ship
 # with it; the ViT is loaded here, not trained, and the text encoder's results are read from the
 # committed study.
 
@@ -41,11 +41,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from adapterlab import adapter, families, gates, squad, textqa, vtab
+from adapterlab import adapter
+from adapterlab import gates
+from adapterlab.metrics import squad
+from adapterlab.studies import families
+from adapterlab.worlds import textqa, vtab
 from adapterlab.adapter import AdapterConfig, add_adapter, count_trainable
-from adapterlab.encoders import EncoderAttention
+from adapterlab.encoders.transformer import EncoderAttention
 from adapterlab.exercises import check_squad_f1
-from adapterlab.files import default_threads
+from adapterlab.io.files import default_threads
 
 torch.manual_seed(0)
 torch.set_num_threads(default_threads())  # $ADAPTERLAB_THREADS, else 1: the thread policy of `adapterlab demo`
@@ -63,7 +67,7 @@ print(f"pretrained to name {len(info['classes'])} shape x colour classes: held-o
 # %% [markdown]
 # ## 1. The mechanism in an encoder
 #
-# A ViT and a RoBERTa-style encoder differ from LLaMA in a few places (`adapterlab/encoders.py`):
+# A ViT and a RoBERTa-style encoder differ from LLaMA in a few places (`adapterlab/encoders/transformer.py`):
 # positions are learned vectors added at the input (no rotary embedding), every token attends to
 # every other token (no causal mask: the encoder reads the whole picture or paragraph at once),
 # LayerNorm, a GELU MLP, biases. The attention keeps LLaMA's names (`wq wk wv wo`, one
@@ -148,7 +152,7 @@ print(f"ungated prompts at init move the CLS feature by {100 * change.mean():.1f
 # ### VTAB-style pictures
 #
 # The base ViT was pretrained to name the shape and colour of 1-4 objects in 32x32 pictures (16
-# classes) - our stand-in for ImageNet-21k. The downstream tasks (`adapterlab/vtab.py`) ask things
+# classes) - our stand-in for ImageNet-21k. The downstream tasks (`adapterlab/worlds/vtab.py`) ask things
 # it never learned as labels, in VTAB's three groups: **Natural** (real handwritten digits that
 # ship inside scikit-learn; shapes it never saw), **Specialized** (its own shapes through a bad
 # camera, or drawn as outlines on a dark background: a different imaging process), **Structured**
@@ -177,7 +181,7 @@ for name, group in vtab.TASKS.items():
 # %% [markdown]
 # ### SQuAD-style questions
 #
-# For the text encoder (`adapterlab/textqa.py`): a short paragraph about people of the tiny world
+# For the text encoder (`adapterlab/worlds/textqa.py`): a short paragraph about people of the tiny world
 # and a question whose answer is a **span** of the paragraph. The model does not write the answer;
 # it points at its first and last token. In the v2.0-style set about a third of the questions have
 # **no answer** in the paragraph, and the model must say so (it points at the `[CLS]` token).
@@ -204,7 +208,7 @@ print("   question:", no_answer["question"], "-> no answer in this paragraph:", 
 # normalised prediction equals a normalised reference; **F1** counts the shared words as a bag:
 # precision = shared / predicted words, recall = shared / reference words, F1 = 2PR / (P + R).
 # Both take the best over a question's reference answers. A question without an answer scores 1
-# exactly when the prediction is empty (`adapterlab/squad.py`).
+# exactly when the prediction is empty (`adapterlab/metrics/squad.py`).
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -220,7 +224,7 @@ print({k: round(v, 1) for k, v in scores.items()})
 # %% [markdown]
 # ## 3. A live run: one picture task, three ways to tune
 #
-# The harness (`adapterlab/families.py`) gives every method a fresh copy of the frozen base, a new
+# The harness (`adapterlab/studies/families.py`) gives every method a fresh copy of the frozen base, a new
 # classification head, the same data in the same order, the same steps and schedule, and its own
 # learning rate (the rates the committed study's search chose, `families.DEFAULT_LR`). We run three
 # methods on the digits task (real handwritten digits), one seed, with the budget of the committed
@@ -474,7 +478,7 @@ for family, logs in final_gates.items():
 # %% [markdown]
 # ## 5. CLIP, for users who have it
 #
-# The paper's third model is CLIP's image encoder. `adapterlab/clip.py` puts the same prompts and
+# The paper's third model is CLIP's image encoder. `adapterlab/encoders/clip.py` puts the same prompts and
 # zero-init gates into the top L layers of a Hugging Face `CLIPVisionModel` loaded from a local
 # folder (`load_clip_vision(folder)`: it never downloads). Each adapted layer keeps CLIP's own
 # attention untouched and adds the gated term of `adapterlab/adapter.py` after it. We check it on a
@@ -488,7 +492,7 @@ try:
 except ImportError:
     print("transformers is not installed: skipping the CLIP check (pip install transformers)")
 else:
-    from adapterlab.clip import add_clip_prompts, clip_adapted_layers
+    from adapterlab.encoders.clip import add_clip_prompts, clip_adapted_layers
 
     clip_config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                                    image_size=32, patch_size=8)
@@ -535,4 +539,4 @@ check_squad_f1(f1)
 # - The committed study compares zero-init with the other ways of tuning a frozen encoder over
 #   several seeds; section 4 printed, from its numbers, where the paper's direction holds at this
 #   scale and where it does not, and what share of full fine-tuning's parameters it trains.
-# - The same gates attach to a Hugging Face CLIP vision tower (`adapterlab/clip.py`).
+# - The same gates attach to a Hugging Face CLIP vision tower (`adapterlab/encoders/clip.py`).

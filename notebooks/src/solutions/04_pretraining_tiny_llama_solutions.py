@@ -6,7 +6,7 @@
 # %%
 import math
 
-from adapterlab import tinyworld
+from adapterlab.worlds import tinyworld
 from adapterlab.exercises import check_uniform_loss
 
 # %% [markdown]

@@ -4,7 +4,8 @@
 # The "check yourself" exercise of `../05_instruction_tuning.ipynb`.
 
 # %%
-from adapterlab import load_llama, tinyworld
+from adapterlab import load_llama
+from adapterlab.worlds import tinyworld
 from adapterlab.data import IGNORE_INDEX, encode_example, format_prompt
 from adapterlab.exercises import check_target_token_count
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from adapterlab import AdapterConfig, add_adapter, load_llama, tinyworld
+from adapterlab import AdapterConfig, add_adapter, load_llama
+from adapterlab.worlds import tinyworld
 from adapterlab.adapter import adapted_layers
 from adapterlab.data import instruction_dataset
 from adapterlab.gates import GateLog

@@ -46,7 +46,7 @@ print(f"frozen fp16 base: {(n_full) * 2 / 1e9:.1f} GB")
 
 # %%
 # NBVAL_CHECK_OUTPUT
-from adapterlab.baselines import LoRAConfig, lora_param_count
+from adapterlab.studies.baselines import LoRAConfig, lora_param_count
 
 n_lora = lora_param_count(LoRAConfig(rank=8, alpha=16, targets=("wq", "wv")), LlamaConfig())
 print(f"LoRA: {n_lora:,} trainable values, {4 * 4 * n_lora / 1e6:.0f} MB of training state")

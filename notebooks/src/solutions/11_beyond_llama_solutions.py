@@ -7,7 +7,7 @@
 # %%
 from collections import Counter
 
-from adapterlab import squad
+from adapterlab.metrics import squad
 from adapterlab.exercises import check_squad_f1
 
 # %% [markdown]

@@ -11,7 +11,7 @@ first step); the last two belong to the adapter and live in :mod:`adapterlab.ada
 
 Two encoders give the same kind of output:
 - :class:`SceneEncoder`, the embedded default: a small convolutional network that our own code
-  pretrains on the embedded scenes (:mod:`adapterlab.scenes`) to recognise their attributes,
+  pretrains on the embedded scenes (:mod:`adapterlab.worlds.scenes`) to recognise their attributes,
   then freezes. Its global features are the average-pooled maps of its three stages.
 - :class:`CLIPEncoder`: CLIP's vision tower through transformers' ``CLIPVisionModel``, for real
   pictures, when the user has the weights on disk. Its global features are the class-token
@@ -157,7 +157,7 @@ def pretrain_scene_encoder(
     """
     from tqdm.auto import tqdm
 
-    from .train import Schedule, lr_at
+    from ..train import Schedule, lr_at
 
     if steps < 1:
         raise ValueError(f"pretrain_scene_encoder: steps must be >= 1; got {steps}")
@@ -232,8 +232,8 @@ class CLIPEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, layers: Sequence[int] = (-1,), **kwargs) -> "CLIPEncoder":
         """Load a local CLIP folder (a CLIPModel or CLIPVisionModel saved by transformers). Never downloads.
-        A folder that is not one raises :class:`adapterlab.clip.NotACLIPFolder` (a ValueError and a FileNotFoundError)."""
-        from .clip import load_clip_vision
+        A folder that is not one raises :class:`adapterlab.encoders.clip.NotACLIPFolder` (a ValueError and a FileNotFoundError)."""
+        from ..encoders.clip import load_clip_vision
 
         return cls(load_clip_vision(path), layers, **kwargs)
 

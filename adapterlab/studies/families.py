@@ -5,7 +5,7 @@ Layer 9 (above recipes, ablate and textqa; below cli): imports files, squad, ada
 train, gates, baselines, vtab, textqa, recipes and ablate. ``adapterlab demo --vit`` /
 ``adapterlab demo --roberta`` and ``adapterlab families`` call :func:`run_demo` and :func:`run_study`.
 
-The encoders (:mod:`adapterlab.encoders`) carry the same attention slot as LLaMA, so the gated
+The encoders (:mod:`adapterlab.encoders.transformer`) carry the same attention slot as LLaMA, so the gated
 prompt term of Eq. 7 is not written again here: ``zero_init`` and ``ungated_prompts`` attach the
 adapter of :mod:`adapterlab.adapter` unchanged. What each method trains (the task's new head
 always trains, as on VTAB and SQuAD):
@@ -53,10 +53,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import AdapterConfig, add_adapter, count_trainable, trainable_parameters
-from .files import atomic_write_text, cpu_threads, default_threads
-from .gates import GateRecorder, gated_layers, save_plot
-from .train import Schedule, TrainConfig, lr_at, make_optimizer
+from ..adapter import AdapterConfig, add_adapter, count_trainable, trainable_parameters
+from ..io.files import atomic_write_text, cpu_threads, default_threads
+from ..gates import GateRecorder, gated_layers, save_plot
+from ..train import Schedule, TrainConfig, lr_at, make_optimizer
 
 FAMILIES = ("vit", "roberta")
 METHODS = {
@@ -111,7 +111,7 @@ def prepare(model: nn.Module, method: str, *, prompt_len: int = 10, layers: int 
 
         add_lora(model, rank=LORA_RANK, alpha=LORA_ALPHA, targets=("wq", "wv"), seed=seed)
     elif method == "input_prompts":
-        from .encoders import add_input_prompts
+        from ..encoders.transformer import add_input_prompts
 
         add_input_prompts(model, prompt_len, seed=seed)
     for name, p in model.named_parameters():
@@ -163,15 +163,15 @@ class QATask:
         return self.encoded[split]
 
     def loss(self, model: nn.Module, batch: tuple) -> torch.Tensor:
-        from .textqa import qa_loss
+        from ..worlds.textqa import qa_loss
 
         tokens, mask, start, end = batch
         return qa_loss(model(tokens, mask), start, end, mask)
 
     @torch.no_grad()
     def score(self, model: nn.Module, split: str) -> dict:
-        from .squad import evaluate
-        from .textqa import predict_spans
+        from ..metrics.squad import evaluate
+        from ..worlds.textqa import predict_spans
 
         result = evaluate(self.records[split], predict_spans(model, self.records[split], self.vocab, self.max_len))
         return {"em": result["exact"] / 100, "f1": result["f1"] / 100}  # fractions, as the ViT's accuracy
@@ -206,8 +206,8 @@ def vit_bench(task_names: Optional[Sequence[str]] = None, sizes: Optional[dict] 
     """The cached ViT base (or ``base``) and the VTAB-style tasks (all of them, or ``task_names``);
     ``sizes``: smaller splits for quick tests, e.g. {"n_train": 64, "n_val": 32, "n_test": 32}."""
     sizes = sizes or {}
-    from .encoders import set_head
-    from .vtab import TASKS, images_to_float, load_vit_base, make_task
+    from ..encoders.transformer import set_head
+    from ..worlds.vtab import TASKS, images_to_float, load_vit_base, make_task
 
     tasks = {}
     for name in task_names or tuple(TASKS):
@@ -217,7 +217,7 @@ def vit_bench(task_names: Optional[Sequence[str]] = None, sizes: Optional[dict] 
         tasks[name] = ImageTask(name, t.group, t.n_classes, splits)
     if base is not None:
         return Bench("vit", base, tasks, set_head)
-    from .vtab import vit_base_name
+    from ..worlds.vtab import vit_base_name
 
     return Bench("vit", load_vit_base(), tasks, set_head, vit_base_name())
 
@@ -226,10 +226,10 @@ def roberta_bench(task_names: Optional[Sequence[str]] = None, sizes: Optional[di
                   base: Optional[nn.Module] = None) -> Bench:
     """The cached text encoder (or ``base``, with its ``.vocab``) and the SQuAD-style sets (v1.1- and
     v2.0-style); ``sizes``: smaller splits for quick tests, e.g. {"train": 64, "val": 32, "test": 32}."""
-    from .encoders import set_head
-    from .textqa import QA_MAX_LEN, encode_qa, load_text_base, make_squad
+    from ..encoders.transformer import set_head
+    from ..worlds.textqa import QA_MAX_LEN, encode_qa, load_text_base, make_squad
 
-    from .textqa import text_base_name
+    from ..worlds.textqa import text_base_name
 
     base_name = "given" if base is not None else text_base_name()
     base = base if base is not None else load_text_base()
@@ -408,7 +408,7 @@ class StudyConfig:
 def task_names(family: str) -> tuple[str, ...]:
     """The tasks of a family: the VTAB-style tasks (ViT) or the two SQuAD-style sets (RoBERTa)."""
     if family == "vit":
-        from .vtab import TASKS
+        from ..worlds.vtab import TASKS
 
         return tuple(TASKS)
     return tuple(QA_TASKS)
@@ -522,7 +522,7 @@ def run_study(out_dir: str | os.PathLike, config: StudyConfig, bench: Optional[B
     methods = summarize(finals, config, groups)
     results = {"family": config.family, "base": bench.base_name, "methods": methods, "chosen_lr": lrs, "lr_search": search_table(runs, config),
                "settings": {**asdict(config), "lrs": config.lrs, "tasks": task_names}, "task_groups": groups,
-               "command": command or f"adapterlab.families.run_study(config={config!r})",
+               "command": command or f"adapterlab.studies.families.run_study(config={config!r})",
                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(threads),
                "run_seconds": round(sum(r["seconds"] for r in runs), 1)}
     atomic_write_text(out / METRICS_NAME, json.dumps({"methods": methods}, indent=2) + "\n")
@@ -627,7 +627,7 @@ def format_table(family: str, methods: dict) -> str:
 def plot_table(results: dict, path: Optional[str | os.PathLike] = None):
     """The table as a picture: one row per method, mean +- std in percent, the best mean of each
     column in bold. Returns the figure (saved to ``path`` when given)."""
-    from .gates import pyplot
+    from ..gates import pyplot
 
     plt = pyplot()
     methods, family = results["methods"], results["family"]

@@ -1,7 +1,7 @@
 """The embedded image set: small rendered scenes of shapes, drawn by our own code.
 
 Layer 1 (beside model and tokenizer): numpy and torch only, nothing from adapterlab. What the
-scenes are asked and told is in :mod:`adapterlab.scenetext`.
+scenes are asked and told is in :mod:`adapterlab.worlds.scenetext`.
 
 Every scene shows ``count`` copies of one shape in one colour, grouped in one corner:
 
@@ -17,7 +17,7 @@ a seed and needs only numpy (shapes are drawn 4x supersampled, then averaged dow
 edges are anti-aliased).
 
 Images are uint8 tensors (N, 3, H, W) - the layout torch's vision code uses; the
-encoders in :mod:`adapterlab.vision` take floats in [0, 1] (``images.float() / 255``).
+encoders in :mod:`adapterlab.worlds.vision` take floats in [0, 1] (``images.float() / 255``).
 """
 from __future__ import annotations
 

@@ -43,13 +43,13 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import checkpoints
-from .checkpoints import save_llama
-from .data import format_prompt, load_alpaca, text_windows
-from .files import BUILD_THREADS, base_folder, build_machine, cache_root, cpu_threads, shipped_base
-from .generate import generate
-from .model import Llama, LlamaConfig, init_weights
-from .tokenizer import Tokenizer
+from ..io import checkpoints
+from ..io.checkpoints import save_llama
+from ..data import format_prompt, load_alpaca, text_windows
+from ..io.files import BUILD_THREADS, base_folder, build_machine, cache_root, cpu_threads, shipped_base
+from ..generate import generate
+from ..model import Llama, LlamaConfig, init_weights
+from ..tokenizer import Tokenizer
 
 RECIPE_VERSION = 1  # bump when the generator or the pretraining code changes what gets built
 PREFIX_STEPS = 16  # tinyworld.json keeps the loss of each of the first steps: a quick check that a rebuild matches
@@ -428,7 +428,7 @@ def pretrain(recipe: Recipe, out_dir: Optional[str | os.PathLike] = None, progre
     out_dir: where the training loop writes its metrics/checkpoint (None: nowhere). Runs with
     torch's current thread count; :func:`build_base` calls it with ``files.BUILD_THREADS``.
     """
-    from .train import TrainConfig, train
+    from ..train import TrainConfig, train
 
     world, corpus, train_records, heldout = build_world(recipe)
     tokenizer = train_tokenizer(corpus, train_records + heldout, recipe.vocab_size)
@@ -515,7 +515,7 @@ def build_base(recipe: Optional[Recipe] = None, progress: bool = True, force: bo
     folder appears complete or not at all. The build uses ``files.BUILD_THREADS`` (1) threads,
     whatever ``$ADAPTERLAB_THREADS`` says, so it gives the same bytes on every machine of a CPU
     kind. The folder: params.json, consolidated.00.safetensors, tokenizer.model (a Meta-style
-    folder, see :func:`adapterlab.checkpoints.save_llama`) and tinyworld.json (the recipe, the
+    folder, see :func:`adapterlab.io.checkpoints.save_llama`) and tinyworld.json (the recipe, the
     loss history, the first steps' losses, and the machine it was built on)."""
     recipe = recipe or Recipe()
     name = base_name(recipe)
@@ -550,7 +550,7 @@ def load_base(device=None, recipe: Optional[Recipe] = None, progress: bool = Tru
 def load_llama(path_or_name: Union[str, os.PathLike], device=None, dtype: Optional[torch.dtype] = None,
                max_seq_len: Optional[int] = None) -> Llama:
     """``adapterlab.load_llama``: the name "tinyworld" -> the embedded base (:func:`load_base`, on
-    ``device`` or the CPU, frozen); a Meta or Hugging Face folder -> :func:`adapterlab.checkpoints.load_llama`
+    ``device`` or the CPU, frozen); a Meta or Hugging Face folder -> :func:`adapterlab.io.checkpoints.load_llama`
     (see there for device, dtype and max_seq_len)."""
     if str(path_or_name) == "tinyworld":
         return load_base(device=device)

@@ -1,14 +1,14 @@
 """The multi-modal LLaMA-Adapter on the embedded scenes: the base, the image token, training, the demo.
 
-Layer 7 (beside tinyworld and live): glue on top of the scenes (:mod:`adapterlab.scenes`, the
-pictures; :mod:`adapterlab.scenetext`, what is asked and told about them), the adapter and its
+Layer 7 (beside tinyworld and live): glue on top of the scenes (:mod:`adapterlab.worlds.scenes`, the
+pictures; :mod:`adapterlab.worlds.scenetext`, what is asked and told about them), the adapter and its
 visual projection, the training loop, greedy generation and the frozen scene encoder
-(:mod:`adapterlab.vision`).
+(:mod:`adapterlab.worlds.vision`).
 
 The frozen base is a small LLaMA pretrained by :func:`pretrain_scene_base` on text about the
 scenes (descriptions, reading exercises, quizzes with a text context, facts): the "LLaMA that
 already reads", to which the adapter must bring the pictures. The tiny-world base
-(:mod:`adapterlab.tinyworld`) has never read about shapes, colours of shapes or corners. The
+(:mod:`adapterlab.worlds.tinyworld`) has never read about shapes, colours of shapes or corners. The
 package ships the default config's base (``adapterlab/bases/scenes-<hash>``, docs/bases.md); a
 changed config builds its own into the cache, with one CPU thread (:func:`build_scene_base`).
 
@@ -34,20 +34,20 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .adapter import AdapterConfig, add_adapter, count_trainable
-from .checkpoints import load_llama, save_llama
-from .data import IGNORE_INDEX, TokenDataset, text_windows
-from .files import BUILD_THREADS, base_folder, build_machine, cache_root, cpu_threads, shipped_base
-from .gates import pyplot
-from .generate import generate_tokens
-from .model import Llama, LlamaConfig, init_weights
+from ..adapter import AdapterConfig, add_adapter, count_trainable
+from ..io.checkpoints import load_llama, save_llama
+from ..data import IGNORE_INDEX, TokenDataset, text_windows
+from ..io.files import BUILD_THREADS, base_folder, build_machine, cache_root, cpu_threads, shipped_base
+from ..gates import pyplot
+from ..generate import generate_tokens
+from ..model import Llama, LlamaConfig, init_weights
 from .scenes import Scene, make_scenes
 from .scenetext import (
     KINDS, Example, Fact, caption_example, knowledge_facts, knowledge_question, parse_answer, pretrain_corpus,
     scene_answer, scene_question, score,
 )
-from .tokenizer import Tokenizer
-from .train import TrainConfig, train, write_metrics
+from ..tokenizer import Tokenizer
+from ..train import TrainConfig, train, write_metrics
 from .vision import encode_images, pretrain_scene_encoder
 
 
@@ -210,7 +210,7 @@ def build_scene_base(corpus: Sequence[str], config: MultimodalConfig, progress: 
     the same bytes on every machine of a CPU kind.
 
     The folder: params.json, consolidated.00.safetensors, tokenizer.model (a Meta-style folder,
-    :func:`adapterlab.checkpoints.save_llama`) and scenes.json (how it was made)."""
+    :func:`adapterlab.io.checkpoints.save_llama`) and scenes.json (how it was made)."""
     name = scene_base_name(config, corpus)
 
     def build(folder: Path) -> None:
@@ -231,7 +231,7 @@ def load_scene_base(corpus: Sequence[str], config: MultimodalConfig, progress: b
     published to the cache; concurrent callers wait for one build). Returns (model, tokenizer,
     info) with info["cached"] False when it was pretrained now, and info["shipped"].
 
-    The folder is a one-shard Meta folder (:func:`adapterlab.checkpoints.save_llama`) plus
+    The folder is a one-shard Meta folder (:func:`adapterlab.io.checkpoints.save_llama`) plus
     ``scenes.json``, so ``load_llama(folder)`` reads it like any other LLaMA."""
     shipped = shipped_base(scene_base_name(config, corpus))
     if not cache and shipped is None:

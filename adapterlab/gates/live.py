@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, TextIO
 
-from .files import atomic_write_bytes
-from .gates import GATES_NAME
-from .train import METRICS_NAME
+from ..io.files import atomic_write_bytes
+from . import GATES_NAME
+from ..train import METRICS_NAME
 
 LIVE_PNG = "gates_live.png"
 
@@ -158,7 +158,7 @@ def draw(records: Sequence[dict], fig=None, title: str = ""):
     live view looks like the ``gates.png`` written at the end of the run."""
     from matplotlib.figure import Figure
 
-    from . import gates
+    from .. import gates
 
     fig = fig or Figure(figsize=(13, 3.6), layout="constrained")
     fig.clear()

@@ -60,8 +60,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .adapter import adapted_layers, gate_values
-from .files import atomic_write_text
+from ..adapter import adapted_layers, gate_values
+from ..io.files import atomic_write_text
 
 GATES_NAME = "gates.jsonl"
 PLOT_NAME = "gates.png"

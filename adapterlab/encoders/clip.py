@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapter import AdapterConfig, AdaptionPrompt
+from ..adapter import AdapterConfig, AdaptionPrompt
 
 PathLike = Union[str, Path]
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -46,7 +46,7 @@ def require_transformers():
     try:
         import transformers
     except ImportError:
-        raise ImportError("adapterlab.clip needs Hugging Face transformers: pip install transformers "
+        raise ImportError("adapterlab.encoders.clip needs Hugging Face transformers: pip install transformers "
                           "(or the package's test extra)") from None
     return transformers
 

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .adapter import zero_init_attention_literal
-from .model import Llama, LlamaConfig, RMSNorm
+from ..adapter import zero_init_attention_literal
+from ..model import Llama, LlamaConfig, RMSNorm
 
 __all__ = [
     "CheckResult",
@@ -479,7 +479,7 @@ def check_uniform_loss(answer, vocab_size: int = 640) -> CheckResult:
 # --------------------------------------------------------------------------- notebook 5: instruction tuning
 def check_target_token_count(answer, record: dict, tokenizer, max_seq_len: int = 512) -> CheckResult:
     """Exercise: how many tokens of this Alpaca example count in the loss (response tokens + EOS)?"""
-    from .data import IGNORE_INDEX, encode_example, format_prompt
+    from ..data import IGNORE_INDEX, encode_example, format_prompt
 
     if _is_blank(answer):
         return _missing("an integer")
@@ -543,7 +543,7 @@ def check_adapted_layers(answer, n_layers: int = 4, layers: int = 2) -> CheckRes
 def check_most_open_layer(answer, log) -> CheckResult:
     """Exercise: in a gate log (a run folder, gates.jsonl, records or GateLog), which adapted layer
     has the largest mean |gate| over its heads at the last record? Answer with the layer index."""
-    from .gates import GateLog
+    from ..gates import GateLog
 
     if _is_blank(answer):
         return _missing("a layer index (an integer)")
@@ -597,7 +597,7 @@ def check_training_state_bytes(answer, n_params: int, bytes_per_value: int = 4) 
 def check_hf_to_meta_rows(fn: Optional[Callable]) -> CheckResult:
     """Exercise: write ``fn(w, n_heads)`` that reorders the rows of a Hugging Face q or k weight
     (n_heads*d, C) into Meta's layout: Meta's row h*d + 2i + c is HF's row h*d + c*d/2 + i."""
-    from .checkpoints import hf_to_meta_rows
+    from ..io.checkpoints import hf_to_meta_rows
 
     if _is_blank(fn):
         return _missing("your function my_hf_to_meta(w, n_heads)")
@@ -657,7 +657,7 @@ def check_multimodal_param_count(answer, visual_dim: int = 1024, prompt_len: int
                                  dim: int = 4096, n_heads: int = 32) -> CheckResult:
     """Exercise: trainable values of the multi-modal adapter = prompts + gates + the projection
     ``adapterlab.adapter.VisualProjection(visual_dim, dim)`` (count it from ``print(VisualProjection(...))``)."""
-    from .adapter import VisualProjection
+    from ..adapter import VisualProjection
 
     if _is_blank(answer):
         return _missing("the number of trainable values (an integer)")
@@ -720,7 +720,7 @@ def check_squad_f1(answer, prediction: str = F1_PREDICTION, references: Iterable
     the best over the references; no references (v2.0's no answer): 1 if the prediction is empty, else 0."""
     import string
 
-    from .squad import answer_tokens, normalize_answer, score_question
+    from ..metrics.squad import answer_tokens, normalize_answer, score_question
 
     if _is_blank(answer):
         return _missing("a number between 0 and 1 (the F1 score)")
@@ -752,7 +752,7 @@ def check_squad_f1(answer, prediction: str = F1_PREDICTION, references: Iterable
         (best(raw), "compares the words as they are written. SQuAD normalises both answers first: lower case, "
                     "no punctuation, no articles (a, an, the), single spaces - so 'boat,' and 'boat' are one word."),
         (best(lower), "lower-cases but keeps the punctuation and the articles: 'boat,' is not 'boat' until the "
-                      "punctuation goes. Normalise fully (adapterlab.squad.normalize_answer)."),
+                      "punctuation goes. Normalise fully (adapterlab.metrics.squad.normalize_answer)."),
         (best(keep_articles), "keeps the articles: the normalisation drops a, an and the, so 'the' is never a "
                               "shared word."),
         (_bag_f1(pred, answer_tokens(refs[0])), "scores against the first reference only; a question scores the "

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .files import atomic_write_bytes, atomic_write_text
+from ..io.files import atomic_write_bytes, atomic_write_text
 
 PathLike = Union[str, Path]
 
@@ -400,11 +400,11 @@ def load_encoder(folder: PathLike, device: Union[str, torch.device, None] = None
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; an encoder folder holds {WEIGHTS} and {CONFIG} "
-                                f"(written by adapterlab.encoders.save_encoder)")
+                                f"(written by adapterlab.encoders.transformer.save_encoder)")
     missing = [name for name in (CONFIG, WEIGHTS) if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder} has no {' and no '.join(missing)}; an encoder folder holds {WEIGHTS} and "
-                                f"{CONFIG} (written by adapterlab.encoders.save_encoder)")
+                                f"{CONFIG} (written by adapterlab.encoders.transformer.save_encoder)")
     try:
         params = json.loads((folder / CONFIG).read_text())
     except json.JSONDecodeError as e:
@@ -413,7 +413,7 @@ def load_encoder(folder: PathLike, device: Union[str, torch.device, None] = None
     if kind not in KINDS:
         raise ValueError(f"{folder / CONFIG} is not an adapterlab encoder's config (kind={kind!r}, expected one of "
                          f"{tuple(KINDS)}); LLaMA folders load with load_llama, CLIP folders with "
-                         f"adapterlab.clip.load_clip_vision")
+                         f"adapterlab.encoders.clip.load_clip_vision")
     model_cls, config_cls = KINDS[kind]
     model = model_cls(config_cls.from_dict(params))
     if params.get("head_out", model.head.out_features) != model.head.out_features:

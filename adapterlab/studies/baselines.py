@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import Llama
+from ..model import Llama
 
 METHODS = ("adapter", "lora", "full")
 LORA_TARGETS = {  # short name -> the block's submodule that holds it (model.py, Meta's names)
@@ -215,7 +215,7 @@ def save_lora(model: Llama, path: Union[str, os.PathLike]) -> Path:
 
     config: Optional[LoRAConfig] = getattr(model, "lora_config", None)
     if config is None or not lora_modules(model):
-        raise ValueError("this model carries no LoRA; attach one with adapterlab.baselines.add_lora(model)")
+        raise ValueError("this model carries no LoRA; attach one with adapterlab.studies.baselines.add_lora(model)")
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(model).items()}
@@ -255,7 +255,7 @@ def prepare_full_finetune(model: Llama) -> Llama:
     This is the Alpaca row of Table 3: all parameters train, AdamW keeps two moments for each,
     and the result is a whole new model rather than a small file beside the base.
     """
-    from .adapter import adapted_layers
+    from ..adapter import adapted_layers
 
     if adapted_layers(model) or lora_modules(model):
         raise ValueError("full fine-tuning trains the base itself; remove the adapter or LoRA first "
@@ -270,7 +270,7 @@ def prepare(model: Llama, method: str, seed: Optional[int] = 0, **kwargs) -> Lla
     "lora": add_lora(model, **kwargs).  "full": prepare_full_finetune (no options).
     """
     if method == "adapter":
-        from .adapter import AdapterConfig, add_adapter
+        from ..adapter import AdapterConfig, add_adapter
 
         config = kwargs.pop("config", None) or AdapterConfig(**kwargs)
         return add_adapter(model, config, seed=seed)

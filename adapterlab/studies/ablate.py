@@ -39,11 +39,11 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .adapter import AdapterConfig, adapted_layers, add_adapter
-from .data import collate, instruction_dataset, text_windows
-from .files import atomic_write_text, cpu_threads, default_threads
-from .losses import loss_sum
-from .train import TrainConfig, train
+from ..adapter import AdapterConfig, adapted_layers, add_adapter
+from ..data import collate, instruction_dataset, text_windows
+from ..io.files import atomic_write_text, cpu_threads, default_threads
+from ..losses import loss_sum
+from ..train import TrainConfig, train
 
 VARIANTS = {
     "zero": dict(init="zero"),  # the paper: gates start at 0
@@ -138,8 +138,8 @@ class Bench:
 
 def tiny_world_bench(config: AblationConfig, load_base: Optional[Callable] = None) -> Bench:
     """The tiny world's instruction set, held-out questions and pretraining text; ``load_base()``
-    returns a fresh copy of the cached base every call (default: :func:`adapterlab.tinyworld.load_base`)."""
-    from . import tinyworld
+    returns a fresh copy of the cached base every call (default: :func:`adapterlab.worlds.tinyworld.load_base`)."""
+    from ..worlds import tinyworld
 
     load_base = load_base or (lambda: tinyworld.load_base(progress=False))
     base = load_base()
@@ -151,7 +151,7 @@ def tiny_world_bench(config: AblationConfig, load_base: Optional[Callable] = Non
 def make_bench(world, tokenizer, train_records: Sequence[dict], heldout_records: Sequence[dict],
                corpus: Sequence[str], config: AblationConfig, load_base: Callable) -> Bench:
     """A bench from any world (tests use a small one)."""
-    from .tinyworld import corpus_tokens
+    from ..worlds.tinyworld import corpus_tokens
 
     records = list(train_records)[: config.train_records]
     train_data = instruction_dataset(records, tokenizer, max_seq_len=256, source="instruction set")
@@ -187,8 +187,8 @@ FACT_PROMPTS = {"city": "{n} lives in", "pet": "The pet of {n} is", "job": "The 
 def fact_completion_accuracy(model, tokenizer, world, max_new_tokens: int = 4) -> float:
     """Fraction of every person's facts the model completes in the pretraining's own words, no
     template ("Mara lives in" -> " Oslo."): right value named, no other value of that attribute."""
-    from .generate import generate
-    from .tinyworld import ATTRIBUTES, answer_is_correct
+    from ..generate import generate
+    from ..worlds.tinyworld import ATTRIBUTES, answer_is_correct
 
     prompts, truths = [], []
     for p in world.people:
@@ -213,7 +213,7 @@ def knowledge(model, bench: Bench) -> dict:
 
 @torch.no_grad()
 def evaluate(model, bench: Bench) -> dict:
-    from .tinyworld import heldout_accuracy
+    from ..worlds.tinyworld import heldout_accuracy
 
     return {"heldout_accuracy": heldout_accuracy(model, bench.tokenizer, bench.heldout_records),
             "heldout_loss": mean_loss(model, bench.heldout_data)}
@@ -431,7 +431,7 @@ def summarize(runs: Sequence[dict], config: AblationConfig, command: Optional[st
         variants[v] = {"seeds": len(rows), **{m: stats([r[m] for r in rows]) for m in METRICS}}
     base = next((r["knowledge_before"] for r in runs if r["variant"] == "zero"), None)
     return {"variants": variants, "base_knowledge": base, "settings": config.run_settings(),
-            "command": command or f"adapterlab.ablate.run_ablation(config={config!r})",
+            "command": command or f"adapterlab.studies.ablate.run_ablation(config={config!r})",
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
             "versions": versions(), "run_seconds": sum(r["seconds"] for r in runs)}
 

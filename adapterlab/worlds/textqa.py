@@ -25,7 +25,7 @@ no value occurs twice, so each answer's text is unique in its context.
 
 Records have the SQuAD JSON record form ``{"id", "title", "context", "question", "answers":
 {"text": [...], "answer_start": [...]}}`` (an empty list: no answer); :func:`save_squad_json` and
-:func:`load_squad_json` write and read the official file layout, and :func:`adapterlab.squad.evaluate`
+:func:`load_squad_json` write and read the official file layout, and :func:`adapterlab.metrics.squad.evaluate`
 scores predictions with the official semantics.
 
 **The encoder's input.** Token ids are the tiny-world SentencePiece pieces followed by four
@@ -40,7 +40,7 @@ most ``max_answer_tokens`` tokens inside the context and, for v2.0, answers "" w
 score (the null score) beats it.
 
 **The pretrained base.** :func:`build_text_base` pretrains a small RoBERTa-style
-:class:`~adapterlab.encoders.TextEncoder` by masked-language modelling on the tiny-world
+:class:`~adapterlab.encoders.transformer.TextEncoder` by masked-language modelling on the tiny-world
 pretraining corpus (15% of the tokens chosen; of those 80% become [MASK], 10% a random token, 10%
 stay), with one CPU thread and fixed seeds, so every machine builds the same bytes. It never sees
 a question paired with a span: extractive QA is new to it. The folder is shipped in the package
@@ -62,15 +62,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoders import TextEncoder, TextEncoderConfig, init_encoder_weights, load_encoder, save_encoder
-from .files import atomic_write_text, base_folder, build_machine
-from .squad import answer_texts
+from ..encoders.transformer import TextEncoder, TextEncoderConfig, init_encoder_weights, load_encoder, save_encoder
+from ..io.files import atomic_write_text, base_folder, build_machine
+from ..metrics.squad import answer_texts
 from .tinyworld import (
     ATTRIBUTES, QUESTIONS, STATEMENTS, Recipe, World, article, build_world, corpus_hash,
     pretrain_corpus, train_tokenizer,
 )
-from .tokenizer import Tokenizer
-from .train import Schedule, TrainConfig, lr_at, make_optimizer
+from ..tokenizer import Tokenizer
+from ..train import Schedule, TrainConfig, lr_at, make_optimizer
 
 PathLike = Union[str, os.PathLike]
 VERSIONS = ("1.1", "2.0")
@@ -567,7 +567,7 @@ def build_text_base(progress: bool = True, force: bool = False, recipe: TextReci
     under a file lock (concurrent callers wait; the folder appears complete or not at all), with
     ``files.BUILD_THREADS`` threads and fixed seeds. force=True: build anew into the cache.
 
-    The folder: model.safetensors and config.json (:func:`adapterlab.encoders.save_encoder`, the MLM
+    The folder: model.safetensors and config.json (:func:`adapterlab.encoders.transformer.save_encoder`, the MLM
     head included), tokenizer.model, and textbase.json (the recipe, the loss history, the held-out
     MLM accuracy beside the majority baseline, and the machine it was built on).
     """

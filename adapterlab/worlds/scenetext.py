@@ -1,7 +1,7 @@
 """What the scenes are asked and told: questions, captions, the base's reading, and scores.
 
-Layer 2 (beside adapter): pure Python and numpy on top of :mod:`adapterlab.scenes` (the
-pictures) and :mod:`adapterlab.bleu` (the caption metric); no model, no torch.
+Layer 2 (beside adapter): pure Python and numpy on top of :mod:`adapterlab.worlds.scenes` (the
+pictures) and :mod:`adapterlab.metrics.bleu` (the caption metric); no model, no torch.
 
 Tasks, in the style of ScienceQA (multiple choice, three context categories) and COCO (captions):
 
@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from .bleu import corpus_bleu
+from ..metrics.bleu import corpus_bleu
 from .scenes import COLOURS, CORNERS, COUNTS, NUMBER_WORDS, SHAPES, Scene
 
 LETTERS = "ABCD"

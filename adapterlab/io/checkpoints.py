@@ -9,7 +9,7 @@ Base weights (:func:`load_llama`) come from
   ``model.safetensors.index.json``); names are converted and the q/k rows un-permuted.
 :func:`save_llama` writes a one-shard Meta folder (what the pretraining commands produce).
 The name ``"tinyworld"`` (the embedded model) is resolved one layer up: ``adapterlab.load_llama``
-is :func:`adapterlab.tinyworld.load_llama`, which hands every folder to the function here.
+is :func:`adapterlab.worlds.tinyworld.load_llama`, which hands every folder to the function here.
 
 Adapters are small (1.2M values at 7B), so they are saved alone (:func:`save_adapter`) and
 attached to a base later (:func:`load_adapter`), which also reads the official LLaMA-Adapter
@@ -34,10 +34,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
-from .adapter import ACTIVATIONS, AdapterConfig, adapted_layers, adapter_state_dict, add_adapter
+from ..adapter import ACTIVATIONS, AdapterConfig, adapted_layers, adapter_state_dict, add_adapter
 from .files import atomic_torch_save, atomic_write_bytes, atomic_write_text
-from .model import Llama, LlamaConfig
-from .tokenizer import Tokenizer
+from ..model import Llama, LlamaConfig
+from ..tokenizer import Tokenizer
 
 PathLike = Union[str, os.PathLike]
 
@@ -118,7 +118,7 @@ def save_llama(model: Llama, tokenizer: Optional[Tokenizer], folder: PathLike,
     tokenizer.model (when a tokenizer is given), and one JSON file per entry of ``extra``
     ({file name: content}, e.g. how the model was made). Every file is written atomically;
     to publish a whole folder at once (a cache that other processes read), call this inside
-    :func:`adapterlab.files.publish_folder`. Returns the folder.
+    :func:`adapterlab.io.files.publish_folder`. Returns the folder.
     """
     if weights not in WEIGHT_SUFFIXES:
         raise ValueError(f"save_llama: weights must be one of {WEIGHT_SUFFIXES}; got {weights!r}")

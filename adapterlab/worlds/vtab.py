@@ -8,7 +8,7 @@ small tasks with 1,000 training pictures each, reported in three groups. Nothing
 downloaded here, so this module makes the same kind of study from pictures our own code draws,
 plus one task of real scans that ship inside scikit-learn (its handwritten digits):
 
-    the base        a ViT (:mod:`adapterlab.encoders`) trained to name shape x colour of 1-4
+    the base        a ViT (:mod:`adapterlab.encoders.transformer`) trained to name shape x colour of 1-4
                     objects on a light background (4 x 4 = 16 classes, PRETRAIN_CLASSES) - our
                     "ImageNet-21k": :func:`build_vit_base`, :func:`load_vit_base`
 
@@ -27,7 +27,7 @@ pictures; classes are balanced (counts differ by at most one). Pictures are uint
 
 Everything is deterministic for a seed: pictures are drawn with numpy from a generator seeded by
 (seed, task, split), so a split does not depend on the sizes of the others or on torch's threads.
-Drawing follows :mod:`adapterlab.scenes` (4x supersampled, then averaged down: anti-aliased edges).
+Drawing follows :mod:`adapterlab.worlds.scenes` (4x supersampled, then averaged down: anti-aliased edges).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .files import atomic_write_text, base_folder, build_machine
+from ..io.files import atomic_write_text, base_folder, build_machine
 from .scenes import COLOURS, RGB, SHAPES, shape_mask
 
 IMAGE_SIZE = 32
@@ -406,8 +406,8 @@ def pretrain_vit(recipe: ViTRecipe, progress: bool = True):
     """
     from tqdm.auto import tqdm
 
-    from .encoders import ViT, ViTConfig, init_encoder_weights
-    from .train import Schedule, TrainConfig, lr_at, make_optimizer
+    from ..encoders.transformer import ViT, ViTConfig, init_encoder_weights
+    from ..train import Schedule, TrainConfig, lr_at, make_optimizer
 
     t0 = time.perf_counter()
     images, labels = pretrain_set(recipe.n_images, recipe.seed, "train")
@@ -452,10 +452,10 @@ def build_vit_base(progress: bool = True, force: bool = False, recipe: Optional[
     A build (first use only, about two minutes on one CPU thread) runs under a file lock and
     appears complete or not at all, so concurrent first uses build it once. It always runs on
     one thread with fixed seeds: the same torch on the same kind of CPU builds the same bytes.
-    The folder holds ``model.safetensors`` and ``config.json`` (:func:`adapterlab.encoders.save_encoder`)
+    The folder holds ``model.safetensors`` and ``config.json`` (:func:`adapterlab.encoders.transformer.save_encoder`)
     and ``vit.json`` (the recipe, the loss history and the held-out accuracy).
     """
-    from .encoders import save_encoder
+    from ..encoders.transformer import save_encoder
 
     recipe = recipe or VIT_RECIPE
     name = vit_base_name(recipe)
@@ -472,7 +472,7 @@ def build_vit_base(progress: bool = True, force: bool = False, recipe: Optional[
 
 def load_vit_base(device=None, progress: bool = True, recipe: Optional[ViTRecipe] = None):
     """The pretrained ViT base, frozen (requires_grad False) and in eval mode; built on first use."""
-    from .encoders import load_encoder
+    from ..encoders.transformer import load_encoder
 
     model = load_encoder(build_vit_base(progress=progress, recipe=recipe))
     return model.to(device or "cpu").eval().requires_grad_(False)
