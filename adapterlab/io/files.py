@@ -89,7 +89,7 @@ def publish_folder(final: str | os.PathLike, write: Callable[[Path], Any]) -> Pa
 
 
 # --------------------------------------------------------------------------- shipped bases, the cache and its lock
-SHIPPED_ROOT = Path(__file__).resolve().parent / "bases"
+SHIPPED_ROOT = Path(__file__).resolve().parents[1] / "bases"  # adapterlab/bases/
 
 
 def cache_root() -> Path:
