@@ -463,11 +463,36 @@ def test_notebook_shape(path: Path):
     assert any("NBVAL_CHECK_OUTPUT" in c for c in code), f"{path.name}: no checked cell"
 
 
+def test_each_notebook_imports_its_checkers_from_its_own_module():
+    """The import line leads a student to the checker's code: notebook NN_name imports from
+    adapterlab.exercises.name (01 borrows 03's step-0 checker), and the package re-exports every checker."""
+    import importlib
+    import pkgutil
+
+    import adapterlab.exercises as package
+
+    stored = notebooks() + sorted((NOTEBOOKS / "solutions").glob("[0-9][0-9]_*.ipynb"))
+    assert len(stored) == 2 * len(notebooks())
+    for path in stored:
+        cells = json.loads(path.read_text())["cells"]
+        text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        imports = re.findall(r"from adapterlab\.exercises(\.\w+)? import ([\w, ]+)", text)
+        assert len(imports) == 1, f"{path.name}: expected one import line of checkers, found {imports}"
+        module, names = imports[0]
+        own = "zero_init_attention" if path.name.startswith("01_") else path.stem[3:].removesuffix("_solutions")
+        assert module == f".{own}", f"{path.name} imports from adapterlab.exercises{module}; use .{own}"
+        for name in names.split(", "):
+            assert getattr(importlib.import_module(f"adapterlab.exercises.{own}"), name) is getattr(package, name)
+    modules = [importlib.import_module(f"{package.__name__}.{m.name}") for m in pkgutil.iter_modules(package.__path__)]
+    checkers = {name for m in modules for name in vars(m) if name.startswith("check_")}
+    assert len(modules) == 11 and checkers <= set(package.__all__), sorted(checkers - set(package.__all__))
+
+
 def test_checkers_accept_numpy_and_torch_scalars_as_numbers():
     """A student's `log.gates[-1].mean(-1).argmax()` is a numpy int64; `x.sum()` a 0-d tensor: both are numbers."""
     import numpy as np
 
-    from adapterlab.exercises import _as_float, _as_int
+    from adapterlab.exercises.feedback import _as_float, _as_int
 
     for value in (np.int64(7), np.int32(7), np.float64(7.0), np.array(7), np.array([7]), torch.tensor(7), 7, 7.0, "7"):
         assert _as_int(value, "x") == (7, None), value

@@ -31,7 +31,7 @@ from adapterlab.io.files import default_threads
 from adapterlab.gates import LivePlot, explorer
 from adapterlab.generate import generate
 from adapterlab.train import train
-from adapterlab.exercises import check_step0_gradients
+from adapterlab.exercises.zero_init_attention import check_step0_gradients
 
 torch.manual_seed(0)
 torch.set_num_threads(default_threads())  # $ADAPTERLAB_THREADS, else 1: the thread policy of `adapterlab demo`

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from adapterlab.model import (
     Attention, FeedForward, KVCache, Llama, LlamaConfig, RMSNorm, apply_rope, init_weights, rope_angles,
 )
-from adapterlab.exercises import check_kv_cache_bytes, check_llama_param_count, check_rmsnorm
+from adapterlab.exercises.llama_from_blocks import check_kv_cache_bytes, check_llama_param_count, check_rmsnorm
 
 torch.manual_seed(0)
 plt.rcParams.update({"figure.dpi": 72, "figure.figsize": (7, 3)})

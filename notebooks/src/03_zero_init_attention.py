@@ -35,7 +35,7 @@ from adapterlab import AdapterConfig, Llama, LlamaConfig, add_adapter, gate_valu
 from adapterlab.adapter import (adapted_layers, count_trainable, gated_prompt_attention, prompt_attention_map,
                                 zero_init_attention_literal)
 from adapterlab.model import init_weights
-from adapterlab.exercises import check_adapter_param_count, check_step0_gradients, check_zero_init_attention
+from adapterlab.exercises.zero_init_attention import check_adapter_param_count, check_step0_gradients, check_zero_init_attention
 
 torch.manual_seed(0)
 plt.rcParams.update({"figure.dpi": 72, "figure.figsize": (7, 3)})

@@ -26,7 +26,7 @@ from adapterlab.worlds import tinyworld
 from adapterlab.data import format_prompt
 from adapterlab.generate import generate
 from adapterlab.model import Llama, LlamaConfig, init_weights
-from adapterlab.exercises import check_uniform_loss
+from adapterlab.exercises.pretraining_tiny_llama import check_uniform_loss
 
 torch.manual_seed(0)
 plt.rcParams.update({"figure.dpi": 72, "figure.figsize": (7, 3)})

@@ -29,7 +29,7 @@ from adapterlab.data import IGNORE_INDEX, format_prompt, instruction_dataset
 from adapterlab.io.files import default_threads
 from adapterlab.gates import LivePlot, format_summary, summarize
 from adapterlab.train import train
-from adapterlab.exercises import check_target_token_count
+from adapterlab.exercises.instruction_tuning import check_target_token_count
 
 torch.manual_seed(0)
 torch.set_num_threads(default_threads())  # $ADAPTERLAB_THREADS, else 1: the thread policy of `adapterlab demo`

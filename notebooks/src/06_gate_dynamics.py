@@ -34,7 +34,7 @@ from adapterlab.gates import (GateLog, ablate_heads, explorer, format_summary, g
                               plot_heatmap, plot_runs, run_colors, summarize)
 from adapterlab.recipes import TINY_WORLD
 from adapterlab.train import TrainConfig, train
-from adapterlab.exercises import check_adapted_layers, check_most_open_layer
+from adapterlab.exercises.gate_dynamics import check_adapted_layers, check_most_open_layer
 
 torch.manual_seed(0)
 plt.rcParams.update({"figure.dpi": 72, "figure.figsize": (7, 3)})
@@ -63,10 +63,10 @@ run_dir = Path(tempfile.mkdtemp()) / "gates-run"
 model = load_llama("tinyworld")
 tokenizer = model.tokenizer
 data = instruction_dataset(train_records, tokenizer, max_seq_len=256)
-add_adapter(model, AdapterConfig(prompt_len=TINY_WORLD.prompt_len, layers=TINY_WORLD.adapter_layers), seed=0)
-config = TrainConfig(steps=STEPS, batch_size=TINY_WORLD.batch_size, lr=TINY_WORLD.lr["adapter"],
-                     warmup_steps=TINY_WORLD.warmup_steps, length_group=TINY_WORLD.length_group, log_every=1,
-                     checkpoint=False, out_dir=str(run_dir), seed=0, desc="adapter tuning")
+add_adapter(model, TINY_WORLD.adapter, seed=0)
+config = TrainConfig(steps=STEPS, batch_size=TINY_WORLD.train.batch_size, lr=TINY_WORLD.lr["adapter"],
+                     warmup_steps=TINY_WORLD.train.warmup_steps, length_group=TINY_WORLD.train.length_group,
+                     log_every=1, checkpoint=False, out_dir=str(run_dir), seed=0, desc="adapter tuning")
 metrics = train(model, data, config)
 print(sorted(p.name for p in run_dir.iterdir()))
 print((run_dir / "gates.jsonl").read_text().splitlines()[12][:160], "...")
@@ -171,7 +171,7 @@ start = time.time()
 adamw = log  # the run of section 1
 sgd_dir = Path(tempfile.mkdtemp()) / "sgd-run"
 sgd_model = load_llama("tinyworld")
-add_adapter(sgd_model, AdapterConfig(prompt_len=TINY_WORLD.prompt_len, layers=TINY_WORLD.adapter_layers), seed=0)
+add_adapter(sgd_model, TINY_WORLD.adapter, seed=0)
 sgd_config = replace(config, optimizer="sgd", lr=10.0, weight_decay=0.0, out_dir=str(sgd_dir), progress=False)
 train(sgd_model, data, sgd_config)
 sgd = GateLog.read(sgd_dir)
@@ -193,7 +193,7 @@ def moves(log):  # (S-1, L, H): how each raw g moved at each update
 sgd_predicted = -sgd.lr[1:, None, None] * (sgd.grad[1:] + sgd_config.weight_decay * sgd.raw[:-1])
 print("SGD: every update of every gate is -lr x its recorded gradient:",
       bool(np.allclose(moves(sgd), sgd_predicted, rtol=1e-3, atol=1e-6)))
-W = TINY_WORLD.warmup_steps
+W = TINY_WORLD.train.warmup_steps
 early = slice(1, W + 1)  # moves k is update k + 1, made with lr[k + 1]; update 1 has lr 0 (warm-up starts there)
 adam_ratio = np.abs(moves(adamw)[early]) / adamw.lr[2:W + 2][:, None, None]  # |step| / lr
 print("AdamW: no warm-up update moved a gate by more than 1.5 x lr:", bool(adam_ratio.max() < 1.5))
@@ -389,7 +389,7 @@ def measured(log, model):
             "accuracy": tinyworld.heldout_accuracy(model, tokenizer, heldout_records)}
 
 
-def short_run(lr=TINY_WORLD.lr["adapter"], layers=TINY_WORLD.adapter_layers, prompt_len=TINY_WORLD.prompt_len):
+def short_run(lr=TINY_WORLD.lr["adapter"], layers=TINY_WORLD.adapter.layers, prompt_len=TINY_WORLD.adapter.prompt_len):
     """Section 1's run (same seed, data order, steps) with one setting changed; gates recorded every step."""
     model = load_llama("tinyworld")
     add_adapter(model, AdapterConfig(prompt_len=prompt_len, layers=layers), seed=0)

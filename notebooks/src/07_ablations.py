@@ -21,16 +21,16 @@
 # The tiny world is not ScienceQA: expect the *direction* of the paper's effects, not its numbers.
 
 # %%
-import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from adapterlab import AdapterConfig, add_adapter, load_llama
+from adapterlab import add_adapter, load_llama
 from adapterlab.worlds import tinyworld
 from adapterlab.studies import ablate
 from adapterlab.studies.ablate import AblationConfig
@@ -39,7 +39,7 @@ from adapterlab.data import collate, instruction_dataset, text_windows
 from adapterlab.losses import loss_sum
 from adapterlab.recipes import TINY_WORLD
 from adapterlab.train import TrainConfig, train
-from adapterlab.exercises import check_training_state_bytes
+from adapterlab.exercises.ablations import check_training_state_bytes
 
 torch.manual_seed(0)
 plt.rcParams.update({"figure.dpi": 72, "figure.figsize": (7, 3)})
@@ -70,7 +70,7 @@ def evaluate(model) -> dict:
 def load_study(name: str):
     """(runs, summary) of a committed study in docs/results/ablations/<name>/."""
     folder = RESULTS / name
-    return ablate.read_runs(folder / "runs.jsonl"), json.loads((folder / "summary.json").read_text())
+    return ablate.read_study(folder)  # (runs, summary), with today's names
 
 
 base_corpus_loss = mean_loss(base, corpus_data)
@@ -130,9 +130,9 @@ ablate.plot_study(main_runs);
 # when the 95% interval of the paired difference excludes zero.
 
 # %%
-for other in ("random", "none"):
-    for metric in ("early_loss", "heldout_accuracy", "knowledge_kept", "facts_kept"):
-        print("-", ablate.sentence(ablate.compare(main_runs, metric, "zero", other)))
+for other in ("random_init", "ungated"):
+    for metric in ("early_loss", "heldout_accuracy", "pretrain_loss_after", "facts_kept"):
+        print("-", ablate.sentence(ablate.compare(main_runs, metric, "zero_init", other)))
 
 # %% [markdown]
 # ### Why: what the first steps look like
@@ -171,15 +171,15 @@ for v in ablate.VARIANTS:
 # NBVAL_CHECK_OUTPUT
 share = {v: (np.mean([r["gate_log"][0]["prompt_share"] for r in main_runs if r["variant"] == v]),
              np.mean([r["gate_log"][-1]["prompt_share"] for r in main_runs if r["variant"] == v])) for v in ablate.VARIANTS}
-verdict = {(m, o): ablate.compare(main_runs, m, "zero", o)["verdict"]
-           for m in ("early_loss", "heldout_accuracy", "knowledge_kept") for o in ("random", "none")}
-print("zero-init prompts take no attention at step 0:", share["zero"][0] == 0.0)
-print("random-init and ungated prompts do:", share["random"][0] > 0 and share["none"][0] > 0)
-print("zero-init's gates open during training:", share["zero"][1] > 0.1)
-print("random-init gates reach a lower early loss than zero-init:", verdict["early_loss", "random"] == "worse")
-print("ungated prompts end with the smallest share of attention:", share["none"][1] < min(share["zero"][1], share["random"][1]))
-print("zero-init beats ungated prompts on held-out accuracy:", verdict["heldout_accuracy", "none"] == "better")
-print("ungated prompts keep the pretraining text better than zero-init:", verdict["knowledge_kept", "none"] == "worse")
+verdict = {(m, o): ablate.compare(main_runs, m, "zero_init", o)["verdict"]
+           for m in ("early_loss", "heldout_accuracy", "pretrain_loss_after") for o in ("random_init", "ungated")}
+print("zero-init prompts take no attention at step 0:", share["zero_init"][0] == 0.0)
+print("random-init and ungated prompts do:", share["random_init"][0] > 0 and share["ungated"][0] > 0)
+print("zero-init's gates open during training:", share["zero_init"][1] > 0.1)
+print("random-init gates reach a lower early loss than zero-init:", verdict["early_loss", "random_init"] == "worse")
+print("ungated prompts end with the smallest share of attention:", share["ungated"][1] < min(share["zero_init"][1], share["random_init"][1]))
+print("zero-init beats ungated prompts on held-out accuracy:", verdict["heldout_accuracy", "ungated"] == "better")
+print("ungated prompts keep the pretraining text better than zero-init:", verdict["pretrain_loss_after", "ungated"] == "worse")
 
 # %% [markdown]
 # ### Where the effect lives: other regimes
@@ -199,14 +199,14 @@ for name, title in REGIMES.items():
         print(f"[{name}: not in this checkout]")
         continue
     runs, summary = load_study(name)
-    if "zero" not in summary["variants"]:  # compare with the main study's zero-init runs of the same seeds
-        runs = runs + [r for r in main_runs if r["variant"] == "zero" and r["seed"] < summary["variants"]["random"]["seeds"]]
-        summary["variants"] = {"zero": main_summary["variants"]["zero"], **summary["variants"]}
+    if "zero_init" not in summary["variants"]:  # compare with the main study's zero-init runs of the same seeds
+        runs = runs + [r for r in main_runs if r["variant"] == "zero_init" and r["seed"] < summary["variants"]["random_init"]["seeds"]]
+        summary["variants"] = {"zero_init": main_summary["variants"]["zero_init"], **summary["variants"]}
     print(f"== {title}: {summary['command']}")
     print(ablate.format_table(summary))
-    for other in [v for v in ("random", "none") if any(r["variant"] == v for r in runs)]:
-        for metric in ("early_loss", "heldout_accuracy", "knowledge_kept"):
-            print("-", ablate.sentence(ablate.compare(runs, metric, "zero", other)))
+    for other in [v for v in ("random_init", "ungated") if any(r["variant"] == v for r in runs)]:
+        for metric in ("early_loss", "heldout_accuracy", "pretrain_loss_after"):
+            print("-", ablate.sentence(ablate.compare(runs, metric, "zero_init", other)))
     print()
 
 # %% [markdown]
@@ -217,20 +217,20 @@ for name, title in REGIMES.items():
 # NBVAL_CHECK_OUTPUT
 def study_runs(name):
     runs, summary = load_study(name)
-    if "zero" not in summary["variants"]:
-        runs = runs + [r for r in main_runs if r["variant"] == "zero"]
+    if "zero_init" not in summary["variants"]:
+        runs = runs + [r for r in main_runs if r["variant"] == "zero_init"]
     return runs
 
 
-grid_metrics = ("early_loss", "heldout_accuracy", "knowledge_kept", "facts_kept")
+grid_metrics = ("early_loss", "heldout_accuracy", "pretrain_loss_after", "facts_kept")
 print(f"{'study':16s} {'zero-init vs':14s} " + " ".join(f"{m:>20s}" for m in grid_metrics))
 grid = {}
 for name in ["main", *REGIMES]:
     if not (RESULTS / name / "summary.json").is_file():
         continue
     runs = study_runs(name)
-    for other in [v for v in ("random", "none") if any(r["variant"] == v for r in runs)]:
-        row = [ablate.compare(runs, m, "zero", other)["verdict"] for m in grid_metrics]
+    for other in [v for v in ("random_init", "ungated") if any(r["variant"] == v for r in runs)]:
+        row = [ablate.compare(runs, m, "zero_init", other)["verdict"] for m in grid_metrics]
         grid[name, other] = dict(zip(grid_metrics, row))
         print(f"{name:16s} {other:14s} " + " ".join(f"{w:>20s}" for w in row))
 
@@ -271,22 +271,22 @@ for name in ("layers_1", "layers_2", "main", "steps_long"):
 
 # %%
 # NBVAL_CHECK_OUTPUT
-vs_random = {name: row for (name, other), row in grid.items() if other == "random"}
+vs_random = {name: row for (name, other), row in grid.items() if other == "random_init"}
 print("zero-init never ends clearly ahead of random-init gates on held-out accuracy:",
       all(row["heldout_accuracy"] != "better" for row in vs_random.values()))
 print("random-init gates reach a clearly lower early loss at the main and the low learning rate:",
       vs_random["main"]["early_loss"] == vs_random["lr_low"]["early_loss"] == "worse")
 print("at the low learning rate zero-init keeps the pretraining text clearly better and answers clearly fewer questions:",
-      vs_random["lr_low"]["knowledge_kept"] == "better" and vs_random["lr_low"]["heldout_accuracy"] == "worse")
+      vs_random["lr_low"]["pretrain_loss_after"] == "better" and vs_random["lr_low"]["heldout_accuracy"] == "worse")
 print("at the main learning rate the two keep the pretraining text alike:",
-      vs_random["main"]["knowledge_kept"] == "no clear difference")
+      vs_random["main"]["pretrain_loss_after"] == "no clear difference")
 print("against ungated prompts zero-init answers more questions, and keeps the pretraining text less well:",
-      grid["main", "none"]["heldout_accuracy"] == "better" and grid["main", "none"]["knowledge_kept"] == "worse")
+      grid["main", "ungated"]["heldout_accuracy"] == "better" and grid["main", "ungated"]["pretrain_loss_after"] == "worse")
 print("with 4x the budget the same holds against ungated prompts:",
-      grid["steps_long", "none"]["heldout_accuracy"] == "better" and grid["steps_long", "none"]["knowledge_kept"] == "worse")
+      grid["steps_long", "ungated"]["heldout_accuracy"] == "better" and grid["steps_long", "ungated"]["pretrain_loss_after"] == "worse")
 print("with 4x the budget zero-init and random-init gates still end alike (accuracy, pretraining text, facts):",
-      all(vs_random["steps_long"][m] == "no clear difference" for m in ("heldout_accuracy", "knowledge_kept", "facts_kept")))
-lead = {n: ablate.compare(study_runs(n), "heldout_accuracy", "zero", "random")["difference"]["mean"]
+      all(vs_random["steps_long"][m] == "no clear difference" for m in ("heldout_accuracy", "pretrain_loss_after", "facts_kept")))
+lead = {n: ablate.compare(study_runs(n), "heldout_accuracy", "zero_init", "random_init")["difference"]["mean"]
         for n in ("main", "steps_long")}
 print("with 4x the budget zero-init's lead on held-out accuracy is larger than after 40 steps, and still not clear:",
       lead["steps_long"] > lead["main"] and vs_random["steps_long"]["heldout_accuracy"] == "no clear difference")
@@ -298,15 +298,15 @@ print("with 4x the budget every variant answers more held-out questions than aft
 print("with adapters in the top 1 or 2 layers only, zero-init and random-init gates differ clearly on nothing:",
       all(w == "no clear difference" for L in ("layers_1", "layers_2") for w in vs_random[L].values()))
 print("there, random-init prompts take over 30% of the attention at step 0:",
-      all(start[L, "random"][2] > 0.3 for L in ("layers_1", "layers_2")))
+      all(start[L, "random_init"][2] > 0.3 for L in ("layers_1", "layers_2")))
 print("yet barely change the model (pretraining loss within 0.01 of the base's, first-step loss within 0.02):",
-      all(abs(start[L, "random"][1] - start[L, "zero"][1]) < 0.01 and abs(start[L, "random"][0] - start[L, "zero"][0]) < 0.02
+      all(abs(start[L, "random_init"][1] - start[L, "zero_init"][1]) < 0.01 and abs(start[L, "random_init"][0] - start[L, "zero_init"][0]) < 0.02
           for L in ("layers_1", "layers_2")))
 print("in all 4 layers they do (pretraining loss up by more than 0.03, first-step loss down by more than 0.1):",
-      start["main", "random"][1] - start["main", "zero"][1] > 0.03 and start["main", "zero"][0] - start["main", "random"][0] > 0.1)
+      start["main", "random_init"][1] - start["main", "zero_init"][1] > 0.03 and start["main", "zero_init"][0] - start["main", "random_init"][0] > 0.1)
 print("and with 1 or 2 adapted layers, 40 steps teach neither variant the task (held-out accuracy < 0.1):",
       all(load_study(L)[1]["variants"][v]["heldout_accuracy"]["mean"] < 0.1
-          for L in ("layers_1", "layers_2") for v in ("zero", "random")))
+          for L in ("layers_1", "layers_2") for v in ("zero_init", "random_init")))
 
 # %% [markdown]
 # So the effect lives in the *start*: zero-init gates trade speed for safety. Where the gates
@@ -331,20 +331,21 @@ print("and with 1 or 2 adapted layers, 40 steps teach neither variant the task (
 
 # %%
 live_dir = Path(tempfile.mkdtemp(prefix="ablation-"))
-live = ablate.run_ablation(live_dir, AblationConfig(seeds=2, steps=10, warmup_steps=5, early_steps=5, probe_docs=16),
+budget = replace(ablate.study_train(), steps=10, warmup_steps=5)
+live = ablate.run_ablation(live_dir, AblationConfig(seeds=2, train=budget, early_steps=5, probe_docs=16),
                            progress=False, plot=False)
 print(ablate.format_table(live))
 live_runs = ablate.read_runs(live_dir / "runs.jsonl")
-for metric in ("early_loss", "heldout_accuracy", "knowledge_kept"):
-    print("-", ablate.sentence(ablate.compare(live_runs, metric, "zero", "random")))
+for metric in ("early_loss", "heldout_accuracy", "pretrain_loss_after"):
+    print("-", ablate.sentence(ablate.compare(live_runs, metric, "zero_init", "random_init")))
 
 # %%
 # NBVAL_CHECK_OUTPUT
-zero_live = [r for r in live_runs if r["variant"] == "zero"]
+zero_live = [r for r in live_runs if r["variant"] == "zero_init"]
 print("zero-init runs start on the frozen base's pretraining loss exactly:",
       all(r["knowledge_at_init"] == zero_live[0]["knowledge_at_init"] for r in zero_live))
 print("random and ungated runs start elsewhere:",
-      all(r["knowledge_at_init"] != zero_live[0]["knowledge_at_init"] for r in live_runs if r["variant"] != "zero"))
+      all(r["knowledge_at_init"] != zero_live[0]["knowledge_at_init"] for r in live_runs if r["variant"] != "zero_init"))
 
 # %% [markdown]
 # ## 2. How many layers to adapt (Table 4)
@@ -354,7 +355,7 @@ print("random and ungated runs start elsewhere:",
 # giving the same data order): Table 4's question, asked over seeds.
 
 # %%
-by_layers = {L: [r for r in load_study(name)[0] if r["variant"] == "zero"]
+by_layers = {L: [r for r in load_study(name)[0] if r["variant"] == "zero_init"]
              for L, name in ((1, "layers_1"), (2, "layers_2"), (4, "main"))}
 fig, axes = plt.subplots(1, 2, figsize=(9, 3))
 for ax, metric, label in zip(axes, ("heldout_accuracy", "final_loss"),
@@ -412,7 +413,7 @@ print(f"held-out accuracy: {acc.mean(0)[best]:.2f} at the loss minimum, {acc.mea
       f"(+- {acc.std(0, ddof=1)[-1]:.2f} over seeds)")
 print(f"training loss at the end {np.mean([r['final_loss'] for r in t6_runs]):.3f} against held-out "
       f"{loss.mean(0)[-1]:.3f}; loss on the pretraining text after training "
-      f"{np.mean([r['knowledge_kept'] for r in t6_runs]):.3f} (frozen base: {t6_runs[0]['knowledge_before']['corpus_loss']:.3f})")
+      f"{np.mean([r['pretrain_loss_after'] for r in t6_runs]):.3f} (frozen base: {t6_runs[0]['knowledge_before']['corpus_loss']:.3f})")
 
 # %% [markdown]
 # A live run: a zero-init adapter in all four layers, trained here on the whole instruction set
@@ -420,10 +421,10 @@ print(f"training loss at the end {np.mean([r['final_loss'] for r in t6_runs]):.3
 # held-out questions every 10 steps. Section 4 uses it as its adapter.
 
 # %%
-BUDGET = dict(steps=40, batch_size=TINY_WORLD.batch_size, warmup_steps=TINY_WORLD.warmup_steps, checkpoint=False,
-              progress=False, seed=0)
+BUDGET = dict(steps=40, batch_size=TINY_WORLD.train.batch_size, warmup_steps=TINY_WORLD.train.warmup_steps,
+              checkpoint=False, progress=False, seed=0)
 adapter_model = load_llama("tinyworld")
-add_adapter(adapter_model, AdapterConfig(prompt_len=TINY_WORLD.prompt_len, layers=TINY_WORLD.adapter_layers), seed=0)
+add_adapter(adapter_model, TINY_WORLD.adapter, seed=0)
 zero = train(adapter_model, data, TrainConfig(lr=TINY_WORLD.lr["adapter"], eval_every=10, **BUDGET), eval_fn=evaluate)
 ev = zero["eval_history"]
 epochs_live = [e["step"] / zero["steps_per_epoch"] for e in ev]

@@ -28,7 +28,7 @@ import numpy as np
 from adapterlab.worlds import tinyworld
 from adapterlab.gates import GateLog
 from adapterlab.gates.live import LiveGates, launch
-from adapterlab.exercises import check_accumulation_steps
+from adapterlab.exercises.multi_gpu import check_accumulation_steps
 
 plt.rcParams.update({"figure.dpi": 72})
 tinyworld.build_base()  # the cached tiny base: every rank loads it from the same folder

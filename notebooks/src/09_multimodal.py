@@ -31,7 +31,7 @@ from adapterlab.worlds.scenetext import parse_answer, score
 from adapterlab.adapter import VisualProjection, count_trainable
 from adapterlab.worlds.vision import encode_images, pretrain_scene_encoder
 from adapterlab.io.files import default_threads
-from adapterlab.exercises import check_multimodal_param_count
+from adapterlab.exercises.multimodal import check_multimodal_param_count
 
 torch.manual_seed(0)
 torch.set_num_threads(default_threads())  # $ADAPTERLAB_THREADS, else 1: the thread policy of `adapterlab demo`

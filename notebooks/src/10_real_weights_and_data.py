@@ -35,7 +35,7 @@ from adapterlab.adapter import adapted_layers, gate_values, remove_adapter
 from adapterlab.data import DataError, format_prompt, instruction_dataset, load_alpaca, save_alpaca
 from adapterlab.generate import generate
 from adapterlab.train import TrainConfig, train
-from adapterlab.exercises import check_hf_to_meta_rows
+from adapterlab.exercises.real_weights_and_data import check_hf_to_meta_rows
 
 torch.manual_seed(0)
 work = Path(tempfile.mkdtemp(prefix="adapterlab-real-"))

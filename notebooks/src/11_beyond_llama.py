@@ -48,7 +48,7 @@ from adapterlab.studies import families
 from adapterlab.worlds import textqa, vtab
 from adapterlab.adapter import AdapterConfig, add_adapter, count_trainable
 from adapterlab.encoders.transformer import EncoderAttention
-from adapterlab.exercises import check_squad_f1
+from adapterlab.exercises.beyond_llama import check_squad_f1
 from adapterlab.io.files import default_threads
 
 torch.manual_seed(0)

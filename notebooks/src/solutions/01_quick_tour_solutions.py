@@ -5,7 +5,7 @@
 # tells you which mistake it sees.
 
 # %%
-from adapterlab.exercises import check_step0_gradients
+from adapterlab.exercises.zero_init_attention import check_step0_gradients
 
 # %% [markdown]
 # ## Which tensors get a non-zero gradient at step 0?

@@ -8,7 +8,7 @@
 import torch
 
 from adapterlab.model import LlamaConfig
-from adapterlab.exercises import check_kv_cache_bytes, check_llama_param_count, check_rmsnorm
+from adapterlab.exercises.llama_from_blocks import check_kv_cache_bytes, check_llama_param_count, check_rmsnorm
 
 # %% [markdown]
 # ## Exercise 1: RMSNorm as a function

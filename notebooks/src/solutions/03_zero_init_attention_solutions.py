@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from adapterlab.exercises import check_adapter_param_count, check_step0_gradients, check_zero_init_attention
+from adapterlab.exercises.zero_init_attention import check_adapter_param_count, check_step0_gradients, check_zero_init_attention
 
 # %% [markdown]
 # ## Exercise 1: Eq. 5-8 by hand

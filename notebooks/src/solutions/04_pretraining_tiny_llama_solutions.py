@@ -7,7 +7,7 @@
 import math
 
 from adapterlab.worlds import tinyworld
-from adapterlab.exercises import check_uniform_loss
+from adapterlab.exercises.pretraining_tiny_llama import check_uniform_loss
 
 # %% [markdown]
 # ## The loss of a model that knows nothing

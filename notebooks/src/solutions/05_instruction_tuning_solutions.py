@@ -7,7 +7,7 @@
 from adapterlab import load_llama
 from adapterlab.worlds import tinyworld
 from adapterlab.data import IGNORE_INDEX, encode_example, format_prompt
-from adapterlab.exercises import check_target_token_count
+from adapterlab.exercises.instruction_tuning import check_target_token_count
 
 tokenizer = load_llama("tinyworld").tokenizer
 world, train_records, heldout_records = tinyworld.load_world()

@@ -15,7 +15,7 @@ from adapterlab.adapter import adapted_layers
 from adapterlab.data import instruction_dataset
 from adapterlab.gates import GateLog
 from adapterlab.train import TrainConfig, train
-from adapterlab.exercises import check_adapted_layers, check_most_open_layer
+from adapterlab.exercises.gate_dynamics import check_adapted_layers, check_most_open_layer
 
 # %% [markdown]
 # ## Exercise 1: which layers get an adapter?

@@ -8,7 +8,7 @@ import torch
 
 from adapterlab import AdapterConfig, Llama, LlamaConfig, add_adapter
 from adapterlab.adapter import count_trainable
-from adapterlab.exercises import check_training_state_bytes
+from adapterlab.exercises.ablations import check_training_state_bytes
 
 # %% [markdown]
 # ## Training state of full fine-tuning vs the adapter

@@ -5,7 +5,7 @@
 
 # %%
 from adapterlab.data import check_batch_sizes
-from adapterlab.exercises import check_accumulation_steps
+from adapterlab.exercises.multi_gpu import check_accumulation_steps
 
 # %% [markdown]
 # ## Micro-batches per GPU per step

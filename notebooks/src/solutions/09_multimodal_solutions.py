@@ -7,7 +7,7 @@
 import torch
 
 from adapterlab.adapter import VisualProjection
-from adapterlab.exercises import check_multimodal_param_count
+from adapterlab.exercises.multimodal import check_multimodal_param_count
 
 # %% [markdown]
 # ## Trainable values of the multi-modal adapter at 7B

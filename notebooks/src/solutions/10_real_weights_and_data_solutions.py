@@ -6,7 +6,7 @@
 # %%
 import torch
 
-from adapterlab.exercises import check_hf_to_meta_rows
+from adapterlab.exercises.real_weights_and_data import check_hf_to_meta_rows
 
 # %% [markdown]
 # ## From Hugging Face's q/k rows to Meta's

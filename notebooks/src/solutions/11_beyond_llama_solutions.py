@@ -8,7 +8,7 @@
 from collections import Counter
 
 from adapterlab.metrics import squad
-from adapterlab.exercises import check_squad_f1
+from adapterlab.exercises.beyond_llama import check_squad_f1
 
 # %% [markdown]
 # ## The SQuAD F1 of one prediction, by hand
