@@ -125,14 +125,16 @@ def generate(
 ) -> list[str]:
     """Continue each prompt and return the generated text (without the prompt).
 
-    prompts: strings (encoded with BOS) or lists of token ids. tokenizer: None -> model.tokenizer.
+    prompts: strings (encoded with ``bos=True``: BOS first where the model's tokenizer puts one) or lists of
+    token ids; for a chat model, ``tokenizer.chat(messages)`` gives the ids. tokenizer: None -> model.tokenizer.
     See :func:`generate_tokens` for the decoding options.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
     tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
     if tokenizer is None:
-        raise ValueError("generate needs a tokenizer: pass one, or load the model from a folder with tokenizer.model")
+        raise ValueError("generate needs a tokenizer: pass one (adapterlab.tokenizer.load_tokenizer(path)), or load the "
+                         "model from a folder with tokenizer.model or tokenizer.json, or from a GGUF file")
     prompt_tokens = [tokenizer.encode(p, bos=True, eos=False) if isinstance(p, str) else list(p) for p in prompts]
     new_tokens = generate_tokens(
         model, prompt_tokens, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
