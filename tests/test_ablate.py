@@ -6,19 +6,26 @@ import torch
 
 from adapterlab.studies import ablate
 from adapterlab.worlds import tinyworld as tw
-from adapterlab.studies.ablate import AblationConfig
+from dataclasses import replace
+
+from adapterlab.studies.ablate import AblationConfig, study_adapter, study_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAST = dict(seeds=2, variants=("zero", "none"), steps=3, batch_size=8, layers=2, warmup_steps=1, early_steps=2, probe_docs=4,
-            eval_every=None)
+
+def budget(**changes):
+    return replace(study_train(), **{**dict(steps=3, batch_size=8, warmup_steps=1), **changes})
+
+
+FAST = dict(seeds=2, variants=("zero_init", "ungated"), train=budget(), adapter=replace(study_adapter(), layers=2),
+            early_steps=2, probe_docs=4)
 
 
 def read_base(folder):
     """The conftest's base, frozen, on the CPU (as tinyworld.load_base gives the cached one)."""
-    from adapterlab.io.checkpoints import load_llama
+    from adapterlab.io.weights import read_llama
 
-    return load_llama(folder, device="cpu").requires_grad_(False)
+    return read_llama(folder, device="cpu").requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
@@ -38,30 +45,30 @@ def bench_for(small_world, config, load_base=None):
 
 # ---------------------------------------------------------------------------- the variants at step 0
 def test_zero_init_is_the_base_bit_for_bit_random_and_ungated_are_not(small_world):
-    config = AblationConfig(**{**FAST, "variants": ("zero", "random", "none")})
+    config = AblationConfig(**{**FAST, "variants": ("zero_init", "random_init", "ungated")})
     bench = bench_for(small_world, config)
     base = bench.load_base()
     with torch.no_grad():
         reference = base(bench.probe_tokens)
-        for variant, same in (("zero", True), ("random", False), ("none", False)):
+        for variant, same in (("zero_init", True), ("random_init", False), ("ungated", False)):
             model = ablate.attach(bench.load_base(), config, variant, seed=0)
             assert torch.equal(model(bench.probe_tokens), reference) is same, variant
 
 
 def test_scales_multiply_the_random_draws(small_world):
     bench = bench_for(small_world, AblationConfig(**FAST))
-    one = ablate.attach(bench.load_base(), AblationConfig(**FAST), "random", seed=0)
-    big = ablate.attach(bench.load_base(), AblationConfig(**FAST, gate_scale=3.0, prompt_scale=0.5), "random", seed=0)
+    one = ablate.attach(bench.load_base(), AblationConfig(**FAST), "random_init", seed=0)
+    big = ablate.attach(bench.load_base(), AblationConfig(**FAST, gate_scale=3.0, prompt_scale=0.5), "random_init", seed=0)
     a, b = one.layers[-1].attention.adapter, big.layers[-1].attention.adapter
     assert torch.allclose(b.gate, 3 * a.gate) and torch.allclose(b.prompt, 0.5 * a.prompt)
-    zero = ablate.attach(bench.load_base(), AblationConfig(**FAST, gate_scale=3.0), "zero", seed=0)
+    zero = ablate.attach(bench.load_base(), AblationConfig(**FAST, gate_scale=3.0), "zero_init", seed=0)
     assert torch.count_nonzero(zero.layers[-1].attention.adapter.gate) == 0
 
 
 def test_prompt_share_is_zero_for_zero_gates_and_a_real_share_when_ungated(small_world):
     bench = bench_for(small_world, AblationConfig(**FAST))
-    zero = ablate.attach(bench.load_base(), AblationConfig(**FAST), "zero", seed=0)
-    none = ablate.attach(bench.load_base(), AblationConfig(**FAST), "none", seed=0)
+    zero = ablate.attach(bench.load_base(), AblationConfig(**FAST), "zero_init", seed=0)
+    none = ablate.attach(bench.load_base(), AblationConfig(**FAST), "ungated", seed=0)
     assert ablate.prompt_share(zero, bench.probe_tokens) == 0.0
     assert 0.0 < ablate.prompt_share(none, bench.probe_tokens) < 1.0
 
@@ -90,22 +97,23 @@ def test_runner_writes_runs_summary_and_plot(small_world, tmp_path):
     config = AblationConfig(**FAST)
     summary = ablate.run_ablation(tmp_path, config, progress=False, command="test", bench=bench_for(small_world, config))
     runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
-    assert [(r["variant"], r["seed"]) for r in runs] == [("zero", 0), ("none", 0), ("zero", 1), ("none", 1)]
+    assert [(r["variant"], r["seed"]) for r in runs] == [("zero_init", 0), ("ungated", 0), ("zero_init", 1), ("ungated", 1)]
     for r in runs:
         assert len(r["losses"]) == 3 and r["eval_history"][-1]["step"] == 3
         assert set(r["knowledge_before"]) == set(r["knowledge_after"]) == {"corpus_loss", "fact_accuracy"}
         assert r["gate_log"][0]["step"] == 0 and r["gate_log"][-1]["step"] == 3
-        assert (r["gate_log"][0]["gate_abs"] == 0.0) if r["variant"] == "zero" else r["gate_log"][0]["gate_abs"] is None
+        assert (r["gate_log"][0]["gate_abs"] == 0.0) if r["variant"] == "zero_init" else r["gate_log"][0]["gate_abs"] is None
     on_disk = json.loads((tmp_path / "summary.json").read_text())
-    assert on_disk["variants"].keys() == {"zero", "none"} and on_disk["command"] == "test"
-    for v in ("zero", "none"):
+    assert on_disk["variants"].keys() == {"zero_init", "ungated"} and on_disk["command"] == "test"
+    for v in ("zero_init", "ungated"):
         row = on_disk["variants"][v]
         assert row["seeds"] == 2
-        for metric in ("heldout_accuracy", "early_loss", "knowledge_kept"):
+        for metric in ("heldout_accuracy", "early_loss", "pretrain_loss_after"):
             lo, hi = row[metric]["ci95"]
             assert lo <= row[metric]["mean"] <= hi and row[metric]["std"] >= 0
-    assert {"date", "machine", "versions", "settings"} <= set(on_disk)
-    assert summary["variants"]["zero"]["knowledge_at_init"]["mean"] == runs[0]["knowledge_before"]["corpus_loss"]
+    assert {"date", "machine", "settings"} <= set(on_disk)
+    assert {"cpu", "vector_unit", "threads", "torch", "python"} <= set(on_disk["machine"])
+    assert summary["variants"]["zero_init"]["knowledge_at_init"]["mean"] == runs[0]["knowledge_before"]["corpus_loss"]
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
     assert "ungated" in ablate.format_table(summary)
 
@@ -125,7 +133,7 @@ def test_a_killed_study_resumes_with_only_the_missing_runs(small_world, tmp_path
         ablate.run_ablation(tmp_path / "a", config, progress=False, plot=False,
                             bench=bench_for(small_world, config, dies_on_the_third_run))
     first = ablate.read_runs(tmp_path / "a" / "runs.jsonl")
-    assert [(r["variant"], r["seed"]) for r in first] == [("zero", 0), ("none", 0)]
+    assert [(r["variant"], r["seed"]) for r in first] == [("zero_init", 0), ("ungated", 0)]
 
     loads = []
     bench = bench_for(small_world, config, lambda: loads.append(1) or read_base(folder))
@@ -140,29 +148,44 @@ def test_a_killed_study_resumes_with_only_the_missing_runs(small_world, tmp_path
 
 
 def test_resume_refuses_other_settings_and_broken_lines(small_world, tmp_path):
-    config = AblationConfig(**{**FAST, "seeds": 1, "variants": ("zero",)})
+    config = AblationConfig(**{**FAST, "seeds": 1, "variants": ("zero_init",)})
     ablate.run_ablation(tmp_path, config, progress=False, plot=False, bench=bench_for(small_world, config))
     with pytest.raises(ValueError, match="other settings.*lr"):
-        ablate.run_ablation(tmp_path, AblationConfig(**{**FAST, "seeds": 1, "lr": 0.1}), progress=False)
+        ablate.run_ablation(tmp_path, AblationConfig(**{**FAST, "seeds": 1, "train": budget(lr=0.1)}), progress=False)
     with open(tmp_path / "runs.jsonl", "a") as f:
-        f.write('{"variant": "zero", "se')
+        f.write('{"variant": "zero_init", "se')
     with pytest.raises(ValueError, match="line 2: not JSON"):
         ablate.run_ablation(tmp_path, config, progress=False)
 
 
 @pytest.mark.parametrize("kwargs,needle", [
-    (dict(variants=("zero", "frozen")), "variants"),
+    (dict(variants=("zero_init", "frozen")), "variants"),
     (dict(variants=()), "variants"),
     (dict(seeds=0), "seeds"),
-    (dict(steps=-1), "steps"),
-    (dict(lr=0.0), "lr"),
+    (dict(train=dict(steps=-1)), "steps"),
+    (dict(train=dict(lr=0.0)), "lr"),
     (dict(gate_scale=float("nan")), "gate_scale"),
-    (dict(steps=5, early_steps=10), "early_steps"),
-    (dict(train_records=4, batch_size=8), "train_records"),
+    (dict(train=dict(steps=5), early_steps=10), "early_steps"),
+    (dict(train=dict(batch_size=8), train_records=4), "train_records"),
 ])
 def test_bad_settings_are_named(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
+        if "train" in kwargs:
+            kwargs = {**kwargs, "train": budget(**{"steps": 40, **kwargs["train"]})}
         AblationConfig(**kwargs)
+
+
+def test_old_names_are_read_as_todays():
+    """Committed studies say "zero", "random", "none" and "knowledge_kept": they load under today's names."""
+    from pathlib import Path
+
+    runs, summary = ablate.read_study(Path(__file__).parents[1] / "docs" / "results" / "ablations" / "main")
+    assert {r["variant"] for r in runs} == set(summary["variants"]) == set(ablate.VARIANTS)
+    assert all("pretrain_loss_after" in r and "knowledge_kept" not in r for r in runs)
+    assert "knowledge_kept" not in summary["variants"]["zero_init"]
+    assert AblationConfig(variants=("zero", "random", "none")).variants == tuple(ablate.VARIANTS)
+    table = ablate.format_table(summary)
+    assert "zero-init gates" in table and "ungated (one softmax)" in table
 
 
 def test_stats_mean_std_and_interval():
@@ -175,11 +198,11 @@ def test_stats_mean_std_and_interval():
 def test_compare_pairs_seeds_and_says_which_way():
     runs = [{"variant": v, "seed": s, "heldout_accuracy": acc, "early_loss": loss}
             for s, (za, ra) in enumerate([(0.5, 0.3), (0.6, 0.35), (0.55, 0.4)])
-            for v, acc, loss in (("zero", za, 1.0 + s), ("random", ra, 1.0 + s + 0.01 * (s - 1)))]
-    acc = ablate.compare(runs, "heldout_accuracy", "zero", "random")
+            for v, acc, loss in (("zero_init", za, 1.0 + s), ("random_init", ra, 1.0 + s + 0.01 * (s - 1)))]
+    acc = ablate.compare(runs, "heldout_accuracy", "zero_init", "random_init")
     assert acc["verdict"] == "better" and acc["difference"]["mean"] == pytest.approx(0.2)
-    assert ablate.compare(runs, "heldout_accuracy", "random", "zero")["verdict"] == "worse"
-    assert ablate.compare(runs, "early_loss", "zero", "random")["verdict"] == "no clear difference"
+    assert ablate.compare(runs, "heldout_accuracy", "random_init", "zero_init")["verdict"] == "worse"
+    assert ablate.compare(runs, "early_loss", "zero", "random")["verdict"] == "no clear difference"  # old names
     assert "zero-init gates beats random-init gates on held-out accuracy" in ablate.sentence(acc)
     with pytest.raises(ValueError, match="at least 2 seeds"):
         ablate.compare(runs[:2], "heldout_accuracy")
@@ -198,11 +221,12 @@ def test_cli_maps_flags_to_the_study_and_prints_the_table(monkeypatch, tmp_path,
         return ablate.summarize(runs, config, command)
 
     monkeypatch.setattr(ablate, "run_ablation", fake_run)
-    code = main(["ablate", "--out", str(tmp_path), "--seeds", "2", "--steps", "40", "--variants", "zero,none",
+    code = main(["ablate", "--out", str(tmp_path), "--seeds", "2", "--steps", "40", "--variants", "zero,ungated",
                  "--lr", "0.01", "--gate-scale", "3", "--train-records", "64", "--no-progress"])
     assert code == 0
     c = seen["config"]
-    assert (c.seeds, c.steps, c.variants, c.lr, c.gate_scale, c.train_records) == (2, 40, ("zero", "none"), 0.01, 3.0, 64)
+    assert (c.seeds, c.train.steps, c.variants, c.train.lr, c.gate_scale, c.train_records) == (
+        2, 40, ("zero_init", "ungated"), 0.01, 3.0, 64)
     assert "zero-init gates" in capsys.readouterr().out
 
 
@@ -221,6 +245,6 @@ def test_cli_bad_flags_exit_2_and_name_the_flag(argv, needle, tmp_path, capsys):
 
 def test_plot_regimes_draws_one_panel_per_metric(tmp_path):
     runs = [{"variant": v, "seed": s, **{m: 0.1 * s + i for i, m in enumerate(ablate.METRICS)}}
-            for v in ("zero", "random") for s in range(3)]
+            for v in ("zero_init", "random_init") for s in range(3)]
     fig = ablate.plot_regimes({"lr 0.01": runs, "lr 0.05": runs[:3]}, tmp_path / "regimes.png")
     assert len(fig.axes) == 3 and (tmp_path / "regimes.png").stat().st_size > 5_000

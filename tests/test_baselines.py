@@ -40,7 +40,7 @@ def test_lora_matches_peft(tmp_path):
     """Same base, same A and B -> our logits equal PEFT's LoRA on transformers' Llama."""
     peft = pytest.importorskip("peft")
     from adapterlab import load_llama
-    from adapterlab.io.checkpoints import hf_to_meta_rows
+    from adapterlab.io.weights import hf_to_meta_rows
 
     hf = make_hf_llama(dim=64, n_layers=3, n_heads=4)
     hf.save_pretrained(tmp_path / "base")
@@ -174,15 +174,15 @@ def toy_dataset(n=16, vocab=128, seed=1):
 @pytest.mark.parametrize("method", METHODS)
 def test_train_reduces_the_loss_for_every_method(model_factory, tmp_path, method):
     model = model_factory()
-    kw = {"adapter": dict(prompt_len=4, layers=2), "lora": dict(rank=4), "full": {}}[method]
+    kw = {"zero_init": dict(prompt_len=4, layers=2), "lora": dict(rank=4), "full": {}}[method]
     prepare(model, method, **kw)
-    lr = {"adapter": 5e-2, "lora": 1e-2, "full": 1e-3}[method]
+    lr = {"zero_init": 5e-2, "lora": 1e-2, "full": 1e-3}[method]
     config = TrainConfig(steps=20, batch_size=8, lr=lr, progress=False, out_dir=str(tmp_path), log_every=5)
     losses = []
     m = train(model, toy_dataset(), config, callbacks=[lambda step, info: losses.append(info["loss"])])
     assert sum(losses[-5:]) / 5 < losses[0] - 0.3, (method, losses)
     assert m["trainable_params"] == count_trainable(model)
-    assert (tmp_path / "gates.jsonl").is_file() == (method == "adapter")  # gates only where there are gates
+    assert (tmp_path / "gates.jsonl").is_file() == (method == "zero_init")  # gates only where there are gates
 
 
 # --------------------------------------------------------------------------- the command line

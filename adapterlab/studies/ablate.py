@@ -4,9 +4,9 @@ Layer: recipes (above tinyworld and train, below cli). ``adapterlab ablate`` cal
 
 Three variants of the same adapter (K prompts in the top L layers of the tiny-world base):
 
-    zero    AdapterConfig(init="zero")    the method: gates start at 0, the base is untouched at step 0
-    random  AdapterConfig(init="random")  the paper's ablation: the same gates, started at random
-    none    AdapterConfig(gate="none")    no gate: the prompts join the tokens' softmax (prefix tuning)
+    zero_init    AdapterConfig(init="zero")    the method: gates start at 0, the base is untouched at step 0
+    random_init  AdapterConfig(init="random")  the paper's ablation: the same gates, started at random
+    ungated      no gate: the prompts join the tokens' softmax (prefix tuning)
 
 Each run: a fresh copy of the cached tiny-world base, one variant, one seed (the seed draws the
 prompts and the random gates, and orders the data), the same data and budget. A run records
@@ -14,25 +14,23 @@ prompts and the random gates, and orders the data), the same data and budget. A 
     losses            the training loss of every step (Fig. 5)
     eval_history      held-out accuracy and loss every eval_every steps and at the end (Table 5)
     knowledge_before  what the base knows, measured with the adapter attached, before training:
-    knowledge_after     the loss on its pretraining text and the accuracy of completing every
-                        person's facts in the pretraining phrasing ("Mara lives in" -> Oslo)
+    knowledge_after     the loss on its pretraining text (pretrain_loss_after: lower = more kept) and
+                        the accuracy of completing every person's facts in the pretraining phrasing
+                        ("Mara lives in" -> Oslo; facts_kept)
     gate_log          how much the prompts take part: mean |gate| and the prompts' share of the
                         attention (gated: |g|/(1+|g|); ungated: the softmax mass on the prompts)
 
-``DIR/runs.jsonl`` gets one line per finished run (the file is rewritten atomically, so a run
-killed midway leaves no line and is redone on the next call; finished runs are skipped).
-``DIR/summary.json`` holds mean, std and a 95% interval over seeds per variant, and
-``DIR/ablation.png`` the four plots.
+The study runs on :mod:`adapterlab.studies.harness`: ``DIR/runs.jsonl`` gets one line per finished
+run (a run killed midway is redone on the next call; finished runs are skipped), ``DIR/summary.json``
+holds mean, std and a 95% interval over seeds per variant, and ``DIR/ablation.png`` the four plots.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import platform
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -44,81 +42,106 @@ from ..data import collate, instruction_dataset, text_windows
 from ..io.files import atomic_write_text, cpu_threads, default_threads
 from ..losses import loss_sum
 from ..train import TrainConfig, train
+from . import harness
+from .harness import VERBS, method_name, read_runs, stats
+from .variants import add_ungated_prompts
 
 VARIANTS = {
-    "zero": dict(init="zero"),  # the paper: gates start at 0
-    "random": dict(init="random"),  # the paper's ablation: gates start at N(0, 1) draws
-    "none": dict(gate="none"),  # no gate: prompts and tokens in one softmax
+    "zero_init": dict(init="zero"),  # the paper: gates start at 0
+    "random_init": dict(init="random"),  # the paper's ablation: gates start at N(0, 1) draws
+    "ungated": dict(init="zero"),  # no gate: prompts and tokens in one softmax (studies.variants)
 }
-LABELS = {"zero": "zero-init gates", "random": "random-init gates", "none": "ungated (one softmax)"}
-COLORS = {"zero": "tab:blue", "random": "tab:red", "none": "tab:green"}
-RUNS_NAME, SUMMARY_NAME, PLOT_NAME = "runs.jsonl", "summary.json", "ablation.png"
-METRICS = ("heldout_accuracy", "early_loss", "knowledge_kept", "facts_kept", "first_loss", "final_loss",
+LABELS = {"zero_init": "zero-init gates", "random_init": "random-init gates", "ungated": "ungated (one softmax)"}
+COLORS = {"zero_init": "tab:blue", "random_init": "tab:red", "ungated": "tab:green"}
+RUNS_NAME, SUMMARY_NAME, PLOT_NAME = harness.RUNS_NAME, "summary.json", "ablation.png"
+METRICS = ("heldout_accuracy", "early_loss", "pretrain_loss_after", "facts_kept", "first_loss", "final_loss",
            "heldout_loss", "knowledge_at_init", "prompt_share")
 
 
 # --------------------------------------------------------------------------- config
+def study_train() -> TrainConfig:
+    """Every run's training budget unless the study says otherwise (the seed is the run's)."""
+    return TrainConfig(steps=40, batch_size=16, lr=5e-2, warmup_steps=5, checkpoint=False,
+                       progress=False)
+
+
+def study_adapter() -> AdapterConfig:
+    """K prompts in the top L layers of the tiny-world base (each variant sets its gate and init)."""
+    return AdapterConfig(prompt_len=10, layers=4)
+
+
+# What a run sets itself, whatever the study's TrainConfig says (not part of the study's settings).
+PER_RUN = ("seed", "desc", "progress", "out_dir", "resume", "checkpoint", "log_every")
+
+
 @dataclass
 class AblationConfig:
     """One study: which variants, how many seeds, and the budget every run gets.
 
-    lr, steps, batch_size, warmup_steps: the training budget (same for every run).
-    prompt_len, layers: K prompts in the top L layers.
-    gate_scale: multiplies the random gates' N(0, 1) draws (variant "random" only).
+    train: the training budget of every run (steps, batch_size, lr, warmup_steps, eval_every: held-out
+        evaluation every N steps, None: at step 0 and at the end only); each run sets its own seed.
+    adapter: K prompts (prompt_len) in the top L layers (layers); each variant sets gate and init.
+    gate_scale: multiplies the random gates' N(0, 1) draws (variant "random_init" only).
     prompt_scale: multiplies the prompts' N(0, 1) draws (every variant).
     train_records: use only the first N instruction records (None: all) - the small-data regime.
-    eval_every: held-out evaluation every N steps (None: at step 0 and at the end only).
     early_steps: "early loss" is the mean training loss of the first early_steps steps.
     probe_docs: pretraining documents in the knowledge probe's loss (its fact probe asks every person).
     """
 
-    variants: tuple[str, ...] = ("zero", "random", "none")
+    variants: tuple[str, ...] = tuple(VARIANTS)
     seeds: int = 5
-    steps: int = 40
-    lr: float = 5e-2
-    batch_size: int = 16
-    warmup_steps: int = 5
-    prompt_len: int = 10
-    layers: int = 4
+    train: TrainConfig = field(default_factory=study_train)
+    adapter: AdapterConfig = field(default_factory=study_adapter)
     gate_scale: float = 1.0
     prompt_scale: float = 1.0
     train_records: Optional[int] = None
-    eval_every: Optional[int] = None
     early_steps: int = 10
     probe_docs: int = 48
 
     def __post_init__(self) -> None:
-        self.variants = tuple(self.variants)
+        self.variants = tuple(method_name(v) for v in self.variants)  # older spellings: "zero", "random", "none"
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown or not self.variants:
             raise ValueError(f"variants must be a non-empty subset of {tuple(VARIANTS)}; got {list(self.variants)}")
         if len(set(self.variants)) != len(self.variants):
             raise ValueError(f"variants are listed twice: {list(self.variants)}")
-        for name in ("seeds", "steps", "batch_size", "prompt_len", "layers", "early_steps", "probe_docs"):
+        if not isinstance(self.train, TrainConfig) or self.train.steps is None:
+            raise ValueError(f"train must be a TrainConfig with steps set; got {self.train!r}")
+        if not isinstance(self.adapter, AdapterConfig):
+            raise ValueError(f"adapter must be an AdapterConfig; got {self.adapter!r}")
+        for name in ("seeds", "early_steps", "probe_docs"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-        for name in ("lr", "gate_scale", "prompt_scale"):
-            value = getattr(self, name)
+        for name, value in (("lr", self.train.lr), ("gate_scale", self.gate_scale), ("prompt_scale", self.prompt_scale)):
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a number > 0; got {value!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0; got {self.warmup_steps!r}")
-        if self.early_steps > self.steps:
-            raise ValueError(f"early_steps={self.early_steps} is more than steps={self.steps}; lower it")
-        if self.eval_every is not None and (not isinstance(self.eval_every, int) or self.eval_every < 1):
-            raise ValueError(f"eval_every must be an integer >= 1 or None; got {self.eval_every!r}")
+        if self.train.warmup_steps is None or self.train.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0; got {self.train.warmup_steps!r}")
+        if self.early_steps > self.train.steps:
+            raise ValueError(f"early_steps={self.early_steps} is more than steps={self.train.steps}; lower it")
+        if self.train.eval_every is not None and self.train.eval_every < 1:
+            raise ValueError(f"eval_every must be an integer >= 1 or None; got {self.train.eval_every!r}")
         if self.train_records is not None and (not isinstance(self.train_records, int)
-                                               or self.train_records < self.batch_size):
-            raise ValueError(f"train_records must be at least one batch (batch_size={self.batch_size}); "
+                                               or self.train_records < self.train.batch_size):
+            raise ValueError(f"train_records must be at least one batch (batch_size={self.train.batch_size}); "
                              f"got {self.train_records!r}")
 
     def run_settings(self) -> dict:
-        """What every run of the study shares (all fields but which variants and how many seeds)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("variants", "seeds")}
+        """What every run of the study shares, as runs.jsonl records it: the budget, K and L, the
+        scales and the probe (and any other field of train or adapter set away from its default)."""
+        t, a = self.train, self.adapter
+        settings = {"steps": t.steps, "lr": t.lr, "batch_size": t.batch_size, "warmup_steps": t.warmup_steps,
+                    "prompt_len": a.prompt_len, "layers": a.layers, "gate_scale": self.gate_scale,
+                    "prompt_scale": self.prompt_scale, "train_records": self.train_records, "eval_every": t.eval_every,
+                    "early_steps": self.early_steps, "probe_docs": self.probe_docs}
+        for given, default in ((t, study_train()), (a, study_adapter())):
+            settings.update({k: v for k, v in asdict(given).items()
+                             if k not in settings and k not in PER_RUN and v != getattr(default, k)})
+        return settings
 
     def adapter_config(self, variant: str) -> AdapterConfig:
-        return AdapterConfig(prompt_len=self.prompt_len, layers=self.layers, **VARIANTS[variant])
+        return replace(self.adapter, **VARIANTS[variant])
 
 
 # --------------------------------------------------------------------------- the bench
@@ -155,8 +178,9 @@ def make_bench(world, tokenizer, train_records: Sequence[dict], heldout_records:
 
     records = list(train_records)[: config.train_records]
     train_data = instruction_dataset(records, tokenizer, max_seq_len=256, source="instruction set")
-    if len(train_data) < config.batch_size:
-        raise ValueError(f"the instruction set has {len(train_data)} records, fewer than batch_size={config.batch_size}")
+    if len(train_data) < config.train.batch_size:
+        raise ValueError(f"the instruction set has {len(train_data)} records, fewer than "
+                         f"batch_size={config.train.batch_size}")
     heldout_data = instruction_dataset(heldout_records, tokenizer, max_seq_len=256, source="held-out set")
     corpus_data = text_windows(corpus_tokens(tokenizer, list(corpus)[: config.probe_docs]), 64,
                                source="pretraining text")
@@ -225,7 +249,7 @@ def prompt_share(model, tokens: torch.Tensor) -> float:
 
     Gated layers: out = attention over tokens + g * attention over prompts, so the prompts' weight
     is |g| against the tokens' 1: share |g| / (1 + |g|). Ungated layers: the softmax mass on the
-    prompts, w = sigmoid(lse(S^K) - lse(S^{M+1})) of :func:`adapterlab.adapter.joint_prompt_attention`.
+    prompts, w = sigmoid(lse(S^K) - lse(S^{M+1})) of :func:`adapterlab.studies.variants.joint_prompt_attention`.
     """
     shares, hooks = [], []
 
@@ -273,7 +297,8 @@ def gate_record(model, step: int, bench: Bench) -> dict:
 # --------------------------------------------------------------------------- one run
 def attach(model, config: AblationConfig, variant: str, seed: int):
     """Attach the variant's adapter (prompts and random gates drawn from ``seed``), scaled as configured."""
-    add_adapter(model, config.adapter_config(variant), seed=seed)
+    attach_prompts = add_ungated_prompts if variant == "ungated" else add_adapter
+    attach_prompts(model, config.adapter_config(variant), seed=seed)
     with torch.no_grad():
         for i in adapted_layers(model):
             ap = model.layers[i].attention.adapter
@@ -296,9 +321,8 @@ def run_one(bench: Bench, config: AblationConfig, variant: str, seed: int) -> di
         if step in (1, 2, 3, 5) or step % 10 == 0 or step == info["total_steps"]:
             gate_log.append(gate_record(model, step, bench))
 
-    tc = TrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr,
-                     warmup_steps=config.warmup_steps, eval_every=config.eval_every, checkpoint=False,
-                     record_gates=False, progress=False, seed=seed, desc=f"{variant} seed {seed}")
+    tc = replace(config.train, checkpoint=False, progress=False, out_dir=None, seed=seed,
+                 desc=f"{variant} seed {seed}")
     metrics = train(model, bench.train_data, tc, eval_fn=lambda m: evaluate(m, bench), callbacks=[on_step])
     evals = metrics["eval_history"]
     after = knowledge(model, bench)
@@ -308,7 +332,7 @@ def run_one(bench: Bench, config: AblationConfig, variant: str, seed: int) -> di
         "heldout_accuracy": final["heldout_accuracy"], "heldout_loss": final["heldout_loss"],
         "early_loss": sum(losses[: config.early_steps]) / config.early_steps,
         "first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:]),
-        "knowledge_kept": after["corpus_loss"], "facts_kept": after["fact_accuracy"],
+        "pretrain_loss_after": after["corpus_loss"], "facts_kept": after["fact_accuracy"],
         "knowledge_at_init": before["corpus_loss"], "prompt_share": gate_log[-1]["prompt_share"],
         "knowledge_before": before, "knowledge_after": after,
         "losses": losses, "eval_history": evals, "gate_log": gate_log,
@@ -318,22 +342,6 @@ def run_one(bench: Bench, config: AblationConfig, variant: str, seed: int) -> di
 
 
 # --------------------------------------------------------------------------- the study
-def read_runs(path: str | os.PathLike) -> list[dict]:
-    """The finished runs in a runs.jsonl (a line that does not parse is reported, not skipped silently)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    runs = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            runs.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}, line {n}: not JSON ({e}); delete that line to redo the run") from None
-    return runs
-
-
 def run_ablation(out_dir: str | os.PathLike, config: Optional[AblationConfig] = None, progress: bool = True,
                  command: Optional[str] = None, bench: Optional[Bench] = None, plot: bool = True,
                  threads: Optional[int] = None) -> dict:
@@ -344,149 +352,106 @@ def run_ablation(out_dir: str | os.PathLike, config: Optional[AblationConfig] = 
     threads: CPU threads for torch (None: $ADAPTERLAB_THREADS, default 1; 0: leave torch's setting).
     """
     config = config or AblationConfig()
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder for the study's results")
-    out.mkdir(parents=True, exist_ok=True)
+    out = harness.study_folder(out_dir)
     runs_path = out / RUNS_NAME
     runs = read_runs(runs_path)
-    settings = config.run_settings()
-    for r in runs:
-        if r.get("settings") != settings:
-            changed = sorted(k for k in settings if (r.get("settings") or {}).get(k) != settings[k])
-            raise ValueError(
-                f"{runs_path} holds runs made with other settings (differing: {', '.join(changed) or 'all'}); "
-                f"use a new --out folder, or the same settings to resume"
-            )
+    harness.check_settings(runs, config.run_settings(), runs_path)
     done = {(r["variant"], r["seed"]) for r in runs}
     todo = [(v, s) for s in range(config.seeds) for v in config.variants if (v, s) not in done]
     if todo:
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(todo), desc="ablation runs", unit="run", dynamic_ncols=True)
         with cpu_threads(default_threads() if threads is None else threads):
             bench = bench or tiny_world_bench(config)
-            for variant, seed in todo:
-                if bar is not None:
-                    bar.set_postfix_str(f"{variant}, seed {seed}")
-                runs.append(run_one(bench, config, variant, seed))
-                atomic_write_text(runs_path, "".join(json.dumps(r) + "\n" for r in runs))
-                if bar is not None:
-                    bar.update(1)
-        if bar is not None:
-            bar.close()
+            bar = harness.study_bar(len(todo), desc="ablation runs", progress=progress)
+            harness.run_missing(todo, lambda vs: run_one(bench, config, *vs), runs, runs_path, bar,
+                                label=lambda vs: f"{vs[0]}, seed {vs[1]}")
+            if bar is not None:
+                bar.close()
     wanted = [r for r in runs if r["variant"] in config.variants and r["seed"] < config.seeds]
-    summary = summarize(wanted, config, command=command)
+    summary = summarize(wanted, config, command=command, threads=default_threads() if threads is None else threads)
     atomic_write_text(out / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     if plot:
         plot_study(wanted, out / PLOT_NAME)
     return summary
 
 
+def read_study(folder: str | os.PathLike) -> tuple[list[dict], dict]:
+    """(runs, summary) of a study folder, with today's names (committed studies were written with
+    "zero", "random", "none" and "knowledge_kept")."""
+    folder = Path(folder)
+    summary = json.loads((folder / SUMMARY_NAME).read_text())
+    summary["variants"] = harness.upgrade_keys(summary["variants"])
+    return read_runs(folder / RUNS_NAME), summary
+
+
 # --------------------------------------------------------------------------- statistics
-T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-
-
-def stats(values: Sequence[float]) -> dict:
-    """mean, sample std and a 95% interval for the mean (Student's t) over seeds."""
-    xs = [float(x) for x in values]
-    n = len(xs)
-    mean = sum(xs) / n
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
-    half = (T_975[n - 2] if n - 1 <= len(T_975) else 1.96) * std / math.sqrt(n) if n > 1 else float("nan")
-    return {"mean": mean, "std": std, "ci95": [mean - half, mean + half] if n > 1 else None, "n": n}
-
-
-def machine() -> str:
-    name = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {torch.get_num_threads()} torch thread(s), {platform.system()}"
-
-
-def versions() -> dict:
-    import importlib.metadata
-
-    import numpy
-
-    return {"adapterlab": importlib.metadata.version("adapterlab"), "torch": torch.__version__, "numpy": numpy.__version__,
-            "python": sys.version.split()[0]}
-
-
-def summarize(runs: Sequence[dict], config: AblationConfig, command: Optional[str] = None) -> dict:
-    """The study's summary: per variant, mean/std/95% interval over seeds of every metric."""
+def summarize(runs: Sequence[dict], config: AblationConfig, command: Optional[str] = None,
+              threads: Optional[int] = None) -> dict:
+    """The study's summary: per variant, mean/std/95% interval over seeds of every metric
+    (threads: those the runs used, for the record; None: torch's now)."""
     variants = {}
     for v in config.variants:
         rows = [r for r in runs if r["variant"] == v]
         if not rows:
             continue
         variants[v] = {"seeds": len(rows), **{m: stats([r[m] for r in rows]) for m in METRICS}}
-    base = next((r["knowledge_before"] for r in runs if r["variant"] == "zero"), None)
+    base = next((r["knowledge_before"] for r in runs if r["variant"] == "zero_init"), None)
     return {"variants": variants, "base_knowledge": base, "settings": config.run_settings(),
             "command": command or f"adapterlab.studies.ablate.run_ablation(config={config!r})",
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-            "versions": versions(), "run_seconds": sum(r["seconds"] for r in runs)}
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": harness.machine(threads),
+            "run_seconds": sum(r["seconds"] for r in runs)}
 
 
 LOWER_IS_BETTER = {"early_loss": True, "first_loss": True, "final_loss": True, "heldout_loss": True,
-                   "knowledge_kept": True, "knowledge_at_init": True, "heldout_accuracy": False, "facts_kept": False}
+                   "pretrain_loss_after": True, "knowledge_at_init": True, "heldout_accuracy": False, "facts_kept": False}
 METRIC_NAMES = {"heldout_accuracy": "held-out accuracy", "early_loss": "early training loss",
-                "knowledge_kept": "loss on the pretraining text after training", "facts_kept": "facts kept",
+                "pretrain_loss_after": "loss on the pretraining text after training", "facts_kept": "facts kept",
                 "first_loss": "first-step loss", "final_loss": "final training loss", "heldout_loss": "held-out loss",
                 "knowledge_at_init": "loss on the pretraining text at step 0"}
 
 
-def compare(runs: Sequence[dict], metric: str, a: str = "zero", b: str = "random") -> dict:
+def compare(runs: Sequence[dict], metric: str, a: str = "zero_init", b: str = "random_init") -> dict:
     """Variant a against variant b on one metric, paired by seed (same seed: same data order and
     prompt draws). Returns the paired difference's stats and a verdict: "better" or "worse" when its
     95% interval excludes 0, "no clear difference" otherwise."""
+    metric = harness.OLD_FIELDS.get(metric, metric)
+    a, b = method_name(a), method_name(b)
     by_seed = {v: {r["seed"]: r[metric] for r in runs if r["variant"] == v} for v in (a, b)}
-    seeds = sorted(set(by_seed[a]) & set(by_seed[b]))
-    if len(seeds) < 2:
-        raise ValueError(f"comparing {a} with {b} needs at least 2 seeds run for both; found {len(seeds)}")
-    diff = stats([by_seed[a][s] - by_seed[b][s] for s in seeds])
-    lo, hi = diff["ci95"]
-    if lo <= 0 <= hi:
-        verdict = "no clear difference"
-    else:
-        a_is_better = diff["mean"] < 0 if LOWER_IS_BETTER[metric] else diff["mean"] > 0
-        verdict = "better" if a_is_better else "worse"
-    return {"metric": metric, "a": a, "b": b, "a_mean": stats(list(by_seed[a].values()))["mean"],
-            "b_mean": stats(list(by_seed[b].values()))["mean"], "difference": diff, "verdict": verdict}
+    try:
+        result = harness.paired(by_seed[a], by_seed[b], LOWER_IS_BETTER[metric])
+    except ValueError as e:
+        raise ValueError(f"comparing {a} with {b}: {e}") from None
+    return {"metric": metric, "a": a, "b": b, "a_mean": stats(by_seed[a].values())["mean"],
+            "b_mean": stats(by_seed[b].values())["mean"], **result}
 
 
 def sentence(c: dict, digits: int = 3) -> str:
     """A comparison from :func:`compare` in words, with its numbers."""
     lo, hi = c["difference"]["ci95"]
     f = f"{{:.{digits}f}}"
-    what = {"better": "beats", "worse": "loses to", "no clear difference": "is not clearly different from"}[c["verdict"]]
-    return (f"{LABELS[c['a']]} {what} {LABELS[c['b']]} on {METRIC_NAMES[c['metric']]}: "
+    return (f"{LABELS[c['a']]} {VERBS[c['verdict']]} {LABELS[c['b']]} on {METRIC_NAMES[c['metric']]}: "
             f"{f.format(c['a_mean'])} vs {f.format(c['b_mean'])} (paired difference {f.format(c['difference']['mean'])}, "
             f"95% interval [{f.format(lo)}, {f.format(hi)}], {c['difference']['n']} seeds)")
 
 
+# The table's columns: (metric, title, digits).
+TABLE_COLUMNS = (("heldout_accuracy", "held-out acc", 2), ("early_loss", "early loss", 3),
+                 ("pretrain_loss_after", "corpus loss after", 3), ("facts_kept", "facts kept", 2),
+                 ("knowledge_at_init", "corpus loss at init", 3))
+
+
 def format_table(summary: dict) -> str:
     """The study as a text table: mean +- std over seeds per variant."""
-    cols = [("heldout_accuracy", "held-out acc", 2), ("early_loss", "early loss", 3),
-            ("knowledge_kept", "corpus loss after", 3), ("facts_kept", "facts kept", 2),
-            ("knowledge_at_init", "corpus loss at init", 3)]
-    head = f"{'variant':24s} {'seeds':>5s} " + " ".join(f"{title:>19s}" for _, title, _ in cols)
-    lines = [head]
-    for v, row in summary["variants"].items():
-        cells = " ".join(f"{row[m]['mean']:>11.{p}f} +- {row[m]['std']:<5.{p}f}"[:19].rjust(19) for m, _, p in cols)
-        lines.append(f"{LABELS[v]:24s} {row['seeds']:>5d} {cells}")
+    def cell(row: dict, metric: str, p: int) -> str:
+        return f"{row[metric]['mean']:>11.{p}f} +- {row[metric]['std']:<5.{p}f}"[:19]
+
+    rows = [[LABELS[v], f"{row['seeds']:d}", *(cell(row, m, p) for m, _, p in TABLE_COLUMNS)]
+            for v, row in harness.upgrade_keys(summary["variants"]).items()]
+    table = harness.format_table(["variant", "seeds", *(title for _, title, _ in TABLE_COLUMNS)], rows,
+                                 [24, 5] + [19] * len(TABLE_COLUMNS))
     base = summary.get("base_knowledge")
     if base:
-        lines.append(f"(frozen base: corpus loss {base['corpus_loss']:.3f}, facts {base['fact_accuracy']:.2f})")
-    return "\n".join(lines)
+        table += f"\n(frozen base: corpus loss {base['corpus_loss']:.3f}, facts {base['fact_accuracy']:.2f})"
+    return table
 
 
 # --------------------------------------------------------------------------- plots
@@ -516,7 +481,7 @@ def plot_study(runs: Sequence[dict], path: Optional[str | os.PathLike] = None, t
                              color=COLORS[v], alpha=0.2)
     x = np.arange(len(variants))
     for ax, metric, ylabel in ((axes[1], "heldout_accuracy", "held-out accuracy"),
-                               (axes[2], "knowledge_kept", "loss on pretraining text")):
+                               (axes[2], "pretrain_loss_after", "loss on pretraining text")):
         means = [np.mean([r[metric] for r in runs if r["variant"] == v]) for v in variants]
         stds = [np.std([r[metric] for r in runs if r["variant"] == v], ddof=1) if
                 sum(r["variant"] == v for r in runs) > 1 else 0 for v in variants]
@@ -526,7 +491,7 @@ def plot_study(runs: Sequence[dict], path: Optional[str | os.PathLike] = None, t
             ax.scatter([xi] * len(ys), ys, color="k", s=10, zorder=3)
         ax.set_xticks(x, [v for v in variants])
         ax.set_ylabel(ylabel)
-    base = next((r["knowledge_before"]["corpus_loss"] for r in runs if r["variant"] == "zero"), None)
+    base = next((r["knowledge_before"]["corpus_loss"] for r in runs if r["variant"] == "zero_init"), None)
     if base is not None:
         axes[2].axhline(base, color="k", ls="--", lw=1, label="frozen base")
         axes[2].legend(fontsize=8)
@@ -546,7 +511,7 @@ def plot_study(runs: Sequence[dict], path: Optional[str | os.PathLike] = None, t
 
 
 def plot_regimes(studies: dict[str, Sequence[dict]], path: Optional[str | os.PathLike] = None,
-                 metrics: Sequence[str] = ("early_loss", "heldout_accuracy", "knowledge_kept")):
+                 metrics: Sequence[str] = ("early_loss", "heldout_accuracy", "pretrain_loss_after")):
     """One panel per metric: mean +- std over seeds of every variant, grouped by study (regime).
     studies: {label: runs}. Returns the figure (saved to ``path`` when given)."""
     import matplotlib
@@ -556,6 +521,7 @@ def plot_regimes(studies: dict[str, Sequence[dict]], path: Optional[str | os.Pat
     import matplotlib.pyplot as plt
     import numpy as np
 
+    metrics = [harness.OLD_FIELDS.get(m, m) for m in metrics]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.6))
     labels = list(studies)
     width = 0.8 / len(VARIANTS)
@@ -582,5 +548,6 @@ def plot_regimes(studies: dict[str, Sequence[dict]], path: Optional[str | os.Pat
 
 
 __all__ = ["AblationConfig", "VARIANTS", "Bench", "tiny_world_bench", "make_bench", "knowledge", "evaluate",
-           "prompt_share", "run_one", "run_ablation", "read_runs", "summarize", "stats", "compare", "sentence", "format_table",
+           "prompt_share", "run_one", "run_ablation", "read_runs", "read_study", "summarize", "stats", "compare",
+           "sentence", "format_table",
            "plot_study", "plot_regimes", "fact_completion_accuracy"]

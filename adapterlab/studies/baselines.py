@@ -34,7 +34,7 @@ from torch import nn
 
 from ..model import Llama
 
-METHODS = ("adapter", "lora", "full")
+METHODS = ("zero_init", "lora", "full")  # older spelling of zero_init: "adapter" (harness.OLD_NAMES)
 LORA_TARGETS = {  # short name -> the block's submodule that holds it (model.py, Meta's names)
     "wq": "attention", "wk": "attention", "wv": "attention", "wo": "attention",
     "w1": "feed_forward", "w2": "feed_forward", "w3": "feed_forward",
@@ -266,10 +266,14 @@ def prepare_full_finetune(model: Llama) -> Llama:
 def prepare(model: Llama, method: str, seed: Optional[int] = 0, **kwargs) -> Llama:
     """Put ``model`` in the state ``method`` trains from, in place; returns it.
 
-    "adapter": add_adapter with AdapterConfig(**kwargs) (or kwargs={"config": AdapterConfig(...)}).
-    "lora": add_lora(model, **kwargs).  "full": prepare_full_finetune (no options).
+    "zero_init" (LLaMA-Adapter; also "adapter"): add_adapter with AdapterConfig(**kwargs) (or
+    kwargs={"config": AdapterConfig(...)}). "lora": add_lora(model, **kwargs).  "full":
+    prepare_full_finetune (no options).
     """
-    if method == "adapter":
+    from .harness import method_name
+
+    method = method_name(method)
+    if method == "zero_init":
         from ..adapter import AdapterConfig, add_adapter
 
         config = kwargs.pop("config", None) or AdapterConfig(**kwargs)

@@ -6,13 +6,13 @@ train, gates, baselines, vtab, textqa, recipes and ablate. ``adapterlab demo --v
 ``adapterlab demo --roberta`` and ``adapterlab families`` call :func:`run_demo` and :func:`run_study`.
 
 The encoders (:mod:`adapterlab.encoders.transformer`) carry the same attention slot as LLaMA, so the gated
-prompt term of Eq. 7 is not written again here: ``zero_init`` and ``ungated_prompts`` attach the
-adapter of :mod:`adapterlab.adapter` unchanged. What each method trains (the task's new head
+prompt term of Eq. 7 is not written again here: ``zero_init`` attaches the adapter of
+:mod:`adapterlab.adapter` unchanged. What each method trains (the task's new head
 always trains, as on VTAB and SQuAD):
 
     method            trains besides the head                                   known as
     zero_init         K prompts + one gate per head in the top L layers (Eq. 7)  LLaMA-Adapter
-    ungated_prompts   K prompts in the top L layers, in the tokens' softmax      VPT-deep, P-tuning v2
+    ungated           K prompts in the top L layers, in the tokens' softmax      VPT-deep, P-tuning v2
     full              every weight                                               full fine-tuning
     bitfit            every bias                                                 BitFit (bias tuning)
     linear            nothing (ViT)                                              linear probe
@@ -30,9 +30,9 @@ One study, per family:
        v1.1- and v2.0-style sets), and the trainable parameters
 
 Every run gets a fresh copy of the frozen base, the same steps, batch and schedule (AdamW, linear
-warm-up, cosine), a data order drawn from its seed, and one thread. ``DIR/runs.jsonl`` gets one
-line per finished run, rewritten atomically, so a study killed midway redoes only the run it was
-in. A run with gates writes ``DIR/runs/<run>/gates.jsonl`` (read by :mod:`adapterlab.gates`).
+warm-up, cosine), a data order drawn from its seed, and one thread. The study runs on
+:mod:`adapterlab.studies.harness`: ``DIR/runs.jsonl`` gets one line per finished run, so a study
+killed midway redoes only the run it was in. A run with gates writes ``DIR/runs/<run>/gates.jsonl`` (read by :mod:`adapterlab.gates`).
 The study writes ``metrics.json`` (the table), ``results.json`` (the table, the search, the
 command, date and machine), ``table.png`` and ``gates.png`` (the gates of one zero-init run).
 """
@@ -40,9 +40,7 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -57,14 +55,17 @@ from ..adapter import AdapterConfig, add_adapter, count_trainable, trainable_par
 from ..io.files import atomic_write_text, cpu_threads, default_threads
 from ..gates import GateRecorder, gated_layers, save_plot
 from ..train import Schedule, TrainConfig, lr_at, make_optimizer
+from .variants import add_ungated_prompts
+from . import harness
+from .harness import method_name, read_runs
 
 FAMILIES = ("vit", "roberta")
 METHODS = {
-    "vit": ("zero_init", "ungated_prompts", "full", "bitfit", "linear", "lora"),
-    "roberta": ("zero_init", "ungated_prompts", "full", "bitfit", "input_prompts", "lora"),
+    "vit": ("zero_init", "ungated", "full", "bitfit", "linear", "lora"),
+    "roberta": ("zero_init", "ungated", "full", "bitfit", "input_prompts", "lora"),
 }
-ALL_METHODS = ("zero_init", "ungated_prompts", "full", "bitfit", "linear", "input_prompts", "lora")
-LABELS = {"zero_init": "zero-init gated prompts", "ungated_prompts": "ungated prompts (VPT-deep / P-tuning v2)",
+ALL_METHODS = ("zero_init", "ungated", "full", "bitfit", "linear", "input_prompts", "lora")
+LABELS = {"zero_init": "zero-init gated prompts", "ungated": "ungated prompts (VPT-deep / P-tuning v2)",
           "full": "full fine-tuning", "bitfit": "bias tuning (BitFit)", "linear": "linear probe",
           "input_prompts": "input prompt tuning", "lora": "LoRA (W_q, W_v)"}
 GROUPS = ("natural", "specialized", "structured")  # VTAB's groups, in the paper's table order
@@ -77,7 +78,7 @@ RUNS_NAME, METRICS_NAME, RESULTS_NAME, TABLE_NAME, GATES_PLOT = (
 # kind of parameter usually trains: new prompts and heads fast, pretrained weights slowly).
 LR_GRIDS = {
     "zero_init": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
-    "ungated_prompts": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+    "ungated": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
     "full": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2),
     "bitfit": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
     "linear": (3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
@@ -88,8 +89,8 @@ LR_GRIDS = {
 # The learning rate of each method, as chosen by the committed study's search (the demos use them):
 # docs/results/families/vit/results.json and docs/results/families/roberta/results.json, "chosen_lr".
 DEFAULT_LR = {
-    "vit": {"zero_init": 3e-2, "ungated_prompts": 1e-1, "full": 3e-3, "bitfit": 3e-2, "linear": 1e-2, "lora": 1e-2},
-    "roberta": {"zero_init": 1e-1, "ungated_prompts": 1e-1, "full": 1e-3, "bitfit": 3e-2, "input_prompts": 3e-2,
+    "vit": {"zero_init": 3e-2, "ungated": 1e-1, "full": 3e-3, "bitfit": 3e-2, "linear": 1e-2, "lora": 1e-2},
+    "roberta": {"zero_init": 1e-1, "ungated": 1e-1, "full": 1e-3, "bitfit": 3e-2, "input_prompts": 3e-2,
                 "lora": 1e-2},
 }
 
@@ -99,13 +100,14 @@ def prepare(model: nn.Module, method: str, *, prompt_len: int = 10, layers: int 
     """Put ``model`` (an encoder with its task head already set) in the state ``method`` trains
     from, in place: freeze everything, attach what the method adds, unfreeze what it trains and the
     head. Returns the model. The table in the module docstring says what trains."""
+    method = method_name(method)  # older spelling: "ungated_prompts"
     if method not in ALL_METHODS:
         raise ValueError(f"method must be one of {ALL_METHODS}; got {method!r}")
     model.requires_grad_(False)
     before = {name for name, _ in model.named_parameters()}
-    if method in ("zero_init", "ungated_prompts"):
-        gate = "head" if method == "zero_init" else "none"  # Eq. 7's zero gates, or one joint softmax
-        add_adapter(model, AdapterConfig(prompt_len=prompt_len, layers=layers, gate=gate), seed=seed)
+    if method in ("zero_init", "ungated"):  # Eq. 7's zero gates, or one joint softmax (studies.variants)
+        attach_prompts = add_adapter if method == "zero_init" else add_ungated_prompts
+        attach_prompts(model, AdapterConfig(prompt_len=prompt_len, layers=layers), seed=seed)
     elif method == "lora":
         from .baselines import add_lora
 
@@ -326,10 +328,11 @@ def run_one(bench: Bench, config: "StudyConfig", spec: RunSpec, out: Optional[Pa
     t0 = time.perf_counter()
     task = bench.tasks[spec.task]
     model = bench.set_head(copy.deepcopy(bench.base), task.n_out, spec.seed)
-    prepare(model, spec.method, prompt_len=config.prompt_len, layers=config.layers, seed=spec.seed)
+    prepare(model, spec.method, prompt_len=config.adapter.prompt_len, layers=config.adapter.layers, seed=spec.seed)
     final = spec.phase == "final"
-    losses = fit(model, task, training_examples(task, final), steps=config.steps, batch_size=config.batch_size,
-                 lr=spec.lr, warmup_steps=config.warmup_steps, weight_decay=config.weight_decay, seed=spec.seed,
+    t = config.train
+    losses = fit(model, task, training_examples(task, final), steps=t.steps, batch_size=t.batch_size,
+                 lr=spec.lr, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay, seed=spec.seed,
                  run_dir=None if out is None else out / "runs" / spec.folder, plot=config.run_plots)
     scores = task.score(model, "test" if final else "val")
     return {**asdict(spec), "settings": config.run_settings(), "scores": scores,
@@ -339,13 +342,20 @@ def run_one(bench: Bench, config: "StudyConfig", spec: RunSpec, out: Optional[Pa
 
 
 # --------------------------------------------------------------------------- the study
+def study_train(steps: int = 200, batch_size: int = 32, warmup_steps: int = 20) -> TrainConfig:
+    """Every run's budget (its learning rate and seed are the run's): AdamW, weight decay 0.02."""
+    return TrainConfig(steps=steps, batch_size=batch_size, warmup_steps=warmup_steps, weight_decay=0.02,
+                       checkpoint=False, progress=False)
+
+
 @dataclass
 class StudyConfig:
     """One study of a family.
 
     methods / tasks: None = all of the family's. seeds: final runs per method and task.
-    steps, batch_size, warmup_steps, weight_decay: every run's budget. prompt_len, layers: K prompts
-    in the top L layers (zero_init, ungated_prompts; K for input_prompts too).
+    train: every run's budget (steps, batch_size, warmup_steps, weight_decay; the learning rate is
+    the search's or ``lrs``'). adapter: K prompts (prompt_len) in the top L layers (layers) for
+    zero_init and ungated (K for input_prompts too).
     lrs: {method: rate} to skip the search (the demos), else ``lr_grids`` are searched on
     ``search_tasks`` (None: every task) with seed 0. train_limit: keep only the first N train (and
     val) examples of each task. run_plots: draw gates.png in every gated run's folder.
@@ -355,12 +365,8 @@ class StudyConfig:
     methods: Optional[tuple[str, ...]] = None
     tasks: Optional[tuple[str, ...]] = None
     seeds: int = 3
-    steps: int = 200
-    batch_size: int = 32
-    warmup_steps: int = 20
-    weight_decay: float = 0.02
-    prompt_len: int = 10
-    layers: int = 4
+    train: TrainConfig = field(default_factory=study_train)
+    adapter: AdapterConfig = field(default_factory=lambda: AdapterConfig(prompt_len=10, layers=4))
     lrs: Optional[dict] = None
     lr_grids: dict = field(default_factory=lambda: dict(LR_GRIDS))
     search_tasks: Optional[tuple[str, ...]] = None
@@ -370,22 +376,26 @@ class StudyConfig:
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}; got {self.family!r}")
-        self.methods = tuple(self.methods or METHODS[self.family])
+        self.methods = tuple(method_name(m) for m in self.methods or METHODS[self.family])
         wrong = [m for m in self.methods if m not in METHODS[self.family]]
         if wrong or len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods for {self.family} must be distinct names from {METHODS[self.family]}; "
                              f"got {list(self.methods)}")
-        for name in ("seeds", "steps", "batch_size", "prompt_len", "layers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a whole number >= 1; got {value!r}")
-        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.steps:
-            raise ValueError(f"warmup_steps must be between 0 and steps={self.steps}; got {self.warmup_steps!r}")
+        if isinstance(self.seeds, bool) or not isinstance(self.seeds, int) or self.seeds < 1:
+            raise ValueError(f"seeds must be a whole number >= 1; got {self.seeds!r}")
+        if not isinstance(self.train, TrainConfig) or self.train.steps is None:
+            raise ValueError(f"train must be a TrainConfig with steps set; got {self.train!r}")
+        if not isinstance(self.adapter, AdapterConfig):
+            raise ValueError(f"adapter must be an AdapterConfig; got {self.adapter!r}")
+        warmup = self.train.warmup_steps
+        if not isinstance(warmup, int) or not 0 <= warmup <= self.train.steps:
+            raise ValueError(f"warmup_steps must be between 0 and steps={self.train.steps}; got {warmup!r}")
         if self.lrs is not None:
-            missing = [m for m in self.methods if m not in self.lrs]
+            lrs = {method_name(m): lr for m, lr in self.lrs.items()}
+            missing = [m for m in self.methods if m not in lrs]
             if missing:
                 raise ValueError(f"lrs has no learning rate for {missing}; give one per method or None to search")
-            self.lrs = {m: float(self.lrs[m]) for m in self.methods}
+            self.lrs = {m: float(lrs[m]) for m in self.methods}
         known = task_names(self.family)
         for name in ("tasks", "search_tasks"):
             value = getattr(self, name)
@@ -397,12 +407,22 @@ class StudyConfig:
                 setattr(self, name, value)
         if self.tasks and self.search_tasks and not set(self.search_tasks) <= set(self.tasks):
             raise ValueError(f"search_tasks {list(self.search_tasks)} must be among tasks {list(self.tasks)}")
-        self.lr_grids = {m: tuple(float(x) for x in self.lr_grids[m]) for m in self.methods}
+        grids = {method_name(m): g for m, g in self.lr_grids.items()}
+        self.lr_grids = {m: tuple(float(x) for x in grids[m]) for m in self.methods}
 
     def run_settings(self) -> dict:
-        """What every run shares (not which methods, tasks or seeds run, nor how learning rates are chosen)."""
-        keep = ("family", "steps", "batch_size", "warmup_steps", "weight_decay", "prompt_len", "layers", "train_limit")
-        return {k: getattr(self, k) for k in keep}
+        """What every run shares, as runs.jsonl records it (not which methods, tasks or seeds run,
+        nor how learning rates are chosen)."""
+        t, a = self.train, self.adapter
+        return {"family": self.family, "steps": t.steps, "batch_size": t.batch_size, "warmup_steps": t.warmup_steps,
+                "weight_decay": t.weight_decay, "prompt_len": a.prompt_len, "layers": a.layers,
+                "train_limit": self.train_limit}
+
+    def settings(self) -> dict:
+        """The whole study, flat (results.json's "settings")."""
+        return {**self.run_settings(), "methods": list(self.methods), "tasks": self.tasks, "seeds": self.seeds,
+                "lrs": self.lrs, "lr_grids": self.lr_grids, "search_tasks": self.search_tasks,
+                "run_plots": self.run_plots}
 
 
 def task_names(family: str) -> tuple[str, ...]:
@@ -412,29 +432,6 @@ def task_names(family: str) -> tuple[str, ...]:
 
         return tuple(TASKS)
     return tuple(QA_TASKS)
-
-
-def read_runs(path: Path) -> list[dict]:
-    """The finished runs of runs.jsonl (a line that does not parse is an error naming it)."""
-    if not path.is_file():
-        return []
-    runs = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                runs.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {n}: not JSON ({e}); delete that line to redo the run") from None
-    return runs
-
-
-def check_settings(runs: list[dict], config: StudyConfig, path: Path) -> None:
-    settings = config.run_settings()
-    for r in runs:
-        if r.get("settings") != settings:
-            changed = sorted(k for k in settings if (r.get("settings") or {}).get(k) != settings[k])
-            raise ValueError(f"{path} holds runs made with other settings (differing: {', '.join(changed) or 'all'}); "
-                             "use a new --out folder, or the same settings to resume")
 
 
 def search_plan(config: StudyConfig, task_names: Sequence[str]) -> list[RunSpec]:
@@ -474,13 +471,10 @@ def run_study(out_dir: str | os.PathLike, config: StudyConfig, bench: Optional[B
     threads: CPU threads for torch (None: $ADAPTERLAB_THREADS, default 1; 0: leave torch's setting).
     Raises ValueError if ``out_dir`` holds runs made with other settings.
     """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder for the study's results")
-    out.mkdir(parents=True, exist_ok=True)
+    out = harness.study_folder(out_dir)
     runs_path = out / RUNS_NAME
     runs = read_runs(runs_path)
-    check_settings(runs, config, runs_path)
+    harness.check_settings(runs, config.run_settings(), runs_path)
     with cpu_threads(default_threads() if threads is None else threads):
         bench = bench or make_bench(config.family, config.tasks, config.train_limit)
         task_names = list(config.tasks or bench.tasks)
@@ -488,32 +482,17 @@ def run_study(out_dir: str | os.PathLike, config: StudyConfig, bench: Optional[B
         search = search_plan(config, task_names)
         n_final = len(config.methods) * len(task_names) * config.seeds
         todo_search = [s for s in search if s.key not in done]
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(search) + n_final, initial=len(search) - len(todo_search), unit="run",
-                       desc=f"{config.family} study", dynamic_ncols=True)
-
-        def execute(plan: list[RunSpec]) -> None:
-            for spec in plan:
-                if spec.key in done:
-                    continue
-                if bar is not None:
-                    bar.set_postfix_str(f"{spec.phase} {spec.task} {spec.method} lr={spec.lr:g} seed {spec.seed}")
-                runs.append(run_one(bench, config, spec, out))
-                done.add(spec.key)
-                atomic_write_text(runs_path, "".join(json.dumps(r) + "\n" for r in runs))
-                if bar is not None:
-                    bar.update(1)
-
-        execute(todo_search)
+        bar = harness.study_bar(len(search) + n_final, len(search) - len(todo_search), f"{config.family} study",
+                                progress)
+        label = lambda s: f"{s.phase} {s.task} {s.method} lr={s.lr:g} seed {s.seed}"  # noqa: E731
+        harness.run_missing(todo_search, lambda s: run_one(bench, config, s, out), runs, runs_path, bar, label)
         lrs = choose_lrs(runs, config)
         final = [RunSpec("final", t, m, lrs[m], s) for s in range(config.seeds) for m in config.methods
                  for t in task_names]
+        todo_final = [s for s in final if s.key not in done]
         if bar is not None:
-            bar.update(sum(s.key in done for s in final))
-        execute(final)
+            bar.update(len(final) - len(todo_final))
+        harness.run_missing(todo_final, lambda s: run_one(bench, config, s, out), runs, runs_path, bar, label)
         if bar is not None:
             bar.close()
     final_keys = {s.key for s in final}
@@ -521,9 +500,9 @@ def run_study(out_dir: str | os.PathLike, config: StudyConfig, bench: Optional[B
     groups = {name: bench.tasks[name].group for name in task_names}
     methods = summarize(finals, config, groups)
     results = {"family": config.family, "base": bench.base_name, "methods": methods, "chosen_lr": lrs, "lr_search": search_table(runs, config),
-               "settings": {**asdict(config), "lrs": config.lrs, "tasks": task_names}, "task_groups": groups,
+               "settings": {**config.settings(), "tasks": task_names}, "task_groups": groups,
                "command": command or f"adapterlab.studies.families.run_study(config={config!r})",
-               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(threads),
+               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": harness.machine(default_threads() if threads is None else threads),
                "run_seconds": round(sum(r["seconds"] for r in runs), 1)}
     atomic_write_text(out / METRICS_NAME, json.dumps({"methods": methods}, indent=2) + "\n")
     atomic_write_text(out / RESULTS_NAME, json.dumps(results, indent=2) + "\n")
@@ -545,14 +524,6 @@ def first_gate_run(out: Path, finals: list[dict]) -> Optional[Path]:
 
 
 # --------------------------------------------------------------------------- summary
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    xs = [float(x) for x in values]
-    mean = sum(xs) / len(xs)
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-    return mean, std
-
-
 def per_seed_scores(rows: list[dict], family: str, groups: dict) -> dict:
     """One method's final runs -> {seed: {score name: value}}: per-task scores, then the VTAB groups
     (mean over the group's tasks) and their average (ViT), or EM / F1 per SQuAD version (RoBERTa)."""
@@ -591,7 +562,8 @@ def summarize(finals: list[dict], config: StudyConfig, groups: dict) -> dict:
                        "lr": rows[0]["lr"], "seeds": len(seeds)}
         tasks: dict = {}
         for name in names:
-            mean, std = mean_std([row[name] for row in seeds.values() if name in row])
+            s = harness.stats([row[name] for row in seeds.values() if name in row])
+            mean, std = s["mean"], s["std"]
             if name.startswith("task:"):
                 tasks[name[5:]] = {"mean": mean, "std": std}
             else:
@@ -611,17 +583,29 @@ def score_columns(family: str, methods: dict) -> list[str]:
 
 def mean_pm_std(row: dict, column: str, pm: str = "±") -> str:
     """``row[column]`` and its std over seeds, in percent: "71.3 ± 1.2"."""
-    return f"{100 * row[column]:.1f} {pm} {100 * row[column + '_std']:.1f}"
+    return harness.mean_pm_std(row[column], row[column + "_std"], 1, pm, scale=100)
 
 
 def format_table(family: str, methods: dict) -> str:
     """The study as text: trainable parameters and mean +- std over seeds per method (in percent)."""
+    methods = harness.upgrade_keys(methods)
     cols = score_columns(family, methods)
-    lines = [f"{'method':42s} {'trainable':>10s} " + " ".join(f"{c:>15s}" for c in cols)]
-    for m, row in methods.items():
-        cells = " ".join(f"{mean_pm_std(row, c, '+-'):>15s}" for c in cols)
-        lines.append(f"{LABELS[m]:42s} {row['trainable_params']:>10,d} {cells}")
-    return "\n".join(lines)
+    rows = [[LABELS[m], f"{row['trainable_params']:,d}", *(mean_pm_std(row, c, "+-") for c in cols)]
+            for m, row in methods.items()]
+    return harness.format_table(["method", "trainable", *cols], rows, [42, 10] + [15] * len(cols))
+
+
+def read_results(folder: str | os.PathLike) -> dict:
+    """A study's results.json, with today's method names (the committed studies say "ungated_prompts")."""
+    results = json.loads((Path(folder) / RESULTS_NAME).read_text())
+    for key in ("methods", "chosen_lr", "lr_search"):
+        results[key] = harness.upgrade_keys(results[key])
+    for key in ("lrs", "lr_grids"):
+        if results["settings"].get(key):
+            results["settings"][key] = harness.upgrade_keys(results["settings"][key])
+    if results["settings"].get("methods"):
+        results["settings"]["methods"] = [method_name(m) for m in results["settings"]["methods"]]
+    return results
 
 
 def plot_table(results: dict, path: Optional[str | os.PathLike] = None):
@@ -656,43 +640,32 @@ def plot_table(results: dict, path: Optional[str | os.PathLike] = None):
     return fig
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine(threads: Optional[int] = None) -> dict:
-    """Where the numbers were made: platform, CPU, torch version and the threads used."""
-    n = default_threads() if threads is None else threads
-    return {"platform": platform.platform(), "cpu": cpu_name(), "torch": torch.__version__,
-            "threads": n or torch.get_num_threads()}
-
-
 # --------------------------------------------------------------------------- defaults
 # The committed studies (docs/results/families/<family>/results.json): the budget of every run and
 # the task the learning-rate search runs on (every task of the family is studied). Sized so that a
 # family's study takes about an hour on one thread of a 2-core machine.
 STUDY = {
-    "vit": dict(steps=200, batch_size=32, warmup_steps=20, search_tasks=("digits",)),
-    "roberta": dict(steps=400, batch_size=32, warmup_steps=40, search_tasks=("squad1",)),
+    "vit": dict(train=study_train(steps=200, batch_size=32, warmup_steps=20), search_tasks=("digits",)),
+    "roberta": dict(train=study_train(steps=400, batch_size=32, warmup_steps=40), search_tasks=("squad1",)),
 }
+BUDGET = ("steps", "batch_size", "warmup_steps", "weight_decay")  # study_config's keywords that go into train
 
 
 def study_config(family: str, **changes) -> StudyConfig:
-    """The study of ``family`` with :data:`STUDY`'s settings; ``changes`` set to None keep the default."""
+    """The study of ``family`` with :data:`STUDY`'s settings; ``changes`` set to None keep the default
+    (steps, batch_size, warmup_steps and weight_decay change its TrainConfig; fewer steps shorten the warm-up)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
-    settings = {**STUDY[family], **{k: v for k, v in changes.items() if v is not None}}
+    changes = {k: v for k, v in changes.items() if v is not None}
+    budget = {k: changes.pop(k) for k in BUDGET if k in changes}
+    settings = {**STUDY[family], **changes}
     if changes.get("tasks") and not changes.get("search_tasks"):  # search among the chosen tasks
         kept = [t for t in settings.get("search_tasks") or () if t in changes["tasks"]]
         settings["search_tasks"] = tuple(kept) or tuple(changes["tasks"][:1])
-    if "steps" in changes and changes["steps"] is not None:
-        settings["warmup_steps"] = min(settings["warmup_steps"], max(0, changes["steps"] // 10))
+    if "steps" in budget:
+        warmup = budget.get("warmup_steps", settings["train"].warmup_steps)
+        budget["warmup_steps"] = min(warmup, max(0, budget["steps"] // 10))
+    settings["train"] = replace(settings["train"], **budget)
     return StudyConfig(family=family, **settings)
 
 
@@ -702,9 +675,9 @@ def study_config(family: str, **changes) -> StudyConfig:
 # the ViT on one task per VTAB group and half the study's steps, the text encoder on both SQuAD
 # versions with a quarter of its steps. So the demo's numbers are lower than the study's.
 DEMO = {
-    "vit": dict(steps=100, batch_size=32, warmup_steps=10, tasks=("digits", "noisy_shapes", "count"), seeds=1,
-                run_plots=True),
-    "roberta": dict(steps=100, batch_size=32, warmup_steps=10, seeds=1, run_plots=True),
+    "vit": dict(train=study_train(steps=100, batch_size=32, warmup_steps=10), tasks=("digits", "noisy_shapes", "count"),
+                seeds=1, run_plots=True),
+    "roberta": dict(train=study_train(steps=100, batch_size=32, warmup_steps=10), seeds=1, run_plots=True),
 }
 
 
@@ -712,7 +685,8 @@ def demo_config(family: str, **changes) -> StudyConfig:
     """The demo's study: :data:`DEMO` for the family, the rates of :data:`DEFAULT_LR`, ``changes`` applied."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}; got {family!r}")
-    return replace(StudyConfig(family=family, lrs=DEFAULT_LR[family], **DEMO[family]), **changes)
+    demo = {**DEMO[family], "train": replace(DEMO[family]["train"])}  # a copy: the table stays as it is
+    return replace(StudyConfig(family=family, lrs=DEFAULT_LR[family], **demo), **changes)
 
 
 def run_demo(out_dir: str | os.PathLike, family: str, progress: bool = True, verbose: bool = True,
@@ -726,13 +700,13 @@ def run_demo(out_dir: str | os.PathLike, family: str, progress: bool = True, ver
     if verbose:
         print(format_table(family, results["methods"]))
         study = study_config(family)
-        print(f"One seed at {config.steps} steps per run: a short budget, where the slower methods have not learned yet. "
-              f"The committed study ({study.seeds} seeds, {study.steps} steps, every task) is in "
+        print(f"One seed at {config.train.steps} steps per run: a short budget, where the slower methods have not learned yet. "
+              f"The committed study ({study.seeds} seeds, {study.train.steps} steps, every task) is in "
               f"docs/results/families/{family}/ and notebook 11.")
     return results
 
 
 __all__ = ["FAMILIES", "METHODS", "LABELS", "LR_GRIDS", "DEFAULT_LR", "prepare", "ImageTask", "QATask", "Bench",
            "vit_bench", "roberta_bench", "make_bench", "data_order", "fit", "RunSpec", "run_one", "StudyConfig",
-           "run_study", "read_runs", "choose_lrs", "search_table", "summarize", "format_table", "plot_table",
-           "machine", "STUDY", "study_config", "DEMO", "demo_config", "run_demo"]
+           "run_study", "read_runs", "read_results", "choose_lrs", "search_table", "summarize", "format_table",
+           "plot_table", "STUDY", "study_config", "DEMO", "demo_config", "run_demo"]
