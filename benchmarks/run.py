@@ -49,8 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from adapterlab import AdapterConfig, Llama, LlamaConfig, add_adapter  # noqa: E402
 from adapterlab.adapter import adapted_layers, remove_adapter  # noqa: E402
-from adapterlab.io.checkpoints import HF_LAYER_NAMES, HF_TOP_NAMES  # noqa: E402
-from adapterlab.losses import IGNORE_INDEX, compile_model, lm_loss, uncompile_model  # noqa: E402
+from adapterlab.io.weights import HF_LAYER_NAMES, HF_TOP_NAMES  # noqa: E402
+from adapterlab.losses import IGNORE_INDEX, lm_loss  # noqa: E402
+from adapterlab.train import compile_model, uncompile_model  # noqa: E402
 
 GIB = 2**30
 H100_BF16_DENSE_PEAK = 989e12  # FLOP/s, H100 SXM, dense (no sparsity)
@@ -173,12 +174,12 @@ def hf_config_from(cfg: LlamaConfig, dtype: torch.dtype):
 
 def meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """q/k rows from Meta's interleaved rotary pairs to HF's rotated halves (the inverse of
-    adapterlab.io.checkpoints.hf_to_meta_rows): row h*d + 2i + c moves to h*d + c*d/2 + i."""
+    adapterlab.io.weights.hf_to_meta_rows): row h*d + 2i + c moves to h*d + c*d/2 + i."""
     d = w.shape[0] // n_heads
     return w.reshape(n_heads, d // 2, 2, -1).transpose(1, 2).reshape(w.shape)
 
 
-# Meta name -> Hugging Face name: the loader's maps (adapterlab.io.checkpoints), inverted.
+# Meta name -> Hugging Face name: the loader's maps (adapterlab.io.weights), inverted.
 _HF_TOP = {meta: hf for hf, meta in HF_TOP_NAMES.items()}
 _HF_LAYER = {meta: hf for hf, meta in HF_LAYER_NAMES.items()}
 

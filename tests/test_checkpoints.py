@@ -1,5 +1,5 @@
-"""checkpoints.py: Meta folders (exact), official release .pth vs literal Eq. 5-8, our adapter
-format round trip, the 7B adapter file size, and errors that speak to the user."""
+"""io/weights.py and io/adapters.py: Meta folders (exact), official release .pth vs literal Eq. 5-8, our adapter
+format round trip, the 7B adapter file size, and errors that speak to the user (GGUF files: test_gguf.py)."""
 import json
 import math
 
@@ -226,7 +226,7 @@ def test_truncated_adapter_file_is_named(tmp_path, kind, cut):
 
 
 def test_save_llama_writes_a_meta_folder_that_load_llama_reads_exactly(tmp_path):
-    from adapterlab.io.checkpoints import save_llama
+    from adapterlab.io.weights import save_llama
 
     model = add_adapter(make_tiny_model(), AdapterConfig(prompt_len=2, layers=1))  # the adapter is left out
     texts = [f"the {w} number {i} is {i * 7}" for i, w in enumerate(["red", "blue", "green", "big", "small"] * 8)]

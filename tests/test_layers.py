@@ -36,7 +36,7 @@ TOP_LEVEL_LIMIT = 12  # modules at the top of the package, faces included: the c
 
 
 def unit_of(dotted: str) -> str:
-    """'io.files' -> 'io.files'; 'io.checkpoints' -> 'io'; 'train' -> 'core'; 'cli' -> 'faces'."""
+    """'io.files' -> 'io.files'; 'io.weights' -> 'io'; 'train' -> 'core'; 'cli' -> 'faces'."""
     parts = dotted.split(".")
     if dotted == "io.files":
         return "io.files"

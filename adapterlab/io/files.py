@@ -1,7 +1,7 @@
-"""Files and the machine: atomic writes, the cache folder, a cross-process lock, CPU threads.
+"""Files and the machine: atomic writes, the cache folder, a cross-process lock, CPU threads, progress.
 
-Layer 0 (the lowest): imports only the standard library, torch and filelock, and nothing from
-adapterlab. Everything that writes a file other processes may read at the same moment (a
+Layer 0 (the lowest): imports only the standard library, torch, filelock and tqdm, and nothing
+from adapterlab. Everything that writes a file other processes may read at the same moment (a
 checkpoint, gates.jsonl, metrics.json, a cached base) goes through here, so a reader - or a
 process killed at any moment - sees the old file or the new one, never half of one.
 
@@ -13,6 +13,7 @@ import contextlib
 import os
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Optional
@@ -185,3 +186,77 @@ def base_folder(name: str, marker: str, build: Callable[[Path], Any], force: boo
         with cpu_threads(BUILD_THREADS):
             publish_folder(final, build)
     return final
+
+
+# --------------------------------------------------------------------------- progress of a long job
+PLAIN_PROGRESS_LINES = 10  # a job whose stderr is a file prints a line at every tenth of its work
+
+
+def interactive_stderr() -> bool:
+    """stderr is a terminal or a notebook's output, where a bar redraws in place; not a file or a pipe."""
+    return sys.stderr.isatty() or type(sys.stderr).__module__.startswith("ipykernel")
+
+
+def progress_bar(iterable=None, *, total: Optional[int] = None, desc: str = "", unit: str = "it", initial: int = 0,
+                 disable: bool = False, leave: bool = True):
+    """The progress display of every long job: tqdm's bar in a terminal or a notebook; elsewhere
+    (stderr redirected to a log file, a CI job) a few plain lines (:class:`PlainProgress`), not a
+    redraw per step. Use it as tqdm: iterate over it, or call ``update``, ``set_postfix``, ``close``."""
+    if disable or interactive_stderr():
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial, disable=disable, leave=leave,
+                    dynamic_ncols=True)
+    return PlainProgress(iterable, total=total, desc=desc, unit=unit, initial=initial)
+
+
+class PlainProgress:
+    """tqdm's calls, printed as one line per tenth of the work: ``desc: 30/300 steps (10%) in 12 s, loss=0.5``."""
+
+    def __init__(self, iterable=None, *, total: Optional[int] = None, desc: str = "", unit: str = "it",
+                 initial: int = 0, lines: int = PLAIN_PROGRESS_LINES, file=None):
+        self.iterable = iterable
+        self.total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
+        self.n, self.desc, self.unit, self.lines = initial, desc, unit, lines
+        self.postfix = ""
+        self.file = file
+        self.start = time.perf_counter()
+        self.shown = self._part(initial)  # a resumed job counts its tenths from where it was
+
+    def _part(self, n: int) -> int:
+        return n * self.lines // self.total if self.total else 0
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self._part(self.n) > self.shown:
+            self.shown = self._part(self.n)
+            self._print()
+
+    def _print(self) -> None:
+        units = self.unit if self.unit.endswith("s") else self.unit + "s"
+        share = f"/{self.total} {units} ({100 * self.n // self.total}%)" if self.total else f" {units}"
+        extra = f", {self.postfix}" if self.postfix else ""
+        print(f"{self.desc + ': ' if self.desc else ''}{self.n}{share} in {time.perf_counter() - self.start:.0f} s"
+              f"{extra}", file=self.file or sys.stderr, flush=True)
+
+    def set_postfix(self, ordered_dict=None, refresh: bool = True, **values) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in {**(ordered_dict or {}), **values}.items())
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        self.postfix = s
+
+    def close(self) -> None:
+        if not self.total and self.n:  # no tenths to count: one line at the end
+            self._print()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+    def __enter__(self) -> "PlainProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

