@@ -17,13 +17,10 @@ Because the two softmaxes are separate, S^g V splits into a sum:
 The first term is ordinary causal attention (a fused kernel in model.Attention); the second is
 :func:`gated_prompt_attention` below - the only new computation the adapter adds.
 :func:`zero_init_attention_literal` writes Eq. 5-8 literally (one score matrix, two softmaxes)
-for teaching and for the tests that prove both forms equal. Bidirectional encoders
-(:mod:`adapterlab.encoders.transformer`) use the same functions with a ``token_mask`` (which token keys each
-query may see: all but padding) in place of the causal mask (``token_mask=None``, LLaMA's).
-
-For comparison, ``AdapterConfig(gate="none")`` is the ungated design zero-init attention improves
-on (prefix tuning, P-tuning v2, VPT-deep): keys/values [P; T] in ONE softmax, no gate -
-:func:`joint_prompt_attention` beside Eq. 7's term, :func:`joint_attention_literal` beside the literal form.
+for teaching and for the tests that prove both forms equal (its ``token_mask``: which token keys
+a query may see - all but padding in the bidirectional encoders; None: causal, LLaMA's).
+Study variants (ungated prompts, :mod:`adapterlab.studies.variants`) plug into the same
+``self.adapter`` slot from outside the core.
 
 The prompts live in the residual width C and pass through the layer's *frozen* W_k and W_v;
 their keys get no rotary embedding. g_l starts at 0, so at initialisation the adapted model
@@ -41,7 +38,7 @@ from torch import nn
 
 from .model import Attention, KVCache, Llama
 
-GATES = ("head", "layer", "none")
+GATES = ("head", "layer")
 ACTIVATIONS = ("tanh", "identity")
 INITS = ("zero", "random")
 
@@ -51,9 +48,7 @@ class AdapterConfig:
     """What to attach.
 
     prompt_len: K prompt tokens per adapted layer.   layers: L, the top L layers are adapted.
-    gate: "head" (one gate per head, as the official release) or "layer" (one scalar, as PEFT);
-        "none": no gate - the prompts join the word tokens' softmax (prefix tuning, P-tuning v2,
-        VPT-deep: the ablation zero-init attention is compared with; see :func:`joint_prompt_attention`).
+    gate: "head" (one gate per head, as the official release) or "layer" (one scalar, as PEFT).
     gate_activation: "tanh" (paper) or "identity" (PEFT).
     init: "zero" (paper: gates start at 0) or "random" (ablation: gates start at N(0, 1) draws).
     visual_dim: width of the visual features for the multi-modal adapter (None: text only).
@@ -79,10 +74,9 @@ class AdapterConfig:
             ("init", self.init, INITS),
         ):
             if value not in allowed:
-                raise ValueError(f"AdapterConfig.{name} must be one of {allowed}; got {value!r}")
-        if self.gate == "none" and self.init != "zero":
-            raise ValueError(f"AdapterConfig.init={self.init!r} says where the gate starts, but gate='none' has no "
-                             "gate; leave init at 'zero' (ungated prompts start at their random draw)")
+                hint = (" (ungated prompts are a study variant: adapterlab.studies.variants.add_ungated_prompts)"
+                        if value == "none" else "")
+                raise ValueError(f"AdapterConfig.{name} must be one of {allowed}; got {value!r}{hint}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,37 +117,6 @@ def visible_keys(token_mask: Optional[torch.Tensor], T: int, S: int, device) -> 
     return token_mask.to(device=device, dtype=torch.bool)
 
 
-def joint_prompt_attention(q: torch.Tensor, prompt_k: torch.Tensor, prompt_v: torch.Tensor, keys: torch.Tensor,
-                           token_out: torch.Tensor, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The ungated alternative to Eq. 7 (``gate="none"``): prompts and word tokens share ONE softmax.
-
-    This is what prefix tuning, P-tuning v2 and VPT-deep do, written against Eq. 7 above:
-
-        Eq. 7 (gated):  S^g V = softmax(S^{M+1}) V  +  g * softmax(S^K) P_v
-        one softmax:    softmax([S^K, S^{M+1}]) [P_v; V]
-                      = softmax(S^{M+1}) V  +  w * (softmax(S^K) P_v - softmax(S^{M+1}) V)
-        with  w = sum exp(S^K) / (sum exp(S^K) + sum exp(S^{M+1})) = sigmoid(lse(S^K) - lse(S^{M+1}))
-
-    w is the share of attention the prompts take from the tokens: a "gate" no parameter controls,
-    set by the scores alone, and far from 0 at initialisation - so the frozen model's output
-    changes before anything is learned. token_out: softmax(S^{M+1}) V, the causal attention over
-    the tokens that model.Attention already computed, (B, H, T, d). keys: (B, H_kv, S, d) rotated
-    token keys, S >= T (query i sees keys 0..S-T+i, as with a KV cache). prompt_k, prompt_v:
-    (1 or B, H_kv, K, d). token_mask: which keys each query sees, bool broadcastable to (B, H, T, S)
-    (None: causal; see :func:`visible_keys`). Returns the correction to add to token_out, (B, H, T, d).
-    """
-    n_rep = q.shape[1] // keys.shape[1]  # grouped-query attention: share K/V heads
-    if n_rep > 1:
-        keys, prompt_k, prompt_v = (x.repeat_interleave(n_rep, dim=1) for x in (keys, prompt_k, prompt_v))
-    T, S, d = q.shape[2], keys.shape[2], q.shape[-1]
-    prompt_scores = (q @ prompt_k.transpose(-2, -1)).float() / math.sqrt(d)  # S^K: (B, H, T, K)
-    token_scores = (q @ keys.transpose(-2, -1)).float() / math.sqrt(d)  # S^{M+1}: (B, H, T, S)
-    token_scores = token_scores.masked_fill(~visible_keys(token_mask, T, S, q.device), float("-inf"))
-    w = torch.sigmoid(prompt_scores.logsumexp(-1) - token_scores.logsumexp(-1))[..., None]  # (B, H, T, 1)
-    prompt_out = F.softmax(prompt_scores, dim=-1).type_as(q) @ prompt_v  # softmax(S^K) P_v: (B, H, T, d)
-    return w.type_as(q) * (prompt_out - token_out)
-
-
 def zero_init_attention_literal(q, k, v, prompt_k, prompt_v, gate, token_mask=None):
     """Eq. 5-8 as written in the paper: one score matrix, two separate softmaxes.
 
@@ -174,23 +137,6 @@ def zero_init_attention_literal(q, k, v, prompt_k, prompt_v, gate, token_mask=No
     return S_g @ values  # Eq. 8 (before W_o)
 
 
-def joint_attention_literal(q, k, v, prompt_k, prompt_v, token_mask=None):
-    """The ungated form as prefix tuning writes it: keys/values [P; T], ONE softmax, no gate.
-
-    Shapes and token_mask as :func:`zero_init_attention_literal` (None: causal). Compare the two:
-    there, the prompt scores S^K and the token scores S^{M+1} get their own softmax and the gate
-    scales the prompt block; here every prompt competes with every token for the same unit of attention.
-    """
-    B, H, T, d = q.shape
-    K = prompt_k.shape[2]
-    keys = torch.cat([prompt_k.expand(B, -1, -1, -1), k], dim=2)  # [P; T]  (B, H, K+T, d)
-    values = torch.cat([prompt_v.expand(B, -1, -1, -1), v], dim=2)
-    S = q @ keys.transpose(-2, -1) / math.sqrt(d)  # (B, H, T, K+T)
-    tokens = visible_keys(token_mask, T, T, q.device).expand(B, H, T, T)
-    visible = torch.cat([tokens.new_ones(B, H, T, K), tokens], dim=-1)  # prompts: always visible
-    return S.masked_fill(~visible, float("-inf")).softmax(-1) @ values  # (B, H, T, d)
-
-
 # --------------------------------------------------------------------------- the module
 class AdaptionPrompt(nn.Module):
     """The trainable part of one adapted layer: K prompt vectors and the gate."""
@@ -200,18 +146,13 @@ class AdaptionPrompt(nn.Module):
         self.gate_activation = config.gate_activation
         self.prompt = nn.Parameter(torch.randn(config.prompt_len, dim, generator=generator))  # P_l
         gate_shape = (1, n_heads, 1, 1) if config.gate == "head" else (1,)
-        if config.gate == "none":  # ungated: the prompts compete with the tokens in one softmax
-            self.register_parameter("gate", None)
-        elif config.init == "zero":
+        if config.init == "zero":
             self.gate = nn.Parameter(torch.zeros(gate_shape))  # g_l = 0: output unchanged at init
         else:
             self.gate = nn.Parameter(torch.randn(gate_shape, generator=generator))
 
     def gate_value(self) -> torch.Tensor:
         """The effective gate: tanh(g) for the paper's gate, g itself for identity."""
-        if self.gate is None:
-            raise ValueError("this adapter is ungated (AdapterConfig(gate='none')): it has no gate value; "
-                             "its prompts take a share of the tokens' softmax instead (joint_prompt_attention)")
         return torch.tanh(self.gate) if self.gate_activation == "tanh" else self.gate
 
     def prompt_kv(self, attn: Attention, visual: Optional[torch.Tensor] = None):
@@ -228,25 +169,19 @@ class AdaptionPrompt(nn.Module):
         pv = attn.split_heads(attn.wv(prompt.to(w_dtype)), attn.n_kv_heads)
         return pk, pv
 
-    def forward(self, q, attn: Attention, cache: Optional[KVCache] = None, visual=None,
-                keys: Optional[torch.Tensor] = None, token_out: Optional[torch.Tensor] = None,
-                token_mask: Optional[torch.Tensor] = None):
-        """The term model.Attention adds to its token attention. q: (B, H, T, d) rotated queries;
-        keys, token_out: the layer's token keys and token attention, token_mask: which keys each
-        query saw there (None: causal) - used by gate="none" only (the gated term reads only the prompts)."""
+    def cached_prompt_kv(self, attn: Attention, cache: Optional[KVCache] = None, visual=None):
+        """:meth:`prompt_kv`, computed once per generation: kept in ``cache.prompt_kv`` after the first step."""
         if cache is not None and attn.layer_id in cache.prompt_kv:
-            pk, pv = cache.prompt_kv[attn.layer_id]  # generation: computed at the first step only
-        else:
-            pk, pv = self.prompt_kv(attn, visual)
-            if cache is not None:
-                cache.prompt_kv[attn.layer_id] = (pk, pv)
-        pk, pv = pk.to(q.dtype), pv.to(q.dtype)
-        if self.gate is None:  # gate="none": one softmax over [P; T]
-            if keys is None or token_out is None:
-                raise ValueError("an ungated adapter (gate='none') needs the layer's token keys and token attention: "
-                                 "call it as adapterlab.model.Attention does (keys=..., token_out=...)")
-            return joint_prompt_attention(q, pk, pv, keys.to(q.dtype), token_out, token_mask)
-        return gated_prompt_attention(q, pk, pv, self.gate_value())
+            return cache.prompt_kv[attn.layer_id]
+        pk, pv = self.prompt_kv(attn, visual)
+        if cache is not None:
+            cache.prompt_kv[attn.layer_id] = (pk, pv)
+        return pk, pv
+
+    def forward(self, q, attn: Attention, cache: Optional[KVCache] = None, visual=None):
+        """The term model.Attention adds to its token attention (Eq. 7): q (B, H, T, d) rotated queries -> (B, H, T, d)."""
+        pk, pv = self.cached_prompt_kv(attn, cache, visual)
+        return gated_prompt_attention(q, pk.to(q.dtype), pv.to(q.dtype), self.gate_value())
 
 
 # --------------------------------------------------------------------------- the multi-modal projection
@@ -340,7 +275,7 @@ def adapter_state_dict(model: Llama) -> dict[str, torch.Tensor]:
 def gate_values(model: Llama) -> torch.Tensor:
     """Effective gates of the adapted layers -> (L, H) (a per-layer gate is repeated over heads).
 
-    Ungated layers (gate="none") have no gate and no row: their result is (0, H)."""
+    An adapter without a gate (a study variant: ungated prompts) has no row."""
     rows = []
     H = model.config.n_heads
     for i in adapted_layers(model):

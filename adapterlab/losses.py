@@ -1,4 +1,4 @@
-"""The language-model loss without a (B, T, vocab) logits tensor, and an opt-in torch.compile.
+"""The language-model loss without a (B, T, vocab) logits tensor.
 
 Layer 4 (beside generate): imports model, data and distributed. :func:`loss_sum` is the loss the training loop takes;
 :func:`lm_loss` its fast path.
@@ -26,15 +26,9 @@ Three ways to compute the same number (``mode``):
 
 Tokens whose target is ``ignore_index`` (-100: the prompt part of an Alpaca example, padding)
 are dropped *before* the output head, so their logits are never computed at all.
-
-``compile_model`` (at the end of this file) is the opt-in ``torch.compile`` path: each
-transformer block is compiled on its own, and the model falls back to eager code if
-compilation fails.
 """
 from __future__ import annotations
 
-import importlib
-import warnings
 from typing import Optional
 
 import torch
@@ -216,73 +210,3 @@ def _head_is_fusable(model: nn.Module) -> bool:
     """An adapterlab Llama (or DDP around one) whose output head is frozen."""
     raw = unwrap(model)
     return isinstance(raw, Llama) and strategy_of(model) != "fsdp" and not raw.output.weight.requires_grad
-
-
-# --------------------------------------------------------------------------- speed: opt-in compile
-def compile_model(model: nn.Module, *, mode: Optional[str] = None, fallback: bool = True) -> nn.Module:
-    """Compile every transformer block of an adapterlab ``Llama`` with ``torch.compile``, in place.
-
-    Blocks are compiled one by one ("regional compilation"): all blocks share one compiled
-    graph per situation (frozen block without autograd, adapted block with autograd), so it
-    compiles in seconds to a minute instead of unrolling the whole network. Parameter names and
-    ``state_dict`` stay unchanged. Only full-sequence calls (training, evaluation) use the
-    compiled code; calls with a ``KVCache`` (generation) stay eager, which avoids a
-    recompilation at every new position.
-
-    fallback: if compiling or running a compiled block raises (no C compiler, no Triton, an
-    unsupported operation), warn once, return the block to eager code and go on. Errors in the
-    backward pass of a compiled block are not caught here. ``uncompile_model`` undoes this.
-    """
-    layers = getattr(model, "layers", None)
-    if layers is None:
-        raise ValueError("compile_model expects an adapterlab Llama (a model with .layers)")
-    if not hasattr(torch, "compile"):
-        warnings.warn("compile_model: this torch has no torch.compile; the model stays eager")
-        return model
-    uncompile_model(model)  # compiling twice would wrap the wrapper
-    state = {"failed": False}
-    for layer in layers:
-        layer.forward = _compiled_forward(layer, torch.compile(layer.forward, mode=mode), state, fallback)
-    model.compiled = True
-    return model
-
-
-def uncompile_model(model: nn.Module) -> nn.Module:
-    """Undo ``compile_model``: every block runs its ordinary eager ``forward`` again."""
-    for layer in getattr(model, "layers", []):
-        if "forward" in layer.__dict__:
-            del layer.forward  # the instance attribute hid the class's forward
-    model.compiled = False
-    return model
-
-
-def _compile_errors() -> tuple[type, ...]:
-    """The exception types torch.compile raises when it cannot compile (missing compiler, Triton, ...).
-    Only these trigger the fallback: other exceptions (wrong input shapes, the control-flow exception
-    of activation checkpointing's recomputation) must pass through unchanged."""
-    found = []
-    for module, name in (("torch._dynamo.exc", "TorchDynamoException"), ("torch._inductor.exc", "InductorError")):
-        try:
-            found.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(found)
-
-
-def _compiled_forward(layer: nn.Module, compiled, state: dict, fallback: bool):
-    eager = type(layer).forward.__get__(layer)
-    compile_errors = _compile_errors()
-
-    def forward(x, cos, sin, start_pos: int = 0, cache=None, visual=None):
-        if cache is not None or state["failed"]:
-            return eager(x, cos, sin, start_pos, cache, visual)
-        try:
-            return compiled(x, cos, sin, start_pos, cache, visual)
-        except compile_errors as error:  # compilation problems surface at the first call
-            if not fallback:
-                raise
-            state["failed"] = True
-            warnings.warn(f"compile_model: torch.compile failed ({type(error).__name__}: {error}); running eager")
-            return eager(x, cos, sin, start_pos, cache, visual)
-
-    return forward

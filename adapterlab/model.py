@@ -8,7 +8,7 @@ Layer 1 (beside tokenizer and scenes): torch only, nothing from adapterlab.
 
 Weights use Meta's names (``layers.{i}.attention.wq.weight`` ...) and Meta's rotary
 layout (interleaved pairs), so a Meta ``consolidated.*.pth`` loads as is; the Hugging Face
-layout is converted in :mod:`adapterlab.io.checkpoints`.
+layout is converted in :mod:`adapterlab.io.weights`.
 
 The LLaMA-Adapter hooks in at one place only: :class:`Attention` calls
 ``self.adapter`` (see :mod:`adapterlab.adapter`, Eq. 5-8 of the paper) when one is attached.
@@ -170,9 +170,8 @@ class Attention(nn.Module):
         )  # (B, H, T, d)
 
         # LLaMA-Adapter: add the gated attention over the adaption prompts (Eq. 7, "sum" form).
-        # (An ungated adapter, gate="none", needs the token keys and attention for its joint softmax.)
         if self.adapter is not None:
-            out = out + self.adapter(q, self, cache=cache, visual=visual, keys=k, token_out=out)
+            out = out + self.adapter(q, self, cache=cache, visual=visual)
 
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from adapterlab.adapter import AdapterConfig, joint_attention_literal, zero_init_attention_literal
+from adapterlab.adapter import AdapterConfig, zero_init_attention_literal
+from adapterlab.studies.variants import add_ungated_prompts, joint_attention_literal
 from conftest import randomize_
 from adapterlab.encoders.clip import (
     GatedCLIPAttention,
@@ -74,7 +75,10 @@ def test_prompts_leave_the_output_bit_identical_at_init(clip_folder, gate, layer
 def test_the_wrapped_attention_is_eq7_on_clips_own_projections(clip_folder, gate):
     """The adapted layer == the literal form (one score matrix; two softmaxes, or one when ungated),
     built from CLIP's q/k/v projections, the prompts through k_proj and v_proj, then out_proj."""
-    model = add_clip_prompts(load_clip_vision(clip_folder), AdapterConfig(prompt_len=4, layers=2, gate=gate))
+    if gate == "none":  # the ungated study variant (studies.variants)
+        model = add_ungated_prompts(load_clip_vision(clip_folder), AdapterConfig(prompt_len=4, layers=2))
+    else:
+        model = add_clip_prompts(load_clip_vision(clip_folder), AdapterConfig(prompt_len=4, layers=2, gate=gate))
     if gate != "none":
         open_gates_(model)
     wrapped = clip_encoder_layers(model)[1].self_attn

@@ -11,8 +11,6 @@ from adapterlab.adapter import (
     adapted_layers,
     count_trainable,
     gate_values,
-    joint_attention_literal,
-    joint_prompt_attention,
     zero_init_attention_literal,
 )
 from adapterlab.encoders.transformer import (
@@ -26,11 +24,19 @@ from adapterlab.encoders.transformer import (
     save_encoder,
     set_head,
 )
+from adapterlab.studies.variants import add_ungated_prompts, joint_attention_literal, joint_prompt_attention
 from conftest import open_gates_, randomize_
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 50
+
+
+def attach(model, gate: str, **config):
+    """gate "none": the ungated study variant (studies.variants); otherwise the paper's adapter."""
+    if gate == "none":
+        return add_ungated_prompts(model, AdapterConfig(**config))
+    return add_adapter(model, AdapterConfig(gate=gate, **config))
 
 
 def tiny_vit(seed: int = 0) -> ViT:
@@ -95,7 +101,7 @@ def test_ungated_prompts_change_the_output_before_any_training(family, padded):
     model = make(family)
     with torch.no_grad():
         base = run(model, padded)
-        add_adapter(model, AdapterConfig(prompt_len=4, layers=2, gate="none"))
+        add_ungated_prompts(model, AdapterConfig(prompt_len=4, layers=2))
         assert not torch.allclose(run(model, padded), base, atol=1e-3)
 
 
@@ -137,7 +143,7 @@ def model_inputs(model, padded):
 @pytest.mark.parametrize("gate,act", [("head", "tanh"), ("layer", "identity"), ("none", "tanh")])
 def test_efficient_attention_equals_the_literal_form_with_a_bidirectional_mask(family, padded, gate, act):
     model = make(family)
-    add_adapter(model, AdapterConfig(prompt_len=4, layers=2, gate=gate, gate_activation=act))
+    attach(model, gate, prompt_len=4, layers=2, gate_activation=act)
     if gate != "none":
         open_gates_(model)
     with torch.no_grad():
@@ -193,7 +199,7 @@ def test_text_attention_is_bidirectional_and_blind_to_padding():
 @pytest.mark.parametrize("gate", ["head", "none"])
 def test_padding_does_not_leak_through_the_prompts(gate):
     model = tiny_text()
-    add_adapter(model, AdapterConfig(prompt_len=4, layers=3, gate=gate))
+    attach(model, gate, prompt_len=4, layers=3)
     if gate != "none":
         open_gates_(model)
     tokens, mask = tokens_and_mask(padded=True)
@@ -246,7 +252,7 @@ def grads_by_name(model) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("gate", ["head", "layer", "none"])
 def test_gradients_reach_every_prompt_and_gate_and_nothing_frozen(family, padded, gate):
     model = make(family)
-    add_adapter(model, AdapterConfig(prompt_len=4, layers=2, gate=gate))
+    attach(model, gate, prompt_len=4, layers=2)
     if gate != "none":
         open_gates_(model)
     loss_of(model, padded).backward()

@@ -22,7 +22,8 @@ def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     torch.set_num_threads(1)
     model = add_adapter(tiny_model(), AdapterConfig(prompt_len=4, layers=2))
-    train(model, toy_data(), TrainConfig(steps=12, batch_size=8, lr=0.05, log_every=5, out_dir=str(out), progress=False))
+    train(model, toy_data(), TrainConfig(steps=12, batch_size=8, lr=0.05, log_every=5, out_dir=str(out), progress=False),
+          callbacks=[gates.GateRecorder(out, every=5)])
     out.joinpath("final_gates.json").write_text(json.dumps(gate_values(model).tolist()))
     return out
 
@@ -66,7 +67,7 @@ def test_the_recorded_gradient_is_the_one_the_update_used(tmp_path, optimizer):
     model = add_adapter(tiny_model(), AdapterConfig(prompt_len=4, layers=2))
     config = TrainConfig(steps=6, batch_size=8, lr=0.05, warmup_steps=2 if optimizer == "sgd" else 0, log_every=1,
                          out_dir=str(tmp_path), progress=False, optimizer=optimizer)
-    train(model, toy_data(), config)
+    train(model, toy_data(), config, callbacks=[gates.GateRecorder(tmp_path, every=1)])
     log = gates.GateLog.read(tmp_path)
     step = np.diff(log.raw, axis=0)  # (S-1, L, H): how each raw g moved at each update
     lr = log.lr[1:, None, None]
@@ -109,6 +110,31 @@ def test_prompt_share_is_the_prompt_terms_share_and_leaves_padding_out():
         model(seq)  # evaluation (no gradients) is not measured
     assert meter.result() is None
     meter.remove()
+
+
+def test_prompt_share_matches_the_token_term_of_the_frozen_layer():
+    """The meter reads the token term off W_o's input; here it comes from the frozen model itself
+    (the top layer alone is adapted, so its input is the frozen model's)."""
+    model = add_adapter(tiny_model(), AdapterConfig(prompt_len=4, layers=1))
+    with torch.no_grad():
+        model.layers[1].attention.adapter.gate.copy_(torch.tensor([0.2, -0.5, 0.9, 1.5]).view(1, 4, 1, 1))
+    seq = torch.tensor([[1, 9, 17, 33, 5, 2]])
+    seen = {}
+    attn = model.layers[1].attention
+    hooks = [attn.wo.register_forward_pre_hook(lambda m, args: seen.setdefault("both", args[0].detach())),
+             attn.adapter.register_forward_hook(lambda m, args, out: seen.setdefault("prompt", out.detach()))]
+    adapter, attn.adapter = attn.adapter, None
+    with torch.no_grad():
+        model(seq)  # the frozen layer: W_o's input is the token term alone
+    token = seen.pop("both").reshape(1, 6, 4, -1).transpose(1, 2)  # (B, H, T, d)
+    attn.adapter = adapter
+    with torch.no_grad():
+        model(seq)
+    for h in hooks:
+        h.remove()
+    a, b = seen["prompt"].norm(dim=-1), token.norm(dim=-1)  # (B, H, T)
+    expected = (a / (a + b)).mean(dim=(0, 2))
+    np.testing.assert_allclose(_single_token_share(model, seq)[0], expected.numpy(), rtol=1e-5)
 
 
 def test_prompt_norm_is_the_length_of_the_prompt_values_per_head():
@@ -254,11 +280,19 @@ def test_explorer_overlays_runs_of_a_7b_sized_log(tmp_path, capsys):
         gates.plot_runs(logs, layer=40)
 
 
-def test_an_ungated_adapter_gets_no_gate_log(tmp_path):
-    model = add_adapter(tiny_model(), AdapterConfig(prompt_len=4, layers=2, gate="none"))
-    assert gates.gated_layers(model) == [] and gate_values(model).shape == (0, 4)
+def test_train_records_gates_only_when_asked(tmp_path):
+    """train() attaches no recorder by itself: a run writes gates.jsonl when a GateRecorder is a callback."""
+    model = add_adapter(tiny_model(), AdapterConfig(prompt_len=4, layers=2))
     train(model, toy_data(), TrainConfig(steps=3, batch_size=8, lr=0.05, out_dir=str(tmp_path), progress=False))
-    assert not (tmp_path / "gates.jsonl").exists() and not (tmp_path / "gates.png").exists()  # nothing to record
+    assert (tmp_path / "metrics.json").exists()
+    assert not (tmp_path / "gates.jsonl").exists() and not (tmp_path / "gates.png").exists()
+
+
+def test_ungated_prompts_have_no_gate_to_record(tmp_path):
+    from adapterlab.studies.variants import add_ungated_prompts
+
+    model = add_ungated_prompts(tiny_model(), AdapterConfig(prompt_len=4, layers=2))
+    assert gates.gated_layers(model) == [] and gate_values(model).shape == (0, 4)
     for callback in (gates.GateRecorder(tmp_path / "asked"), gates.LivePlot(every=1)):
-        with pytest.raises(ValueError, match=r"no gate to record - its adapter \(layers \[0, 1\]\) is ungated"):
+        with pytest.raises(ValueError, match=r"no gate to record - its prompts \(layers \[0, 1\]\) are ungated"):
             train(model, toy_data(), TrainConfig(steps=1, batch_size=8, progress=False), callbacks=[callback])

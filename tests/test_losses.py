@@ -19,15 +19,9 @@ import torch.nn.functional as F
 
 from adapterlab import AdapterConfig, Llama, LlamaConfig, add_adapter
 from adapterlab.adapter import adapted_layers
-from adapterlab.losses import (
-    IGNORE_INDEX,
-    MODES,
-    compile_model,
-    cross_entropy_from_hidden,
-    lm_loss,
-    uncompile_model,
-)
+from adapterlab.losses import IGNORE_INDEX, MODES, cross_entropy_from_hidden, lm_loss
 from adapterlab.model import init_weights
+from adapterlab.train import compile_model, uncompile_model
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -343,7 +337,7 @@ def load_benchmark():
 def test_benchmark_weight_conversion_matches_transformers_exactly():
     """The CUDA path builds transformers' model from our tensors in memory: logits must agree (fp32)."""
     pytest.importorskip("transformers")
-    from adapterlab.io.checkpoints import hf_to_meta_rows
+    from adapterlab.io.weights import hf_to_meta_rows
 
     run = load_benchmark()
     w = torch.randn(4 * 8, 5)

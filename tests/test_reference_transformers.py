@@ -61,7 +61,7 @@ def test_hf_folder_matches_transformers(tmp_path, name, sharded):
 
 # --------------------------------------------------------------------------- Meta folders
 def meta_rows_from_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Written independently of checkpoints.hf_to_meta_rows: an explicit index per row.
+    """Written independently of io.weights.hf_to_meta_rows: an explicit index per row.
     Meta row h*d + 2i + c holds HF row h*d + c*d/2 + i (c = 0, 1: the two halves of rotary pair i)."""
     d = w.shape[0] // n_heads
     index = torch.empty(w.shape[0], dtype=torch.long)

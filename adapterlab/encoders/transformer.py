@@ -15,8 +15,8 @@ biases (as ViT and RoBERTa), LayerNorm and a GELU MLP. What does not change: the
 model.Attention's names (``wq wk wv wo``, ``split_heads``, ``n_heads``, ``adapter``), so
 ``adapter.add_adapter`` attaches the same adaption prompts with the same zero-init gates (Eq. 7,
 written once in adapter.py): the prompts pass through the frozen W_k, W_v and carry no position.
-``gate="none"`` gives the ungated deep prompts of VPT-deep / P-tuning v2 for comparison, and
-:func:`add_input_prompts` the shallow prompts of prompt tuning / VPT-shallow (input only).
+:func:`add_input_prompts` gives the shallow prompts of prompt tuning / VPT-shallow (input only); the
+ungated deep prompts of VPT-deep / P-tuning v2 are a study variant (:mod:`adapterlab.studies.variants`).
 """
 from __future__ import annotations
 
@@ -130,11 +130,9 @@ class EncoderAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, H, T, d)
 
         # Zero-init attention: add the gated term over the adaption prompts (Eq. 7, sum form), as
-        # model.Attention does. token_mask tells an ungated adapter (gate="none") which keys the
-        # queries saw (None would mean causal, LLaMA's).
+        # model.Attention does.
         if self.adapter is not None:
-            visible = key_mask if key_mask is not None else torch.ones(1, 1, 1, T, dtype=torch.bool, device=x.device)
-            out = out + self.adapter(q, self, keys=k, token_out=out, token_mask=visible)
+            out = out + self.adapter(q, self)
 
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 

@@ -1,6 +1,6 @@
 """Watch the gates open while a training job runs (in a terminal or a notebook).
 
-Layer 7 (tooling): reads what train.py and gates.py write; imports files, train and gates.
+Reads the gates.jsonl a GateRecorder writes (and train's metrics.json); imports files, train and the gate plots.
 
 A run writes one JSON line per logged step to ``DIR/gates.jsonl`` (see :mod:`adapterlab.gates`);
 rank 0 of a torchrun job does the same. This module tails that file:
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence, TextIO
 
 from ..io.files import atomic_write_bytes
-from . import GATES_NAME
+from .log import GATES_NAME
 from ..train import METRICS_NAME
 
 LIVE_PNG = "gates_live.png"
@@ -158,7 +158,7 @@ def draw(records: Sequence[dict], fig=None, title: str = ""):
     live view looks like the ``gates.png`` written at the end of the run."""
     from matplotlib.figure import Figure
 
-    from .. import gates
+    from . import plots
 
     fig = fig or Figure(figsize=(13, 3.6), layout="constrained")
     fig.clear()
@@ -169,9 +169,9 @@ def draw(records: Sequence[dict], fig=None, title: str = ""):
         what = "waiting for gate records ..." if not records else f"step {records[0]['step']}: waiting for the next record ..."
         axes[1].text(0.5, 0.5, what, ha="center", va="center")
     else:
-        gates.plot_heatmap(records, ax=axes[0])
-        gates.plot_loss_and_gates(records, ax=axes[1])
-        gates.plot_head_curves(records, ax=axes[2])
+        plots.plot_heatmap(records, ax=axes[0])
+        plots.plot_loss_and_gates(records, ax=axes[1])
+        plots.plot_head_curves(records, ax=axes[2])
     if title:
         fig.suptitle(title)
     return fig

@@ -30,8 +30,8 @@ from adapterlab.worlds import tinyworld
 from adapterlab.studies.ablate import mean_loss
 from adapterlab.adapter import adapted_layers, prompt_attention_map
 from adapterlab.data import format_prompt, instruction_dataset
-from adapterlab.gates import (GateLog, ablate_heads, explorer, format_summary, gate_record, layer_colors, plot_head_curves,
-                              plot_heatmap, plot_runs, run_colors, summarize)
+from adapterlab.gates import (GateLog, GateRecorder, ablate_heads, explorer, format_summary, gate_record, layer_colors,
+                              plot_head_curves, plot_heatmap, plot_runs, run_colors, summarize)
 from adapterlab.recipes import TINY_WORLD
 from adapterlab.train import TrainConfig, train
 from adapterlab.exercises.gate_dynamics import check_adapted_layers, check_most_open_layer
@@ -49,8 +49,8 @@ def spearman(x, y) -> float:
 # %% [markdown]
 # ## 1. Record a run
 #
-# With `out_dir` set, the training loop attaches a `GateRecorder`: every `log_every` steps it
-# appends one JSON line with the effective gates (tanh g), the loss and the learning rate to
+# A `GateRecorder`, passed to the training loop as a callback, watches the run: every `every` steps
+# it appends one JSON line with the effective gates (tanh g), the loss and the learning rate to
 # `out_dir/gates.jsonl` - and what section 4 studies: raw g, its gradient, the prompt norms and
 # the prompts' share of each head's output - and draws `gates.png` at the end. The same file is
 # what `adapterlab gates --follow` watches during a long run. The settings are the tiny world's
@@ -67,7 +67,7 @@ add_adapter(model, TINY_WORLD.adapter, seed=0)
 config = TrainConfig(steps=STEPS, batch_size=TINY_WORLD.train.batch_size, lr=TINY_WORLD.lr["adapter"],
                      warmup_steps=TINY_WORLD.train.warmup_steps, length_group=TINY_WORLD.train.length_group,
                      log_every=1, checkpoint=False, out_dir=str(run_dir), seed=0, desc="adapter tuning")
-metrics = train(model, data, config)
+metrics = train(model, data, config, callbacks=[GateRecorder(run_dir, every=config.log_every)])
 print(sorted(p.name for p in run_dir.iterdir()))
 print((run_dir / "gates.jsonl").read_text().splitlines()[12][:160], "...")
 
@@ -173,7 +173,7 @@ sgd_dir = Path(tempfile.mkdtemp()) / "sgd-run"
 sgd_model = load_llama("tinyworld")
 add_adapter(sgd_model, TINY_WORLD.adapter, seed=0)
 sgd_config = replace(config, optimizer="sgd", lr=10.0, weight_decay=0.0, out_dir=str(sgd_dir), progress=False)
-train(sgd_model, data, sgd_config)
+train(sgd_model, data, sgd_config, callbacks=[GateRecorder(sgd_dir, every=1)])
 sgd = GateLog.read(sgd_dir)
 print(f"the SGD run, {STEPS} steps, every step logged: {time.time() - start:.0f} s")
 print("recorded:", adamw.available(), "+ lr_sum; raw g per record:", adamw.raw.shape)
@@ -472,7 +472,7 @@ check_most_open_layer(most_open_layer, log)
 #
 # ## Summary
 #
-# - A run with `out_dir` writes `gates.jsonl` (one line per logged step) and `gates.png`;
+# - A `GateRecorder` callback writes `gates.jsonl` (one line per logged step) and `gates.png`;
 #   `GateLog` reads it back as arrays (records x layers x heads): the gates, and raw g, its
 #   gradient, the prompt norms and the prompts' share of each head's output. Older logs with
 #   the gates only still read.

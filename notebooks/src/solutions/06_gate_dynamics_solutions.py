@@ -13,7 +13,7 @@ from adapterlab import AdapterConfig, add_adapter, load_llama
 from adapterlab.worlds import tinyworld
 from adapterlab.adapter import adapted_layers
 from adapterlab.data import instruction_dataset
-from adapterlab.gates import GateLog
+from adapterlab.gates import GateLog, GateRecorder
 from adapterlab.train import TrainConfig, train
 from adapterlab.exercises.gate_dynamics import check_adapted_layers, check_most_open_layer
 
@@ -53,7 +53,7 @@ data = instruction_dataset(train_records, model.tokenizer, max_seq_len=256)
 add_adapter(model, AdapterConfig(prompt_len=10, layers=4), seed=0)
 run_dir = Path(tempfile.mkdtemp()) / "short-run"
 train(model, data, TrainConfig(steps=30, batch_size=32, lr=2e-2, warmup_steps=5, log_every=5, checkpoint=False,
-                               out_dir=str(run_dir), progress=False, seed=0))
+                               out_dir=str(run_dir), progress=False, seed=0), callbacks=[GateRecorder(run_dir, every=5)])
 log = GateLog.read(run_dir)
 
 # %%
