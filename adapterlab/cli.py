@@ -1,23 +1,30 @@
 """The ``adapterlab`` command: pretrain, finetune, generate, gates, demo, ablate, families.
 
 Layer: cli (the top). It only maps flags onto the typed functions of :mod:`adapterlab.recipes`
-(and prints their results): what a run does, and its defaults, are written there once.
+and the studies (and prints their results): what a run does, and its defaults, are written there once.
 
-Each subcommand is one ``add_<name>_arguments(parser)`` and one ``run_<name>(args)`` function,
-registered in :data:`COMMANDS`. To add a subcommand, register a :class:`Command`; to add flags
-to an existing one, extend its ``add_*_arguments`` function (the shared training flags live in
-:func:`add_training_arguments`, the adapter flags in :func:`add_adapter_arguments`).
+One mapping from flags to settings: a flag's argparse ``dest`` is the name of what it sets - a
+recipe's argument (``base``, ``out``, ``max_seq_len`` ...) or a config's field, written
+``config.field`` (``train.steps``, ``adapter.layers``, ``lora.rank``; the tables :data:`TRAIN_FLAGS`,
+:data:`ADAPTER_FLAGS`, :data:`LORA_FLAGS` ...). :func:`changes` reads one config's flags back, and an
+error about a setting is shown with the flag whose dest it is (:func:`flag_of`).
 
-    adapterlab demo --out runs/demo
+Each subcommand is one :class:`Command`: an ``add_<name>_arguments(parser)`` and a ``run_<name>(args)``,
+registered in :data:`COMMANDS`. ``demo`` holds one program per :class:`Command` in :data:`DEMOS`
+(llama, multimodal, vit, roberta), each with only its own flags: a flag another program has is an error.
+
+    adapterlab demo --out runs/demo                                   (= demo llama: the embedded tiny world)
+    adapterlab demo multimodal --out runs/multimodal                  (also: vit, roberta)
     adapterlab finetune --base tinyworld --data tinyworld --out runs/ft --steps 200
+    adapterlab finetune --out runs/ft_sgd --optimizer sgd --lr 1          (plain SGD instead of AdamW)
     adapterlab finetune --base /models/llama-7b --data alpaca_data.json --out runs/alpaca --epochs 5
     adapterlab finetune --method lora --lora-rank 8 --out runs/lora      (baselines: lora, full)
     torchrun --nproc_per_node 8 -m adapterlab finetune --base /models/llama-7b --data alpaca_data.json --out runs/alpaca
     adapterlab gates runs/ft
+    adapterlab gates runs/ft runs/ft_sgd --png compare.png            (several runs in one figure)
     adapterlab gates --follow runs/alpaca
     adapterlab generate --base tinyworld --adapter runs/ft --instruction "Where does Mara live?"
     adapterlab ablate --out runs/ablation --seeds 2 --steps 40     (zero-init vs random-init vs ungated)
-    adapterlab demo --vit --out runs/vit                              (a ViT on VTAB-style tasks; --roberta: SQuAD-style)
     adapterlab families --family vit --seeds 3 --out runs/vit_study   (the multi-seed study of one family)
 
 Errors: a mistake in what the user gave (a path, a file's content, a flag's value or a
@@ -31,26 +38,29 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from . import recipes
+from .adapter import ACTIVATIONS, GATES, INITS
 from .recipes import UsageError
-
-# The flag of each setting a UsageError can name (settings without a flag are printed as they are).
-FLAGS = {"base": "--base", "data": "--data", "out": "--out", "adapter": "--adapter", "adapter.layers": "--adapter-layers",
-         "lr": "--lr", "resume": "--resume", "compile": "--compile", "strategy": "--strategy", "method": "--method",
-         "batch_size": "--batch-size", "png": "--png", "threads": "--threads"}
+from .studies.baselines import LORA_TARGETS, METHODS
+from .train import OPTIMIZERS
 
 
 @dataclass
 class Command:
+    """A subcommand (or one of demo's programs): its flags and what it runs."""
+
     name: str
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
+    run: Optional[Callable[[argparse.Namespace], int]] = None
+    programs: dict[str, "Command"] = field(default_factory=dict)  # a second level: demo llama|multimodal|...
+    epilog: Optional[str] = None
 
 
 COMMANDS: dict[str, Command] = {}
@@ -105,75 +115,144 @@ def name_list(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
     return parse
 
 
-# --------------------------------------------------------------------------- shared flags
-def add_base_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", default="tinyworld",
-                   help="the frozen LLaMA: 'tinyworld' (embedded, default) or a Meta / Hugging Face folder")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+def labels(text: str) -> tuple[str, ...]:
+    """An argparse type: comma-separated names."""
+    names = tuple(t.strip() for t in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
 
 
-def add_adapter_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("adapter (zero-init gated prompts, docs/method.md)")
-    g.add_argument("--adapter-layers", type=positive_int, default=None, metavar="L",
-                   help="adapt the top L layers (tiny world: 4 = all; LLaMA-7B paper: 30)")
-    g.add_argument("--prompt-len", type=positive_int, default=None, metavar="K",
-                   help="K prompt tokens per layer (default 10)")
-    g.add_argument("--gate", choices=("head", "layer"), default="head", help="one gate per head (release) or per layer")
-    g.add_argument("--gate-activation", choices=("tanh", "identity"), default="tanh")
-    g.add_argument("--init", choices=("zero", "random"), default="zero",
-                   help="zero-init gates (paper) or random gates (ablation, Table 5)")
+# --------------------------------------------------------------------------- flags -> settings
+@dataclass(frozen=True)
+class Flag:
+    """One flag and the setting it fills. dest: a recipe's argument (``max_seq_len``) or a config's
+    field (``train.steps``). A flag not given leaves dest None: the recipe's default applies.
+    const: a switch - the flag alone sets dest to this value. exclusive: flags with the same name
+    exclude each other."""
+
+    flag: str
+    dest: str
+    help: str
+    type: Optional[Callable] = None
+    choices: Optional[Sequence] = None
+    metavar: Optional[str] = None
+    const: Any = None
+    exclusive: Optional[str] = None
 
 
-def add_training_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training")
-    length = g.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=positive_int, default=None, help="optimizer steps")
-    length.add_argument("--epochs", type=positive_float, default=None, help="passes over the data (release: 5)")
-    g.add_argument("--batch-size", type=positive_int, default=None, help="global batch (release: 64)")
-    g.add_argument("--micro-batch-size", type=positive_int, default=None,
-                   help="examples per forward pass; smaller -> gradient accumulation, same result")
-    g.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: --blr * batch / 256)")
-    g.add_argument("--blr", type=positive_float, default=None, help="base learning rate (default: the release's 9e-3)")
-    warm = g.add_mutually_exclusive_group()
-    warm.add_argument("--warmup-epochs", type=non_negative_float, default=None,
-                      help="linear warm-up (release: 2 epochs)")
-    warm.add_argument("--warmup-steps", type=count, default=None)
-    g.add_argument("--weight-decay", type=non_negative_float, default=0.02)
-    g.add_argument("--clip", type=positive_float, default=None,
-                   help="clip the gradient norm to this (default: no clipping)")
-    g.add_argument("--max-seq-len", type=positive_int, default=None,
-                   help="truncate examples to this many tokens (default 512)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--length-group", type=positive_int, default=None,
-                   help="batches' worth of examples sorted by length together (1: random batches; default 8)")
-    g.add_argument("--log-every", type=positive_int, default=None, help="steps between gate/loss records (default 10)")
-    g.add_argument("--eval-every", type=positive_int, default=None, help="steps between evaluations (tiny world)")
-    g.add_argument("--ckpt-every", type=count, default=None,
-                   help="steps between checkpoints (default 50; 0: only at the end)")
-    g.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+# TrainConfig (adapterlab.train): finetune, demo llama
+TRAIN_FLAGS = (
+    Flag("--steps", "train.steps", "optimizer steps", positive_int, exclusive="length"),
+    Flag("--epochs", "train.epochs", "passes over the data (release: 5)", positive_float, exclusive="length"),
+    Flag("--batch-size", "train.batch_size", "global batch (release: 64)", positive_int),
+    Flag("--micro-batch-size", "train.micro_batch_size",
+         "examples per forward pass; smaller -> gradient accumulation, same result", positive_int),
+    Flag("--lr", "train.lr", "learning rate (default: --blr * batch / 256)", positive_float),
+    Flag("--blr", "train.base_lr", "base learning rate (default: the release's 9e-3)", positive_float),
+    Flag("--optimizer", "train.optimizer", "adamw (default) or sgd: plain SGD, no momentum - it needs a far larger "
+                                           "--lr; compare the gates of both with 'adapterlab gates RUN RUN'",
+         choices=OPTIMIZERS),
+    Flag("--warmup-epochs", "train.warmup_epochs", "linear warm-up (release: 2 epochs)", non_negative_float,
+         exclusive="warmup"),
+    Flag("--warmup-steps", "train.warmup_steps", "linear warm-up in steps", count, exclusive="warmup"),
+    Flag("--weight-decay", "train.weight_decay", "default 0.02", non_negative_float),
+    Flag("--clip", "train.clip", "clip the gradient norm to this (default: no clipping)", positive_float),
+    Flag("--seed", "train.seed", "default 0", int),
+    Flag("--length-group", "train.length_group",
+         "batches' worth of examples sorted by length together (1: random batches; default 8)", positive_int),
+    Flag("--log-every", "train.log_every", "steps between gate/loss records (default 10)", positive_int),
+    Flag("--eval-every", "train.eval_every", "steps between evaluations (tiny world)", positive_int),
+    Flag("--ckpt-every", "train.ckpt_every", "steps between checkpoints (default 50; 0: only at the end)", count),
+    Flag("--resume", "train.resume", "continue from --out/checkpoint.pt", const=True),
+    Flag("--no-progress", "train.progress", "no progress bars", const=False),
+)
+MAX_SEQ_LEN = Flag("--max-seq-len", "max_seq_len",
+                   "truncate examples to this many tokens (default 512; tiny world 256)", positive_int)
+
+# AdapterConfig (adapterlab.adapter): finetune --method adapter, demo llama
+ADAPTER_FLAGS = (
+    Flag("--adapter-layers", "adapter.layers", "adapt the top L layers (tiny world: 4 = all; LLaMA-7B paper: 30)",
+         positive_int, metavar="L"),
+    Flag("--prompt-len", "adapter.prompt_len", "K prompt tokens per layer (default 10)", positive_int, metavar="K"),
+    Flag("--gate", "adapter.gate", "one gate per head (release, default) or per layer", choices=GATES),
+    Flag("--gate-activation", "adapter.gate_activation", "tanh (paper, default) or identity (PEFT)",
+         choices=ACTIVATIONS),
+    Flag("--init", "adapter.init", "zero-init gates (paper, default) or random gates (ablation, Table 5)",
+         choices=INITS),
+)
+
+# LoRAConfig (adapterlab.studies.baselines): finetune --method lora
+LORA_FLAGS = (
+    Flag("--lora-rank", "lora.rank", "LoRA rank r (default 8, as Alpaca-LoRA)", positive_int, metavar="R"),
+    Flag("--lora-alpha", "lora.alpha", "LoRA scale alpha; the update is alpha/r B A (default 16)", positive_float),
+    Flag("--lora-targets", "lora.targets", f"comma-separated linear layers of every block for LoRA, from "
+                                           f"{','.join(LORA_TARGETS)} (default wq,wv)", name_list(LORA_TARGETS),
+         metavar="NAMES"),
+)
 
 
-def train_changes(args: argparse.Namespace) -> dict:
-    """The training flags as TrainConfig fields (None: not given, the recipe's default applies)."""
-    return dict(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
-                lr=args.lr, base_lr=args.blr, warmup_steps=args.warmup_steps, warmup_epochs=args.warmup_epochs,
-                weight_decay=args.weight_decay, clip=args.clip, seed=args.seed, length_group=args.length_group,
-                log_every=args.log_every, eval_every=args.eval_every, ckpt_every=args.ckpt_every, resume=args.resume,
-                progress=not args.no_progress)
+def add_flags(p: argparse.ArgumentParser, flags: Sequence[Flag], title: Optional[str] = None,
+              defaults: Any = None) -> None:
+    """Add ``flags`` (in a group titled ``title``). defaults: a config whose field values the help
+    names as the defaults."""
+    group = p.add_argument_group(title) if title else p
+    exclusive: dict[str, Any] = {}
+    for f in flags:
+        target = group
+        if f.exclusive is not None:
+            if f.exclusive not in exclusive:
+                exclusive[f.exclusive] = group.add_mutually_exclusive_group()
+            target = exclusive[f.exclusive]
+        text = f.help
+        default = None if defaults is None else _get(defaults, f.dest.split(".", 1)[1])
+        if default is not None:
+            text += f" (default {','.join(map(str, default)) if isinstance(default, tuple) else default})"
+        text = text.replace("%", "%%")
+        if f.const is not None:
+            target.add_argument(f.flag, dest=f.dest, action="store_const", const=f.const, default=None, help=text)
+        else:
+            metavar = f.metavar or (None if f.choices else f.flag.lstrip("-").replace("-", "_").upper())
+            target.add_argument(f.flag, dest=f.dest, type=f.type, choices=f.choices, metavar=metavar, default=None,
+                                help=text)
 
 
-def adapter_changes(args: argparse.Namespace) -> dict:
-    """The adapter flags as AdapterConfig fields (None: not given, the recipe's default applies)."""
-    return dict(prompt_len=args.prompt_len, layers=args.adapter_layers, gate=args.gate,
-                gate_activation=args.gate_activation, init=args.init)
+def changes(args: argparse.Namespace, config: str) -> dict:
+    """The given flags of ``config`` (``"train"``, ``"adapter"`` ...) as {field: value}; a nested
+    field keeps its path (``"train.steps"`` of ``"study"``)."""
+    prefix = config + "."
+    return {dest[len(prefix):]: v for dest, v in vars(args).items() if dest.startswith(prefix) and v is not None}
 
 
-def _uses_tiny_world(args: argparse.Namespace) -> bool:
-    # every demo (the multi-modal one too: its base is shipped, docs/bases.md) follows $ADAPTERLAB_THREADS
-    if args.command in ("demo", "pretrain", "families"):
-        return True
-    return getattr(args, "base", None) == "tinyworld"
+def _get(config: Any, path: str) -> Any:
+    for name in path.split("."):
+        config = getattr(config, name)
+    return config
+
+
+def with_changes(config: Any, given: dict) -> Any:
+    """``config`` (a dataclass) with ``given`` applied: {field or "sub.field": value}."""
+    top = {k: v for k, v in given.items() if "." not in k}
+    for name in {k.split(".", 1)[0] for k in given if "." in k}:
+        sub = {k.split(".", 1)[1]: v for k, v in given.items() if k.startswith(name + ".")}
+        top[name] = with_changes(getattr(config, name), sub)
+    return replace(config, **top)
+
+
+def flag_of(parser: argparse.ArgumentParser, setting: Optional[str]) -> Optional[str]:
+    """The flag of ``parser`` whose dest is ``setting`` (None: it has none)."""
+    for action in parser._actions:  # argparse keeps them there; it has no public accessor
+        if action.dest == setting and action.option_strings:
+            return action.option_strings[0]
+    return None
+
+
+def in_flag_words(message: str, parser: argparse.ArgumentParser, config: str) -> str:
+    """A config's error message with each field name that has a flag in ``parser`` written as the flag
+    (``train_records must be ...`` -> ``--train-records must be ...``); the names come from the dests."""
+    flags = {a.dest.rsplit(".", 1)[-1]: a.option_strings[0] for a in parser._actions
+             if a.dest.startswith(config + ".") and a.option_strings}
+    return "".join(flags.get(word, word) for word in re.split(r"(\W+)", message))
 
 
 def _fail(message: str) -> int:
@@ -181,13 +260,35 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _usage_message(e: UsageError) -> str:
+def _usage_message(e: UsageError, parser: Optional[argparse.ArgumentParser]) -> str:
     """A UsageError in the command line's words: the flag instead of the recipe's setting name."""
-    flag = FLAGS.get(e.setting or "")
+    flag = flag_of(parser, e.setting) if parser is not None and e.setting else None
     if flag is None:
         return str(e)
     shown = f" {e.value}" if e.value is not None and not isinstance(e.value, bool) else ""
     return f"{flag}{shown}: {e.message}"
+
+
+# --------------------------------------------------------------------------- shared flags
+BASE_HELP = ("the frozen LLaMA: a name (tinyworld: the embedded tiny model, the default) or a path (a Meta or "
+             "Hugging Face folder)")
+
+
+def add_base_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default=recipes.TINY, help=BASE_HELP)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+
+def add_threads_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=count, default=None,
+                   help="CPU threads for torch (0: torch's own choice). Default: $ADAPTERLAB_THREADS, else 1, for the "
+                        "embedded models (their small matrices gain little from more, and a busy machine makes more "
+                        "threads much slower; docs/bases.md), torch's own choice otherwise")
+
+
+def _uses_embedded_model(args: argparse.Namespace) -> bool:
+    # every command without --base runs an embedded model (the demos' bases are shipped, docs/bases.md)
+    return getattr(args, "base", recipes.TINY) == recipes.TINY
 
 
 # --------------------------------------------------------------------------- pretrain
@@ -221,11 +322,16 @@ def run_pretrain(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- finetune
 def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     add_base_arguments(p)
-    p.add_argument("--data", default="tinyworld", help="'tinyworld' (embedded instruction set) or an Alpaca .json file")
+    p.add_argument("--data", default=recipes.TINY,
+                   help="'tinyworld' (embedded instruction set) or an Alpaca .json file")
     p.add_argument("--out", required=True, help="output folder: metrics.json, gates.jsonl, gates.png, adapter, checkpoint")
-    add_method_arguments(p)
-    add_adapter_arguments(p)
-    add_training_arguments(p)
+    g = p.add_argument_group("method (baselines of the paper's Table 3: adapterlab.studies.baselines)")
+    g.add_argument("--method", choices=(*METHODS, "adapter"), default="adapter",
+                   help="adapter: LLaMA-Adapter on the frozen base (default); lora: LoRA on the frozen base; "
+                        "full: train every weight (writes a whole new base folder)")
+    add_flags(p, LORA_FLAGS, "LoRA (--method lora)")
+    add_flags(p, ADAPTER_FLAGS, "adapter (zero-init gated prompts, docs/method.md)")
+    add_flags(p, TRAIN_FLAGS + (MAX_SEQ_LEN,), "training")
     add_speed_arguments(p)
     add_distributed_arguments(p)
 
@@ -233,29 +339,13 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
 def add_speed_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speed and memory (measured in benchmarks/README.md)")
     g.add_argument("--compile", action="store_true",
-                   help="compile every block with torch.compile (adapterlab.losses.compile_model); falls back to "
+                   help="compile every block with torch.compile (adapterlab.train.compile_model); falls back to "
                         "eager with a warning where compiling fails. Pays off on long runs: each new batch length "
                         "costs a compilation (the tiny world's 300 steps: 80 s compiled vs 50 s eager on 2 cores; at "
                         "a fixed shape the compiled step is 19%% faster)")
     g.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute the adapted blocks in backward instead of keeping their activations: about half "
                         "the activation memory, 30-40%% slower")
-
-
-def add_method_arguments(p: argparse.ArgumentParser) -> None:
-    from .studies.baselines import LORA_TARGETS, METHODS
-
-    g = p.add_argument_group("method (baselines of the paper's Table 3: adapterlab.studies.baselines)")
-    g.add_argument("--method", choices=METHODS, default="adapter",
-                   help="adapter: LLaMA-Adapter on the frozen base (default); lora: LoRA on the frozen base; "
-                        "full: train every weight (writes a whole new base folder)")
-    g.add_argument("--lora-rank", type=positive_int, default=None, metavar="R",
-                   help="LoRA rank r (default 8, as Alpaca-LoRA)")
-    g.add_argument("--lora-alpha", type=positive_float, default=None,
-                   help="LoRA scale alpha; the update is alpha/r B A (default 16)")
-    g.add_argument("--lora-targets", type=name_list(LORA_TARGETS), default=None, metavar="NAMES",
-                   help=f"comma-separated linear layers of every block for LoRA, from {','.join(LORA_TARGETS)} "
-                        "(default wq,wv)")
 
 
 def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
@@ -271,21 +361,15 @@ def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
 
 def method_settings(args: argparse.Namespace) -> tuple[Optional[dict], Optional[dict]]:
     """(adapter changes, LoRA changes) for --method; a flag of another method is an error."""
-    lora = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets}
-    given = {"--adapter-layers": args.adapter_layers, "--prompt-len": args.prompt_len,
-             "--lora-rank": args.lora_rank, "--lora-alpha": args.lora_alpha, "--lora-targets": args.lora_targets}
-    own = {"adapter": ("--adapter-layers", "--prompt-len"), "lora": ("--lora-rank", "--lora-alpha", "--lora-targets"),
-           "full": ()}
-    stray = [f for f, v in given.items() if v is not None and f not in own[args.method]]
+    given = {"adapter": changes(args, "adapter"), "lora": changes(args, "lora")}
+    own = {"lora": "lora", "full": None}.get(args.method, "adapter")  # the config the method reads
+    stray = [flag_of(args.parser, f"{config}.{name}") for config, settings in given.items()
+             if config != own for name in settings]
     if stray:
-        raise UsageError(f"{', '.join(stray)} {'does' if len(stray) == 1 else 'do'} not apply to --method "
-                         f"{args.method}; drop {'it' if len(stray) == 1 else 'them'} or choose the method "
-                         f"{'it belongs' if len(stray) == 1 else 'they belong'} to")
-    if args.method == "adapter":
-        return adapter_changes(args), None
-    if args.method == "lora":
-        return None, {k: v for k, v in lora.items() if v is not None}
-    return None, None
+        one = len(stray) == 1
+        raise UsageError(f"{', '.join(stray)} {'does' if one else 'do'} not apply to --method {args.method}; drop "
+                         f"{'it' if one else 'them'} or choose the method {'it belongs' if one else 'they belong'} to")
+    return (given["adapter"] if own == "adapter" else None, given["lora"] if own == "lora" else None)
 
 
 def run_finetune(args: argparse.Namespace) -> int:
@@ -294,19 +378,19 @@ def run_finetune(args: argparse.Namespace) -> int:
 
     adapter, lora = method_settings(args)
     _, m = recipes.finetune(
-        args.base, args.data, args.out, method=args.method, adapter=adapter, lora=lora, train=train_changes(args),
+        args.base, args.data, args.out, method=args.method, adapter=adapter, lora=lora, train=changes(args, "train"),
         max_seq_len=args.max_seq_len, device=args.device, strategy=args.strategy, compile=args.compile,
         activation_checkpointing=args.activation_checkpointing, dist_timeout=args.dist_timeout,
         check_replicas=args.check_replicas, callbacks=args.callbacks)
     if not is_main():
         return 0
     method = m["method"]
-    what = {"adapter": "adapter", "lora": "LoRA", "full": "base"}[method]
+    what = {"lora": "LoRA", "full": "base"}.get(method, "adapter")
     print(f"trained {m['trainable_params']:,} {what} parameters ({100 * m['trainable_fraction']:.3f}% of the base) "
           f"for {m['steps']} steps in {m['train_seconds']:.0f} s; final loss {m['final_loss']:.4f}")
     if "heldout_accuracy" in m:
         print(f"held-out accuracy: {m['heldout_accuracy']:.3f}")
-    if method == "adapter":
+    if method not in ("lora", "full"):
         print(format_summary(summarize(Path(args.out))))
         files = "metrics.json gates.jsonl gates.png adapter.safetensors adapter_config.json checkpoint.pt"
     else:
@@ -349,10 +433,17 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- gates
+OVERLAY_NAME = "gates_runs.png"  # several runs' plot, in the current folder unless --png says otherwise
+
+
 def add_gates_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="a run folder (with gates.jsonl) or a gates.jsonl file")
-    p.add_argument("--png", default=None, help="where to draw the plots (default: gates.png beside the log; "
-                                                "with --follow: gates_live.png)")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="a run folder (with gates.jsonl) or a gates.jsonl file; several: their gates overlaid in one "
+                        "figure (seeds, optimizers, learning rates)")
+    p.add_argument("--labels", type=labels, default=None, metavar="NAMES",
+                   help="comma-separated names of several runs in the figure (default: their folder names)")
+    p.add_argument("--png", default=None, help=f"where to draw the plots (default: gates.png beside the log; several "
+                                                f"runs: {OVERLAY_NAME} here; with --follow: gates_live.png)")
     p.add_argument("--no-plot", action="store_true", help="print the summary only")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--follow", action="store_true",
@@ -367,77 +458,90 @@ def run_gates(args: argparse.Namespace) -> int:
     if args.png is not None and not args.no_plot and not Path(args.png).parent.is_dir():
         raise UsageError(f"the folder {Path(args.png).parent} does not exist; create it or choose another file", "png")
     if args.follow:
+        if len(args.runs) > 1:
+            raise UsageError("--follow watches one run; give one RUN")
         from .gates.live import follow_gates
 
-        folder = Path(args.path)
+        folder = Path(args.runs[0])
         if folder.suffix == ".jsonl":
             folder = folder.parent
         if not folder.is_dir():
             print(f"{folder} does not exist yet; waiting for the run to create it")
         follow_gates(folder, interval=args.interval, png=None if args.no_plot else (args.png or "auto"))
         return 0
-    log, records = recipes.load_gate_log(args.path)
-    summary = summarize(records)
-    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    logs = [recipes.load_gate_log(run) for run in args.runs]
+    if len(logs) == 1:
+        log, records = logs[0]
+        summary = summarize(records)
+        print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+        if not args.no_plot:
+            png = Path(args.png) if args.png else log.with_name(PLOT_NAME)
+            save_plot(records, png)
+            print(f"wrote {png}")
+        return 0
+    runs = recipes.gate_runs(logs, args.labels)
+    summaries = {label: summarize(records) for label, records in runs.items()}
+    if args.json:
+        print(json.dumps(summaries, indent=2))
+    else:
+        print("\n\n".join(f"== {label}\n{format_summary(s)}" for label, s in summaries.items()))
     if not args.no_plot:
-        png = Path(args.png) if args.png else log.with_name(PLOT_NAME)
-        save_plot(records, png)
-        print(f"wrote {png}")
+        png = recipes.save_gate_overlay(runs, args.png or OVERLAY_NAME)
+        print(f"wrote {png} ({len(runs)} runs)")
     return 0
 
 
 # --------------------------------------------------------------------------- demo
-def add_demo_arguments(p: argparse.ArgumentParser) -> None:
+def add_demo_llama_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", default=recipes.TINY,
+                   help=f"the frozen base the story runs on: {', '.join(recipes.DEMO_BASES)} (default {recipes.TINY})")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--samples", type=count, default=None,
-                   help="held-out questions to show before/after (default 4; with --multimodal: pictures in samples.png, 8)")
-    p.add_argument("--multimodal", action="store_true",
-                   help="the multi-modal adapter (Sec. 3.3) on embedded pictures: ScienceQA-style questions with an image, "
-                        "text or no context, and captions; with vs without the image (about 3 minutes on 2 cores, "
-                        "under 2 once the scene base is cached)")
-    p.add_argument("--vit", action="store_true",
-                   help="zero-init gated prompts on a small ViT: VTAB-style tasks, against ungated prompts (VPT-deep), "
-                        "full fine-tuning, BitFit, a linear probe and LoRA (about 3 minutes on 2 cores, base cached)")
-    p.add_argument("--roberta", action="store_true",
-                   help="the same on a small RoBERTa-style encoder: SQuAD-style questions (v1.1 and v2.0), against "
-                        "P-tuning v2, full fine-tuning, BitFit, prompt tuning and LoRA (about 3 minutes on 2 cores)")
-    add_adapter_arguments(p)
-    add_training_arguments(p)
-    p.set_defaults(base="tinyworld", data="tinyworld", device=None)
+    p.add_argument("--samples", type=count, default=4,
+                   help="held-out answers to show before and after tuning: a spread over people and attributes, "
+                        "right and wrong (default 4)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    add_flags(p, ADAPTER_FLAGS, "adapter (zero-init gated prompts, docs/method.md)")
+    add_flags(p, TRAIN_FLAGS + (MAX_SEQ_LEN,), "training")
 
 
-# the demo options the multi-modal demo understands, and the MultimodalConfig field each sets
-MULTIMODAL_OPTIONS = {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "prompt_len": "prompt_len",
-                      "adapter_layers": "adapter_layers", "seed": "seed"}
+def run_demo_llama(args: argparse.Namespace) -> int:
+    """The whole story on the embedded default: base -> answers before -> adapter tuning -> answers after."""
+    recipes.demo(args.out, base=args.base, adapter=changes(args, "adapter"), train=changes(args, "train"),
+                 max_seq_len=args.max_seq_len, samples=args.samples, device=args.device, callbacks=args.callbacks)
+    return 0
 
 
-def run_multimodal_demo_command(args: argparse.Namespace) -> int:
-    """``adapterlab demo --multimodal``: see :func:`adapterlab.worlds.multimodal.run_multimodal_demo`."""
-    from dataclasses import replace
+# MultimodalConfig (adapterlab.worlds.multimodal): demo multimodal
+MULTIMODAL_FLAGS = (
+    Flag("--steps", "multimodal.train.steps", "adapter training steps", positive_int),
+    Flag("--batch-size", "multimodal.train.batch_size", "examples per step", positive_int),
+    Flag("--lr", "multimodal.train.lr", "peak learning rate", positive_float),
+    Flag("--prompt-len", "multimodal.adapter.prompt_len", "K prompt tokens per layer", positive_int, metavar="K"),
+    Flag("--adapter-layers", "multimodal.adapter.layers", "adapt the top L layers", positive_int, metavar="L"),
+    Flag("--seed", "multimodal.seed", "pictures, base and training seed", int),
+)
 
+
+def add_demo_multimodal_arguments(p: argparse.ArgumentParser) -> None:
+    from .worlds.multimodal import MultimodalConfig
+
+    p.add_argument("--out", default="runs/multimodal", help="output folder (default runs/multimodal)")
+    p.add_argument("--samples", type=count, default=8, help="pictures with their answers in samples.png (default 8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_flags(p, MULTIMODAL_FLAGS, "settings (adapterlab.worlds.multimodal.MultimodalConfig)", MultimodalConfig())
+
+
+def run_demo_multimodal(args: argparse.Namespace) -> int:
+    """``adapterlab demo multimodal``: see :func:`adapterlab.worlds.multimodal.run_multimodal_demo`."""
     from .worlds.multimodal import MultimodalConfig, run_multimodal_demo
 
-    parser_defaults = build_parser().parse_args(["demo"])
-    ignored = sorted(k for k, v in vars(args).items()
-                     if k not in MULTIMODAL_OPTIONS and k not in ("out", "samples", "multimodal", "no_progress", "threads",
-                                                                  "run", "callbacks", "command", "device")
-                     and getattr(parser_defaults, k, v) != v)
-    if ignored:
-        return _fail("demo --multimodal does not use " + ", ".join("--" + k.replace("_", "-") for k in ignored)
-                     + "; it understands " + ", ".join("--" + k.replace("_", "-") for k in MULTIMODAL_OPTIONS))
-    if args.device not in (None, "cpu"):
-        return _fail("demo --multimodal runs on the CPU (its models are tiny); drop --device")
     default = MultimodalConfig()
-    changes = {field: getattr(args, opt) for opt, field in MULTIMODAL_OPTIONS.items()
-               if getattr(args, opt) is not None and getattr(args, opt) != getattr(default, field)}
-    config = replace(default, **changes)
-    if args.out == "runs/demo":
-        args.out = "runs/multimodal"
+    given = {k: v for k, v in changes(args, "multimodal").items() if v != _get(default, k)}
+    config = with_changes(default, given)
     recipes.check_out_dir(args.out)
     print(f"Multi-modal LLaMA-Adapter demo -> {args.out}/ (config: "
-          + (", ".join(f"{k}={v}" for k, v in changes.items()) or "defaults") + ")")
-    m = run_multimodal_demo(args.out, config, progress=not args.no_progress, verbose=True,
-                            n_samples=8 if args.samples is None else args.samples)
+          + (", ".join(f"{k}={v}" for k, v in given.items()) or "defaults") + ")")
+    m = run_multimodal_demo(args.out, config, progress=not args.no_progress, verbose=True, n_samples=args.samples)
     img, txt = m["accuracy_by_context"], m["text_only_accuracy_by_context"]
     print(f"\nImage-context accuracy {img['image']:.3f} with the picture vs {txt['image']:.3f} for the text-only "
           f"adapter ({m['image_gain_points']:+.1f} points); {m['trainable_params']:,} trainable parameters "
@@ -445,99 +549,131 @@ def run_multimodal_demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
-FAMILY_DEMO_OPTIONS = ("out", "no_progress", "threads", "vit", "roberta", "run", "callbacks", "command")
+def family_demo(family: str) -> Command:
+    """``adapterlab demo vit`` / ``roberta``: see :func:`adapterlab.studies.families.run_demo` (fixed settings)."""
+
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", default=f"runs/demo_{family}", help=f"output folder (default runs/demo_{family})")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(args: argparse.Namespace) -> int:
+        from .studies.families import run_demo as run_family_demo
+
+        recipes.check_out_dir(args.out)
+        print(f"Zero-init attention beyond LLaMA: the {family} demo -> {args.out}/")
+        try:
+            run_family_demo(args.out, family, progress=not args.no_progress, threads=0)  # main() set the threads
+        except ValueError as e:  # a folder holding another demo's runs
+            return _fail(f"--out {args.out}: {e}")
+        print(f"wrote {Path(args.out) / 'metrics.json'}, results.json, table.png and gates.png")
+        return 0
+
+    helps = {"vit": "zero-init gated prompts on a small ViT: VTAB-style tasks, against ungated prompts (VPT-deep), "
+                    "full fine-tuning, BitFit, a linear probe and LoRA (about 3 minutes on 2 cores, base cached)",
+             "roberta": "the same on a small RoBERTa-style encoder: SQuAD-style questions (v1.1 and v2.0), against "
+                        "P-tuning v2, full fine-tuning, BitFit, prompt tuning and LoRA (about 3 minutes on 2 cores)"}
+    return Command(family, helps[family], add_arguments, run,
+                   epilog="The study's settings are fixed (adapterlab.studies.families.DEMO); for others use "
+                          "'adapterlab families'.")
 
 
-def run_family_demo_command(args: argparse.Namespace) -> int:
-    """``adapterlab demo --vit`` / ``--roberta``: see :func:`adapterlab.studies.families.run_demo`."""
-    from .studies.families import run_demo as run_family_demo
-
-    chosen = [f"--{name}" for name in ("multimodal", "vit", "roberta") if getattr(args, name)]
-    if len(chosen) > 1:
-        return _fail(f"demo: choose one of --multimodal, --vit, --roberta; got {' '.join(chosen)}")
-    family = "vit" if args.vit else "roberta"
-    parser_defaults = build_parser().parse_args(["demo"])
-    ignored = sorted(k for k, v in vars(args).items()
-                     if k not in FAMILY_DEMO_OPTIONS and getattr(parser_defaults, k, v) != v)
-    if ignored:
-        return _fail(f"demo --{family} does not use " + ", ".join("--" + k.replace("_", "-") for k in ignored)
-                     + "; it understands --out, --no-progress and --threads (the study's settings are fixed: "
-                       "adapterlab.studies.families.DEMO)")
-    if args.out == "runs/demo":
-        args.out = f"runs/demo_{family}"
-    recipes.check_out_dir(args.out)
-    print(f"Zero-init attention beyond LLaMA: the {family} demo -> {args.out}/")
-    try:
-        run_family_demo(args.out, family, progress=not args.no_progress, threads=0)  # main() set the threads
-    except ValueError as e:  # a folder holding another demo's runs
-        return _fail(f"--out {args.out}: {e}")
-    print(f"wrote {Path(args.out) / 'metrics.json'}, results.json, table.png and gates.png")
-    return 0
+DEMO_DEFAULT = "llama"
+DEMOS: dict[str, Command] = {
+    "llama": Command("llama", "(the default) LLaMA-Adapter on the embedded tiny world: the frozen base, its answers "
+                              "before, adapter tuning, its answers after (about 2 minutes on 2 cores)",
+                     add_demo_llama_arguments, run_demo_llama),
+    "multimodal": Command("multimodal", "the multi-modal adapter (Sec. 3.3) on embedded pictures: ScienceQA-style "
+                                        "questions with an image, text or no context, and captions; with vs without the "
+                                        "image (about 3 minutes on 2 cores, under 2 once the scene base is cached)",
+                          add_demo_multimodal_arguments, run_demo_multimodal),
+    "vit": family_demo("vit"),
+    "roberta": family_demo("roberta"),
+}
+OLD_DEMO_FLAGS = {f"--{name}": name for name in ("multimodal", "vit", "roberta")}  # before demo had programs
+DEMO_EPILOG = ("'adapterlab demo [flags]' runs 'adapterlab demo llama [flags]'. The older spellings --multimodal, "
+               "--vit and --roberta still work for 'demo multimodal', 'demo vit' and 'demo roberta'. "
+               "Each program's flags: adapterlab demo PROGRAM --help.")
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    """The whole story on the embedded default: base -> answers before -> adapter tuning -> answers after."""
-    if args.vit or args.roberta:
-        return run_family_demo_command(args)
-    if args.multimodal:
-        return run_multimodal_demo_command(args)
-    recipes.demo(args.out, adapter=adapter_changes(args), train=train_changes(args), max_seq_len=args.max_seq_len,
-                 samples=4 if args.samples is None else args.samples, device=args.device, callbacks=args.callbacks)
-    return 0
+def with_demo_program(argv: Sequence[str]) -> list[str]:
+    """``demo`` names its program first: without one it is ``demo llama``; an old flag (``--vit``)
+    names the program."""
+    argv = list(argv)
+    if not argv or argv[0] != "demo":
+        return argv
+    rest = argv[1:]
+    old = [a for a in rest if a in OLD_DEMO_FLAGS]
+    named = rest[0] if rest and rest[0] in DEMOS else None
+    programs = {OLD_DEMO_FLAGS[a] for a in old} | ({named} if named else set())
+    if len(programs) > 1:
+        raise UsageError(f"choose one demo program; got {' '.join(([named] if named else []) + old)}")
+    rest = [a for a in rest if a not in OLD_DEMO_FLAGS and a != named]
+    if programs:
+        return ["demo", programs.pop(), *rest]
+    if rest in (["-h"], ["--help"]):
+        return argv
+    return ["demo", DEMO_DEFAULT, *rest]
 
 
 # --------------------------------------------------------------------------- ablate
-def add_ablate_arguments(p: argparse.ArgumentParser) -> None:
-    from .studies.ablate import VARIANTS, AblationConfig
+def ablate_flags() -> tuple[Flag, ...]:
+    """AblationConfig (adapterlab.studies.ablate): its fields and those of its train and adapter configs."""
+    from .studies.ablate import VARIANTS
+    from .studies.harness import OLD_NAMES
 
-    d = AblationConfig()
+    variants = (*VARIANTS, *[k for k, v in OLD_NAMES.items() if v in VARIANTS])
+    return (
+        Flag("--seeds", "study.seeds", "seeds per variant", positive_int),
+        Flag("--variants", "study.variants", "zero_init (zero-init gates), random_init (random-init gates), ungated "
+                                             "(one softmax; older spellings zero, random, none work too)",
+             name_list(variants)),
+        Flag("--lr", "study.train.lr", "peak learning rate", positive_float),
+        Flag("--steps", "study.train.steps", "training steps per run", positive_int),
+        Flag("--batch-size", "study.train.batch_size", "examples per step", positive_int),
+        Flag("--warmup-steps", "study.train.warmup_steps", "linear warm-up", count),
+        Flag("--eval-every", "study.train.eval_every", "held-out evaluation every N steps (None: at the end only)",
+             positive_int),
+        Flag("--layers", "study.adapter.layers", "adapted top layers", positive_int),
+        Flag("--prompt-len", "study.adapter.prompt_len", "K prompt tokens per layer", positive_int),
+        Flag("--gate-scale", "study.gate_scale", "multiply the random gates' N(0, 1) draws (variant random_init)",
+             positive_float),
+        Flag("--prompt-scale", "study.prompt_scale", "multiply the prompts' N(0, 1) draws (every variant)",
+             positive_float),
+        Flag("--train-records", "study.train_records", "train on the first N instruction records only (the small-data "
+                                                       "regime; None: all)", positive_int),
+    )
+
+
+def add_ablate_arguments(p: argparse.ArgumentParser) -> None:
+    from .studies.ablate import AblationConfig
+
     p.add_argument("--out", required=True, help="folder for runs.jsonl, summary.json and ablation.png "
                                                 "(rerun with the same flags to resume: finished runs are skipped)")
-    p.add_argument("--seeds", type=positive_int, default=d.seeds, help=f"seeds per variant (default {d.seeds})")
-    p.add_argument("--variants", type=name_list(VARIANTS), default=d.variants,
-                   help="zero (zero-init gates), random (random-init gates), none (ungated: one softmax); "
-                        "default zero,random,none")
-    p.add_argument("--lr", type=positive_float, default=d.lr, help=f"peak learning rate (default {d.lr})")
-    p.add_argument("--steps", type=positive_int, default=d.steps, help=f"training steps per run (default {d.steps})")
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help=f"default {d.batch_size}")
-    p.add_argument("--warmup-steps", type=count, default=d.warmup_steps, help=f"default {d.warmup_steps}")
-    p.add_argument("--layers", type=positive_int, default=d.layers, help=f"adapted top layers (default {d.layers})")
-    p.add_argument("--prompt-len", type=positive_int, default=d.prompt_len, help=f"default {d.prompt_len}")
-    p.add_argument("--gate-scale", type=positive_float, default=d.gate_scale,
-                   help="multiply the random gates' N(0, 1) draws (variant random)")
-    p.add_argument("--prompt-scale", type=positive_float, default=d.prompt_scale,
-                   help="multiply the prompts' N(0, 1) draws (every variant)")
-    p.add_argument("--train-records", type=positive_int, default=None,
-                   help="train on the first N instruction records only (the small-data regime)")
-    p.add_argument("--eval-every", type=positive_int, default=None, help="held-out evaluation every N steps "
-                                                                        "(default: at the end only)")
+    add_flags(p, ablate_flags(), "the study (adapterlab.studies.ablate.AblationConfig)", AblationConfig())
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(base="tinyworld")
 
 
 def run_ablate(args: argparse.Namespace) -> int:
     """``adapterlab ablate``: zero-init vs random-init gates vs ungated prompts over seeds (adapterlab.studies.ablate)."""
     import shlex
 
-    from .studies.ablate import AblationConfig, format_table, run_ablation
+    from .studies.ablate import AblationConfig, report, run_ablation
 
+    given = changes(args, "study")
+    default = AblationConfig()
+    steps = given.get("train.steps", default.train.steps)  # a short run: its warm-up and "early" steps fit in it
+    given["train.warmup_steps"] = min(given.get("train.warmup_steps", default.train.warmup_steps), steps)
+    given["early_steps"] = min(default.early_steps, steps)
     try:
-        config = AblationConfig(variants=args.variants, seeds=args.seeds, lr=args.lr, steps=args.steps,
-                                batch_size=args.batch_size, warmup_steps=min(args.warmup_steps, args.steps),
-                                layers=args.layers, prompt_len=args.prompt_len, gate_scale=args.gate_scale,
-                                prompt_scale=args.prompt_scale, train_records=args.train_records,
-                                eval_every=args.eval_every, early_steps=min(10, args.steps))
+        config = with_changes(default, given)
     except ValueError as e:  # name the flag, not the setting
-        import re
-
-        return _fail(re.sub(r"\b(train_records|batch_size|warmup_steps|eval_every|gate_scale|prompt_scale|prompt_len|"
-                            r"steps|seeds|layers|lr|variants)\b", lambda m: "--" + m.group(1).replace("_", "-"), str(e)))
+        return _fail(in_flag_words(str(e), args.parser, "study"))
     command = "adapterlab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["ablate"] else None
     try:
         summary = run_ablation(args.out, config, progress=not args.no_progress, command=command, threads=0)
     except ValueError as e:
         return _fail(str(e))
-    print(format_table(summary))
+    print(report(summary))  # the table, what its columns mean, the paired verdicts, a warning below 5 seeds
     print(f"wrote {Path(args.out) / 'runs.jsonl'}, summary.json and ablation.png")
     return 0
 
@@ -551,34 +687,32 @@ def add_families_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--family", choices=FAMILIES, required=True, help="vit (VTAB-style tasks) or roberta (SQuAD-style)")
     p.add_argument("--out", required=True, help="folder for runs.jsonl, metrics.json, results.json, table.png, "
                                                 "gates.png (rerun with the same flags to resume: finished runs are skipped)")
-    p.add_argument("--seeds", type=positive_int, default=d.seeds, help=f"seeds per method and task (default {d.seeds})")
-    p.add_argument("--methods", type=name_list(ALL_METHODS), default=None,
-                   help="comma-separated subset of the family's methods (default: all)")
-    p.add_argument("--tasks", type=tasks, default=None, help="comma-separated subset of the family's tasks (default: all)")
-    p.add_argument("--search-tasks", type=tasks, default=None,
-                   help="tasks of the learning-rate search (default: the study's, digits for vit and squad1 for roberta)")
-    p.add_argument("--steps", type=positive_int, default=None, help="training steps per run (default: the family's)")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="default: the family's")
-    p.add_argument("--train-limit", type=positive_int, default=None,
-                   help="use at most N training and N validation examples per task (default: all)")
+    add_flags(p, (
+        Flag("--seeds", "study.seeds", f"seeds per method and task (default {d.seeds})", positive_int),
+        Flag("--methods", "study.methods", "comma-separated subset of the family's methods (default: all)",
+             name_list(ALL_METHODS)),
+        Flag("--tasks", "study.tasks", "comma-separated subset of the family's tasks (default: all)", tasks),
+        Flag("--search-tasks", "study.search_tasks",
+             "tasks of the learning-rate search (default: the study's, digits for vit and squad1 for roberta)", tasks),
+        Flag("--steps", "study.steps", "training steps per run (default: the family's)", positive_int),
+        Flag("--batch-size", "study.batch_size", "default: the family's", positive_int),
+        Flag("--train-limit", "study.train_limit",
+             "use at most N training and N validation examples per task (default: all)", positive_int),
+    ), "the study (adapterlab.studies.families.study_config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_families(args: argparse.Namespace) -> int:
     """``adapterlab families``: the multi-seed comparison of one family (adapterlab.studies.families.run_study)."""
-    import re
     import shlex
 
     from .studies.families import format_table, run_study, study_config
 
     recipes.check_out_dir(args.out)
     try:
-        config = study_config(args.family, methods=args.methods, tasks=args.tasks,
-                              search_tasks=args.search_tasks, seeds=args.seeds, steps=args.steps,
-                              batch_size=args.batch_size, train_limit=args.train_limit)
+        config = study_config(args.family, **changes(args, "study"))
     except ValueError as e:  # name the flag, not the setting
-        return _fail(re.sub(r"\b(search_tasks|batch_size|train_limit|warmup_steps|methods|tasks|seeds|steps)\b",
-                            lambda m: "--" + m.group(1).replace("_", "-"), str(e)))
+        return _fail(in_flag_words(str(e), args.parser, "study"))
     command = "adapterlab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["families"] else None
     try:
         results = run_study(args.out, config, progress=not args.no_progress, command=command, threads=0)
@@ -596,21 +730,30 @@ register(Command("finetune", "train a LLaMA-Adapter on a frozen base (or a LoRA 
                  add_finetune_arguments, run_finetune))
 register(Command("generate", "answer instructions / continue prompts with a base and an adapter",
                  add_generate_arguments, run_generate))
-register(Command("gates", "summarise and plot a gates.jsonl", add_gates_arguments, run_gates))
+register(Command("gates", "summarise and plot the gates of a run (gates.jsonl), or overlay several runs",
+                 add_gates_arguments, run_gates))
 register(Command("ablate", "zero-init vs random-init gates vs ungated prompts, over seeds, on the tiny world "
                            "(runs.jsonl, summary.json, plots)", add_ablate_arguments, run_ablate))
 register(Command("families", "zero-init gated prompts on a ViT (VTAB-style) or a RoBERTa-style encoder (SQuAD-style) "
                               "against VPT / P-tuning v2, full fine-tuning, BitFit and more, over seeds",
                  add_families_arguments, run_families))
-register(Command("demo", "the whole story on the embedded tiny world (--multimodal: on embedded pictures), "
-                         "in a few minutes on a CPU", add_demo_arguments, run_demo))
+register(Command("demo", "the whole story in a few minutes on a CPU: PROGRAM llama (the default: the tiny world), "
+                         "multimodal (embedded pictures), vit or roberta (beyond LLaMA)",
+                 lambda p: None, programs=DEMOS, epilog=DEMO_EPILOG))
 
 
-def add_threads_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=count, default=None,
-                   help="CPU threads for torch (0: torch's own choice). Default: $ADAPTERLAB_THREADS, else 1, for the "
-                        "embedded models (their small matrices gain little from more, and a busy machine makes more "
-                        "threads much slower; docs/bases.md), torch's own choice otherwise")
+def add_command(sub, cmd: Command) -> None:
+    """``cmd``'s parser under ``sub``: its flags and --threads, or a second level of programs."""
+    p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, epilog=cmd.epilog)
+    cmd.add_arguments(p)
+    if cmd.programs:
+        programs = p.add_subparsers(dest="program", metavar="PROGRAM", required=True)
+        for program in cmd.programs.values():
+            add_command(programs, program)
+        return
+    if not any(a.dest == "threads" for a in p._actions):
+        add_threads_argument(p)
+    p.set_defaults(run=cmd.run, parser=p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -620,19 +763,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS.values():
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
-        cmd.add_arguments(p)
-        if not any(a.dest == "threads" for a in p._actions):
-            add_threads_argument(p)
-        p.set_defaults(run=cmd.run)
+        add_command(sub, cmd)
     return parser
 
 
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line -> its settings; a flag the command does not have is a mistake (SystemExit 2)."""
+    args, unknown = build_parser().parse_known_args(with_demo_program(argv))
+    if unknown:
+        args.parser.error(f"{args.parser.prog.removeprefix('adapterlab ')} does not use {' '.join(unknown)}")
+    return args
+
+
 def _threads(args: argparse.Namespace) -> Optional[int]:
-    """--threads, else $ADAPTERLAB_THREADS (default 1) for the tiny world, else torch's own choice."""
+    """--threads, else $ADAPTERLAB_THREADS (default 1) for the embedded models, else torch's own choice."""
     from .io.files import default_threads
 
-    if args.threads is not None or not _uses_tiny_world(args):
+    if args.threads is not None or not _uses_embedded_model(args):
         return args.threads
     try:
         return default_threads()
@@ -648,18 +795,19 @@ def main(argv: Optional[Sequence[str]] = None, callbacks: Sequence = ()) -> int:
     from .io.files import cpu_threads
     from .train import CheckpointMismatch, TrainingDiverged
 
+    args = None
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help (0), or a flag mistake, already printed as one line (2)
-        return e.code if isinstance(e.code, int) else 2
-    args.callbacks = list(callbacks)
-    try:
+        try:
+            args = parse(sys.argv[1:] if argv is None else argv)
+        except SystemExit as e:  # --help (0), or a flag mistake, already printed as one line (2)
+            return e.code if isinstance(e.code, int) else 2
+        args.callbacks = list(callbacks)
         with cpu_threads(_threads(args)):
             code = args.run(args)
         cleanup()  # leave the process group, if finetune joined one
         return code
     except (UsageError, DataError, TrainingDiverged, CheckpointMismatch, DistributedError) as e:
-        message = _usage_message(e) if isinstance(e, UsageError) else str(e)
+        message = _usage_message(e, getattr(args, "parser", None)) if isinstance(e, UsageError) else str(e)
         rank, world = rank_and_world()
         return _fail(f"[rank {rank}] {message}" if world > 1 and not message.startswith("rank ") else message)
     except KeyboardInterrupt:

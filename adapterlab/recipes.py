@@ -14,8 +14,9 @@ maps its flags onto these functions' arguments, so what a flag does is written h
 
 ``adapter`` and ``train`` take a config, or a dict of the fields to change from the defaults for
 this base (None: the defaults). The defaults are :data:`TINY_WORLD` on the embedded tiny world
-and the release's recipe elsewhere (K=10 prompts in the top 30 layers, 5 epochs with 2 of
-warm-up, global batch 64, base learning rate 9e-3 scaled by batch / 256).
+(its ``train`` and ``adapter`` configs) and the release's recipe elsewhere (K=10 prompts in the
+top 30 layers, 5 epochs with 2 of warm-up, global batch 64, base learning rate 9e-3 scaled by
+batch / 256).
 
 A mistake in what the caller gave (a path, a file's content, a setting) raises :class:`UsageError`
 (or :class:`~adapterlab.data.DataError` for the records of a data file) before anything is
@@ -26,7 +27,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+import random
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -43,22 +45,29 @@ RELEASE_WARMUP_EPOCHS = 2.0
 RELEASE_MAX_SEQ_LEN = 512
 
 
+def tiny_world_train() -> TrainConfig:
+    """The adapter's training run on the tiny world: 300 steps of 32 examples, peak rate 5e-2 after 10 steps."""
+    return TrainConfig(steps=300, batch_size=32, lr=5e-2, warmup_steps=10, length_group=4, log_every=10, ckpt_every=50)
+
+
 @dataclass(frozen=True)
 class TinyWorldDefaults:
     """The settings of a run on the embedded tiny world, unless told otherwise: ``adapterlab demo``,
     ``adapterlab finetune`` with ``--base tinyworld --data tinyworld``, and :func:`finetune` there.
-    With them the held-out accuracy reaches about 0.9 after 300 steps (about 0.5 after 60)."""
 
-    prompt_len: int = 10  # K prompt tokens per layer
-    adapter_layers: int = 4  # every layer of the tiny base
-    steps: int = 300
-    batch_size: int = 32
-    lr: dict = field(default_factory=lambda: {"adapter": 5e-2, "lora": 1e-2, "full": 1e-3})  # peak, per method
-    warmup_steps: int = 10
-    length_group: int = 4
-    log_every: int = 10
-    ckpt_every: int = 50
+    train: the run (its lr is the adapter's). adapter: K=10 prompts in every layer (4) of the base.
+    baseline_lr: the peak rate of the other methods (same run otherwise). max_seq_len: example length.
+    """
+
+    train: TrainConfig = field(default_factory=tiny_world_train)
+    adapter: AdapterConfig = field(default_factory=lambda: AdapterConfig(prompt_len=10, layers=4))
+    baseline_lr: dict = field(default_factory=lambda: {"lora": 1e-2, "full": 1e-3})
     max_seq_len: int = 256
+
+    @property
+    def lr(self) -> dict:
+        """The peak learning rate of each method: {"adapter": ..., "lora": ..., "full": ...}."""
+        return {"adapter": self.train.lr, **self.baseline_lr}
 
 
 TINY_WORLD = TinyWorldDefaults()
@@ -87,32 +96,31 @@ def train_config(tiny: bool = True, method: str = "adapter", **changes) -> Train
     """The TrainConfig of a finetune run: the defaults with ``changes`` applied (TrainConfig field
     names; a value None means "not given").
 
-    Defaults: :data:`TINY_WORLD` on the tiny world; elsewhere the release's 5 epochs (2 of
-    warm-up) at base rate 9e-3 x batch / 256. Given steps replace the default epochs (and the
-    release's warm-up epochs, which belong to them); given warm-up steps or epochs replace the
-    default warm-up; a given base_lr replaces the default absolute lr.
+    Defaults: :data:`TINY_WORLD`'s ``train`` on the tiny world (with the method's peak rate);
+    elsewhere the release's 5 epochs (2 of warm-up) at base rate 9e-3 x batch / 256. Given steps
+    replace the default epochs (and the warm-up epochs, which belong to them); given warm-up steps
+    or epochs replace the default warm-up; a given base_lr replaces the default absolute lr.
     """
     if method not in METHOD_NAMES:
         raise UsageError(f"choose one of {', '.join(METHOD_NAMES)}", "method", method)
     changes = {k: v for k, v in changes.items() if v is not None}
-    t = TINY_WORLD
     if tiny:
-        d = dict(steps=t.steps, batch_size=t.batch_size, lr=t.lr[method], warmup_steps=t.warmup_steps,
-                 length_group=t.length_group, log_every=t.log_every, ckpt_every=t.ckpt_every)
+        default = replace(TINY_WORLD.train, lr=TINY_WORLD.lr[method])
     else:
-        d = dict(epochs=RELEASE_EPOCHS, warmup_epochs=RELEASE_WARMUP_EPOCHS)
+        default = TrainConfig(epochs=RELEASE_EPOCHS, warmup_epochs=RELEASE_WARMUP_EPOCHS)
+    d = {f.name: getattr(default, f.name) for f in fields(TrainConfig)}
     given = lambda *names: any(n in changes for n in names)  # noqa: E731
     if given("steps", "epochs"):  # the length of the run: in steps or in epochs, never both
-        d = {k: v for k, v in d.items() if k not in ("steps", "epochs")}
-        if given("steps") and not tiny:
+        d.update(steps=None, epochs=None)
+        if given("steps"):
             d["warmup_epochs"] = 0.0
     if given("warmup_steps", "warmup_epochs"):
-        d = {k: v for k, v in d.items() if k not in ("warmup_steps", "warmup_epochs")}
+        d.update(warmup_steps=None, warmup_epochs=0.0)
     if given("base_lr") and not given("lr"):  # the release's rule: lr = base_lr * batch / 256
-        d.pop("lr", None)
+        d["lr"] = None
     if method != "adapter" and not tiny and "lr" not in changes and "base_lr" not in changes:
         raise UsageError(f"{METHOD_NAMES[method]} on this base needs a learning rate: the default base rate 9e-3 "
-                         "is the adapter's (Alpaca's full fine-tuning used 2e-5, Alpaca-LoRA 3e-4)", "lr")
+                         "is the adapter's (Alpaca's full fine-tuning used 2e-5, Alpaca-LoRA 3e-4)", "train.lr")
     return TrainConfig(**{**d, "desc": METHOD_NAMES[method], **changes})
 
 
@@ -120,10 +128,8 @@ def adapter_config(n_layers: int, tiny: bool = True, **changes) -> AdapterConfig
     """The AdapterConfig of a run on a base with ``n_layers`` layers: :data:`TINY_WORLD`'s on the
     tiny world, else the release's (K=10 prompts in the top 30 layers, or in every layer of a
     shallower base), with ``changes`` applied (a value None means "not given")."""
-    t = TINY_WORLD
-    default = (dict(prompt_len=t.prompt_len, layers=t.adapter_layers) if tiny
-               else dict(prompt_len=AdapterConfig.prompt_len, layers=min(AdapterConfig.layers, n_layers)))
-    return AdapterConfig(**{**default, **{k: v for k, v in changes.items() if v is not None}})
+    default = TINY_WORLD.adapter if tiny else AdapterConfig(layers=min(AdapterConfig.layers, n_layers))
+    return replace(default, **{k: v for k, v in changes.items() if v is not None})
 
 
 def _resolve(config: Any, kind: type, build) -> Any:
@@ -183,7 +189,7 @@ def load_base_model(base: PathLike, device: Optional[str] = None) -> Llama:
 
         model = load_base(device=device)
     else:
-        from .io.checkpoints import load_llama
+        from .worlds.tinyworld import load_llama  # a folder, a GGUF file or an installed model's name
 
         try:
             model = load_llama(base, device=device)
@@ -201,7 +207,7 @@ def load_tuned_model(base: PathLike, adapter: Optional[PathLike] = None, device:
     """A base with a tuned adapter attached: a folder from :func:`finetune` (adapter or LoRA), an
     official release ``.pth`` or a PEFT adaption-prompt folder (None: the base alone)."""
     from .studies.baselines import LORA_CONFIG, load_lora
-    from .io.checkpoints import load_adapter
+    from .io.adapters import load_adapter
 
     if adapter is not None and not Path(adapter).exists():  # before the (maybe large) base is read
         raise UsageError(f"{adapter} does not exist; pass the --out folder of a finetune run, an official .pth "
@@ -237,6 +243,32 @@ def load_gate_log(path: PathLike) -> tuple[Path, list[dict]]:
     return log, records
 
 
+def gate_runs(logs: Sequence[tuple[Path, list[dict]]], labels: Optional[Sequence[str]] = None) -> dict[str, list[dict]]:
+    """Several gate logs from :func:`load_gate_log` -> {label: records}: the given labels, else each
+    run's folder name (numbered where two are alike)."""
+    if labels is not None and len(labels) != len(logs):
+        raise UsageError(f"{len(labels)} labels for {len(logs)} runs; give one label per run", "labels")
+    names = list(labels) if labels is not None else [log.parent.name or str(log.parent) for log, _ in logs]
+    if len(set(names)) < len(names):
+        names = [f"{name} ({i + 1})" for i, name in enumerate(names)]
+    return {name: records for name, (_, records) in zip(names, logs)}
+
+
+def save_gate_overlay(runs: dict, png: PathLike) -> Path:
+    """Several runs' gates in one figure (:func:`adapterlab.gates.plot_runs`): the mean |gate| per
+    step, and per summed learning rate (which lines up runs of different rates or optimizers)."""
+    from .gates import plot_runs, pyplot
+
+    plt = pyplot()
+    fig, (by_step, by_lr) = plt.subplots(1, 2, figsize=(10, 3.6))
+    plot_runs(runs, x="step", ax=by_step)
+    plot_runs(runs, x="lr_sum", ax=by_lr, legend=False)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return Path(png)
+
+
 # --------------------------------------------------------------------------- pretrain
 def pretrain(out_dir: Optional[PathLike] = None, recipe=None, force: bool = False,
              progress: bool = True) -> tuple[Path, dict]:
@@ -247,7 +279,7 @@ def pretrain(out_dir: Optional[PathLike] = None, recipe=None, force: bool = Fals
     recipe: a :class:`adapterlab.worlds.tinyworld.Recipe` (None: the default one).
     """
     from .worlds import tinyworld
-    from .io.checkpoints import save_llama
+    from .io.weights import save_llama
     from .train import write_metrics
 
     recipe = recipe or tinyworld.Recipe()
@@ -312,7 +344,7 @@ def finetune(
     out = check_out_dir(out_dir)
     if config.resume and not (out / CHECKPOINT_NAME).is_file():
         raise UsageError(f"{out / CHECKPOINT_NAME} does not exist, so there is nothing to resume: start a new run "
-                         "(without resuming) or give the folder of an interrupted one", "resume")
+                         "(without resuming) or give the folder of an interrupted one", "train.resume")
     records = load_records(data)  # validated before anything is trained
 
     env = distributed.init_distributed(device, dist_timeout)
@@ -342,7 +374,7 @@ def finetune(
     n_base = model.num_params()  # before the adapter / LoRA adds its own tensors
     prepare(model, method, seed=config.seed, **settings)
     if compile:
-        from .losses import compile_model
+        from .train import compile_model
 
         compile_model(model)
     model.activation_checkpointing = activation_checkpointing
@@ -355,7 +387,8 @@ def finetune(
 
         _, _, heldout = load_world()
         eval_fn = lambda m: {"heldout_accuracy": heldout_accuracy(m, tokenizer, heldout)}  # noqa: E731
-    metrics = run_training(wrapped, dataset, config, eval_fn=eval_fn, callbacks=callbacks)
+    metrics = run_training(wrapped, dataset, config, eval_fn=eval_fn,
+                           callbacks=_with_gate_recorder(callbacks, method, out, config, strategy, env.is_main))
     extra = {"base": str(base), "data": source, "method": method, "base_params": n_base,
              "trainable_fraction": metrics["trainable_params"] / n_base}
     if eval_fn is not None:
@@ -366,6 +399,19 @@ def finetune(
     distributed.barrier("the end of training (rank 0 wrote the files)", env)
     metrics.update(extra)
     return model, metrics
+
+
+def _with_gate_recorder(callbacks: Sequence, method: str, out: Path, config: TrainConfig, strategy: str,
+                        is_main: bool) -> list:
+    """An adapter run records its gates in out/gates.jsonl (rank 0 writes). Under FSDP the frozen
+    weights are shards, so the details that run them outside a forward pass (the prompt norms
+    through W_v) are left out: the log holds the gates, loss and learning rate."""
+    from .gates import GateRecorder
+
+    callbacks = list(callbacks)
+    if method == "adapter" and is_main and not any(isinstance(cb, GateRecorder) for cb in callbacks):
+        callbacks.insert(0, GateRecorder(out, every=config.log_every, details=strategy != "fsdp"))
+    return callbacks
 
 
 def _method_settings(method: str, adapter, lora, n_layers: int, tiny: bool) -> dict:
@@ -389,7 +435,8 @@ def _method_settings(method: str, adapter, lora, n_layers: int, tiny: bool) -> d
 def _save_tuned(model: Llama, method: str, out: Path) -> None:
     """The result of ``method``: the adapter, the LoRA, or a whole new base in Meta's layout (load_llama reads it)."""
     from .studies.baselines import save_lora
-    from .io.checkpoints import save_adapter, save_llama
+    from .io.adapters import save_adapter
+    from .io.weights import save_llama
 
     if method == "adapter":
         save_adapter(model, out)
@@ -400,16 +447,22 @@ def _save_tuned(model: Llama, method: str, out: Path) -> None:
 
 
 # --------------------------------------------------------------------------- the demo
+DEMO_BASES = (TINY,)  # the bases the demo tells its story on (--base)
+
+
 def demo(out_dir: PathLike = "runs/demo", adapter: Union[AdapterConfig, dict, None] = None,
          train: Union[TrainConfig, dict, None] = None, max_seq_len: Optional[int] = None, samples: int = 4,
-         device: Optional[str] = None, callbacks: Sequence = ()) -> dict:
+         device: Optional[str] = None, callbacks: Sequence = (), base: str = TINY) -> dict:
     """The whole story on the embedded tiny world, printed: the frozen base -> its answers before ->
     adapter tuning -> answers after. Writes the run (and the demo's metrics.json) to ``out_dir``;
-    returns those metrics. adapter / train: configs or changes to :data:`TINY_WORLD`."""
+    returns those metrics. adapter / train: configs or changes to :data:`TINY_WORLD`. samples: how
+    many held-out answers to show before and after (a spread: see :func:`spread_samples`)."""
     from .worlds import tinyworld
     from .gates import read_gates
     from .train import write_metrics
 
+    if base not in DEMO_BASES:
+        raise UsageError(f"the demo runs on {', '.join(DEMO_BASES)}; to tune another base use finetune", "base", base)
     check_out_dir(out_dir)
     t_start = time.perf_counter()
     print("== 1. The frozen base: a tiny LLaMA pretrained on text about a synthetic world")
@@ -421,7 +474,8 @@ def demo(out_dir: PathLike = "runs/demo", adapter: Union[AdapterConfig, dict, No
     before = tinyworld.evaluate(base, tokenizer, heldout)
     acc_before = sum(r["correct"] for r in before) / len(before)
     print(f"\n== 2. Before tuning, the base does not follow the Alpaca template: held-out accuracy {acc_before:.2f}")
-    _show(before[:samples])
+    shown_before = spread_samples(before, heldout, samples)
+    _show(shown_before, before)
     del base
 
     print(f"\n== 3. LLaMA-Adapter: zero-init gated prompts on the frozen base, {len(train_records)} instruction records")
@@ -438,7 +492,8 @@ def demo(out_dir: PathLike = "runs/demo", adapter: Union[AdapterConfig, dict, No
     mean_abs = lambda g: sum(abs(x) for row in g for x in row) / sum(len(row) for row in g)  # noqa: E731
     print(f"   gates: mean |tanh(g)| {mean_abs(first):.3f} at step 0 -> {mean_abs(last):.3f} at step {gates[-1]['step']}")
     print(f"\n== 4. After tuning: held-out accuracy {acc_after:.2f} (was {acc_before:.2f})")
-    _show(after[:samples])
+    shown_after = spread_samples(after, heldout, samples)
+    _show(shown_after, after)
 
     total = time.perf_counter() - t_start
     summary = {
@@ -446,7 +501,7 @@ def demo(out_dir: PathLike = "runs/demo", adapter: Union[AdapterConfig, dict, No
         "trainable_fraction": m["trainable_fraction"], "heldout_accuracy_before": acc_before,
         "heldout_accuracy_after": acc_after, "train_seconds": m["train_seconds"],
         "finetune_seconds": round(time.perf_counter() - t_ft, 2), "demo_seconds": round(total, 2),
-        "samples_before": before[:samples], "samples_after": after[:samples],
+        "samples_before": shown_before, "samples_after": shown_after,
         "gate_mean_abs_start": mean_abs(first), "gate_mean_abs_end": mean_abs(last),
     }
     write_metrics(out_dir, summary)
@@ -455,14 +510,51 @@ def demo(out_dir: PathLike = "runs/demo", adapter: Union[AdapterConfig, dict, No
     return summary
 
 
-def _show(rows: Sequence[dict]) -> None:
-    for r in rows:
+def spread_samples(rows: Sequence[dict], records: Sequence[dict], n: int) -> list[dict]:
+    """``n`` of the evaluated ``rows`` to show: right and wrong answers in the proportion of all
+    (at least one of each where both occur), about different people and attributes (``records``:
+    the questions, with ``name`` and ``attribute``) as far as there are enough. Always the same
+    choice for the same rows."""
+    n = min(max(n, 0), len(rows))
+    right = sum(r["correct"] for r in rows)
+    n_right = round(n * right / len(rows)) if rows else 0
+    if 0 < right < len(rows) and n >= 2:
+        n_right = min(max(n_right, 1), n - 1)
+    n_right = min(n_right, right, n)
+    n_right = max(n_right, n - (len(rows) - right))  # not enough wrong answers: show more right ones
+    wanted = {True: n_right, False: n - n_right}
+    order = list(range(len(rows)))
+    random.Random(0).shuffle(order)
+    chosen: list[int] = []
+    people, attributes = set(), set()
+    scarce_first = sorted(wanted, key=lambda ok: sum(bool(r["correct"]) == ok for r in rows))
+    for distinct in (("name", "attribute"), ("name",), ()):  # relax only when no new person / attribute is left
+        for ok, i in ((ok, i) for ok in scarce_first for i in order if bool(rows[i]["correct"]) == ok):
+            record = records[i]
+            if i in chosen or not wanted[ok]:
+                continue
+            if ("name" in distinct and record.get("name") in people) or \
+                    ("attribute" in distinct and record.get("attribute") in attributes):
+                continue
+            chosen.append(i)
+            wanted[ok] -= 1
+            people.add(record.get("name"))
+            attributes.add(record.get("attribute"))
+    return [rows[i] for i in sorted(chosen)]
+
+
+def _show(shown: Sequence[dict], rows: Sequence[dict]) -> None:
+    """The shown answers, then how they stand among all ``rows``: k of n right."""
+    for r in shown:
         mark = "right" if r["correct"] else "wrong"
         print(f"   Q: {r['question']}\n   A: {r['answer'] or '(nothing)'}   [{mark}; expected {r['expected']}]")
+    right, n = sum(r["correct"] for r in rows), len(rows)
+    print(f"   ({sum(r['correct'] for r in shown)} of these {len(shown)} right; {right} of all {n} held-out "
+          f"questions right)")
 
 
 __all__ = [
-    "TINY_WORLD", "TinyWorldDefaults", "UsageError", "METHOD_NAMES", "is_tiny", "train_config", "adapter_config",
-    "check_out_dir", "load_records", "load_base_model", "load_tuned_model", "load_gate_log", "pretrain", "finetune",
-    "demo",
+    "TINY_WORLD", "TinyWorldDefaults", "tiny_world_train", "UsageError", "METHOD_NAMES", "DEMO_BASES", "is_tiny",
+    "train_config", "adapter_config", "spread_samples", "check_out_dir", "load_records", "load_base_model",
+    "load_tuned_model", "load_gate_log", "gate_runs", "save_gate_overlay", "pretrain", "finetune", "demo",
 ]

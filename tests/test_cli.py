@@ -54,12 +54,12 @@ def test_finetune_writes_a_complete_run_and_resumes(small_base, tmp_path, capsys
 
 
 def test_pretrain_writes_a_meta_folder_that_load_llama_reads(tmp_path, capsys):
-    from adapterlab.io.checkpoints import load_llama
+    from adapterlab.io.weights import read_llama
 
     out = tmp_path / "base"
     assert main(["pretrain", "--out", str(out), "--steps", "2", "--no-progress"]) == 0
     assert {"params.json", "consolidated.00.pth", "tokenizer.model", "metrics.json"} <= {p.name for p in out.iterdir()}
-    model = load_llama(out, device="cpu")
+    model = read_llama(out, device="cpu")
     assert model.config.dim == tw.Recipe().model["dim"] and model.tokenizer.n_words == tw.Recipe().vocab_size
     assert json.loads((out / "metrics.json").read_text())["steps"] == 2
     assert "wrote the base" in capsys.readouterr().out
@@ -98,7 +98,13 @@ def test_demo_tunes_the_tiny_world_and_reports(tmp_path, capsys):
     assert m["heldout_accuracy_after"] >= m["heldout_accuracy_before"] + 0.2, m
     first = json.loads((out / "gates.jsonl").read_text().splitlines()[0])
     assert first["step"] == 0 and all(g == 0.0 for row in first["gates"] for g in row)
-    assert "held-out accuracy" in text and "Q:" in text
+    assert "held-out accuracy" in text and text.count("Q:") == 8
+    right = round(60 * m["heldout_accuracy_after"])
+    assert f"of all 60 held-out questions right" in text and f"; {right} of all 60" in text
+    shown = m["samples_after"]
+    assert len(shown) == 4 and len({r["question"].split()[-1] for r in shown}) > 1  # not all about one person
+    if 0 < right < 60:
+        assert 0 < sum(r["correct"] for r in shown) < 4  # right and wrong answers
 
 
 def test_finetune_compile_and_activation_checkpointing_train_the_same_adapter(small_base, tmp_path, monkeypatch):
@@ -135,3 +141,168 @@ def test_finetune_compile_and_activation_checkpointing_train_the_same_adapter(sm
         assert eager.keys() == other.keys()
         for k in eager:
             assert torch.allclose(eager[k], other[k], atol=1e-4), (name, k)
+
+
+# --------------------------------------------------------------------------- one mapping from flags to settings
+def test_every_config_flag_sets_a_field_of_its_config():
+    """The flag tables name real fields: a renamed field breaks here, not in a user's run."""
+    from dataclasses import fields
+
+    from adapterlab import cli
+    from adapterlab.adapter import AdapterConfig
+    from adapterlab.studies.ablate import AblationConfig
+    from adapterlab.studies.baselines import LoRAConfig
+    from adapterlab.train import TrainConfig
+    from adapterlab.worlds.multimodal import MultimodalConfig
+
+    tables = {"train": (cli.TRAIN_FLAGS, TrainConfig), "adapter": (cli.ADAPTER_FLAGS, AdapterConfig),
+              "lora": (cli.LORA_FLAGS, LoRAConfig)}
+    for config, (flags, kind) in tables.items():
+        names = {f.name for f in fields(kind)}
+        for flag in flags:
+            prefix, name = flag.dest.split(".", 1)
+            assert prefix == config and name in names, (flag.flag, flag.dest, kind.__name__)
+    study = AblationConfig()
+    for flag in cli.ablate_flags():  # nested: study.train.steps -> AblationConfig().train.steps
+        cli._get(study, flag.dest.split(".", 1)[1])
+    for flag in cli.MULTIMODAL_FLAGS:  # nested: multimodal.train.steps -> MultimodalConfig().train.steps
+        assert flag.dest.startswith("multimodal."), flag.flag
+        cli._get(MultimodalConfig(), flag.dest.split(".", 1)[1])
+    assert len({f.flag for f in cli.TRAIN_FLAGS + cli.ADAPTER_FLAGS + cli.LORA_FLAGS}) == \
+        len(cli.TRAIN_FLAGS + cli.ADAPTER_FLAGS + cli.LORA_FLAGS)
+
+
+def test_flags_become_config_changes_and_errors_name_the_flag(tmp_path):
+    from adapterlab import cli
+    from adapterlab.recipes import UsageError, train_config
+
+    args = cli.parse(["finetune", "--out", str(tmp_path), "--steps", "7", "--optimizer", "sgd", "--no-progress",
+                      "--prompt-len", "3", "--gate", "layer"])
+    assert cli.changes(args, "train") == {"steps": 7, "optimizer": "sgd", "progress": False}
+    assert cli.changes(args, "adapter") == {"prompt_len": 3, "gate": "layer"}
+    assert cli.changes(args, "lora") == {}
+    config = train_config(True, "adapter", **cli.changes(args, "train"))
+    assert (config.steps, config.optimizer, config.progress, config.batch_size) == (7, "sgd", False, 32)
+    e = UsageError("the base has 2 layers", "adapter.layers", 5)
+    assert cli._usage_message(e, args.parser) == "--adapter-layers 5: the base has 2 layers"
+    assert cli.flag_of(args.parser, "train.base_lr") == "--blr" and cli.flag_of(args.parser, "nothing") is None
+    ablate = cli.parse(["ablate", "--out", str(tmp_path), "--train-records", "3"])
+    assert cli.in_flag_words("train_records must be at least one batch (batch_size=16)", ablate.parser, "study") == \
+        "--train-records must be at least one batch (--batch-size=16)"
+
+
+# --------------------------------------------------------------------------- demo programs
+@pytest.mark.parametrize("argv, program, out", [
+    (["demo"], "llama", "runs/demo"),
+    (["demo", "--out", "x", "--steps", "5"], "llama", "x"),
+    (["demo", "llama", "--out", "x"], "llama", "x"),
+    (["demo", "multimodal", "--steps", "4"], "multimodal", "runs/multimodal"),
+    (["demo", "--multimodal", "--steps", "4"], "multimodal", "runs/multimodal"),  # the older spelling
+    (["demo", "--out", "y", "--vit"], "vit", "y"),
+    (["demo", "roberta"], "roberta", "runs/demo_roberta"),
+    (["demo", "--roberta", "--no-progress"], "roberta", "runs/demo_roberta"),
+])
+def test_demo_programs_parse_their_own_flags(argv, program, out):
+    from adapterlab import cli
+
+    args = cli.parse(argv)
+    assert (args.program, args.out, args.run) == (program, out, cli.DEMOS[program].run)
+    if program == "llama":
+        assert args.base == "tinyworld" and args.samples == 4
+        assert cli.changes(args, "train") == ({"steps": 5} if "--steps" in argv else {})
+    if program == "multimodal":
+        assert cli.changes(args, "multimodal") == {"steps": 4} and args.samples == 8
+
+
+def test_demo_help_lists_the_programs_and_the_old_spellings():
+    out = subprocess.run([sys.executable, "-m", "adapterlab", "demo", "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for program in ("llama", "multimodal", "vit", "roberta"):
+        assert f" {program} " in text
+    assert "--multimodal, --vit and --roberta still work" in text and "'adapterlab demo [flags]' runs" in text
+
+
+def test_a_flag_of_another_program_is_refused_before_anything_runs(tmp_path, capsys):
+    for argv, needle in ((["demo", "vit", "--steps", "3"], "demo vit does not use --steps 3"),
+                         (["demo", "roberta", "--samples", "2"], "demo roberta does not use --samples 2"),
+                         (["demo", "--multimodal", "--optimizer", "sgd"], "demo multimodal does not use --optimizer"),
+                         (["demo", "--epochs", "2", "--steps", "3"], "not allowed with argument")):
+        assert main(argv + ["--out", str(tmp_path / "d")]) == 2
+        assert needle in capsys.readouterr().err
+        assert not (tmp_path / "d").exists()
+
+
+# --------------------------------------------------------------------------- the demo's samples
+def _rows(right: set, people: int = 12, attributes=("city", "pet", "job", "color", "instrument")):
+    records = [{"name": f"P{p}", "attribute": a} for p in range(people) for a in attributes]
+    rows = [{"question": f"{r['name']} {r['attribute']}?", "correct": i in right, "answer": "x", "expected": "y"}
+            for i, r in enumerate(records)]
+    return rows, records
+
+
+@pytest.mark.parametrize("n_right, n, want_right", [(44, 4, 3), (0, 4, 0), (60, 4, 4), (2, 4, 1), (59, 4, 3),
+                                                    (30, 1, 0), (44, 6, 4)])
+def test_demo_samples_are_a_spread_of_people_attributes_right_and_wrong(n_right, n, want_right):
+    from adapterlab.recipes import spread_samples
+
+    rows, records = _rows(set(range(60 - n_right, 60)))  # the last people answer right
+    shown = spread_samples(rows, records, n)
+    assert len(shown) == n and sum(r["correct"] for r in shown) == want_right
+    picked = [records[rows.index(r)] for r in shown]
+    assert len({p["name"] for p in picked}) == n  # one question per person
+    assert len({p["attribute"] for p in picked}) == min(n, 5)  # and different attributes while there are
+    assert shown == spread_samples(rows, records, n)  # the same choice every time
+    assert spread_samples(rows, records, 100) == rows and spread_samples(rows, records, 0) == []
+
+
+# --------------------------------------------------------------------------- optimizers and several runs
+def test_finetune_optimizer_and_gates_overlay_of_two_runs(small_base, tmp_path, capsys):
+    """--optimizer reaches the training loop; `gates RUN RUN` compares the runs in one figure."""
+    from adapterlab import recipes
+    from adapterlab.gates import GateLog
+
+    runs = {}
+    for optimizer, lr in (("adamw", "0.05"), ("sgd", "5")):
+        out = tmp_path / optimizer
+        assert main(["finetune", "--base", str(small_base / "base"), "--data", str(small_base / "alpaca.json"),
+                     "--out", str(out), "--steps", "4", "--batch-size", "8", "--log-every", "1", "--lr", lr,
+                     "--optimizer", optimizer, "--adapter-layers", "1", "--no-progress"]) == 0
+        assert json.loads((out / "metrics.json").read_text())["config"]["optimizer"] == optimizer
+        runs[optimizer] = out
+    capsys.readouterr()
+
+    png = tmp_path / "compare.png"
+    assert main(["gates", str(runs["adamw"]), str(runs["sgd"]), "--png", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "== adamw" in text and "== sgd" in text and f"wrote {png} (2 runs)" in text
+    assert png.stat().st_size > 10_000
+
+    assert main(["gates", str(runs["adamw"]), str(runs["sgd"] / "gates.jsonl"), "--labels", "AdamW,SGD", "--json",
+                 "--no-plot"]) == 0
+    summaries = json.loads(capsys.readouterr().out)
+    assert list(summaries) == ["AdamW", "SGD"]
+    adamw, sgd = (GateLog.from_records(recipes.load_gate_log(runs[o])[1]).gates[-1] for o in ("adamw", "sgd"))
+    assert not (adamw == sgd).all()  # two optimizers, two paths of the gates
+
+    # the figure: one line per run in each panel (per step and per summed learning rate)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    drawn = []
+    real_savefig = plt.Figure.savefig
+
+    def keep(fig, *a, **k):
+        drawn.append([[line.get_label() for line in ax.get_lines()] for ax in fig.axes])
+        return real_savefig(fig, *a, **k)
+
+    plt.Figure.savefig = keep
+    try:
+        recipes.save_gate_overlay(recipes.gate_runs([recipes.load_gate_log(runs[o]) for o in ("adamw", "sgd")]),
+                                  tmp_path / "again.png")
+    finally:
+        plt.Figure.savefig = real_savefig
+    assert drawn == [[["adamw", "sgd"], ["adamw", "sgd"]]]

@@ -30,7 +30,12 @@ def bad(small_base, tmp_path_factory) -> dict:
               str(peft / "adapter_model.safetensors"))
     (root / "no_log").mkdir()
     (root / "bad_gates.jsonl").write_text('{"step": 0\n{"step": 1, "layers": [1], "gates": [[0.0]]}\n')
-    return {"base": str(small_base / "base"), "data": str(small_base / "alpaca.json"), "root": root}
+    runs = [root / "run_a", root / "run_b"]  # two gate logs (a run writes more; the gates command reads only this)
+    for run in runs:
+        run.mkdir()
+        (run / "gates.jsonl").write_text('{"step": 0, "layers": [1], "gates": [[0.0]], "lr": 0.1, "loss": 1.0}\n')
+    return {"base": str(small_base / "base"), "data": str(small_base / "alpaca.json"), "root": root,
+            "runs": [str(r) for r in runs]}
 
 
 def finetune(b: dict, *extra: str, out: str = None) -> list[str]:
@@ -104,9 +109,20 @@ CASES = [
     ("demo two families", lambda b: ["demo", "--vit", "--roberta", "--out", str(b["root"] / "d")],
      ["--vit", "--roberta"]),
     ("demo vit with a learning rate", lambda b: ["demo", "--vit", "--lr", "0.1", "--out", str(b["root"] / "d")],
-     ["demo --vit", "--lr"]),
+     ["demo vit does not use --lr 0.1"]),
     ("demo roberta out is a file", lambda b: ["demo", "--roberta", "--out", str(b["root"] / "a_file")],
      ["--out", "a_file"]),
+    ("demo program and an old flag", lambda b: ["demo", "vit", "--multimodal", "--out", str(b["root"] / "d")],
+     ["choose one demo program", "vit", "--multimodal"]),
+    ("demo unknown program", lambda b: ["demo", "gpt", "--out", str(b["root"] / "d")], ["does not use gpt"]),
+    ("demo multimodal with an adapter flag", lambda b: ["demo", "multimodal", "--gate", "layer"],
+     ["demo multimodal does not use --gate layer"]),
+    ("demo on an unknown base", lambda b: ["demo", "--base", "gpt2", "--out", str(b["root"] / "d")],
+     ["--base gpt2", "tinyworld"]),
+    ("finetune unknown optimizer", lambda b: finetune(b, "--optimizer", "adam"), ["--optimizer", "'adam'"]),
+    ("gates names for the wrong number of runs", lambda b: ["gates", b["runs"][0], b["runs"][1], "--labels", "a"],
+     ["--labels", "2 runs"]),
+    ("gates follows one run only", lambda b: ["gates", "--follow", b["runs"][0], b["runs"][1]], ["--follow", "one RUN"]),
 ]
 
 

@@ -48,7 +48,8 @@ SGD_LR = 10.0  # plain SGD needs a far larger step than AdamW: the gradients of 
 
 def runs_wanted(seeds_opt: int, seeds_sweep: int) -> list[dict]:
     t = TINY_WORLD
-    base = dict(optimizer="adamw", lr=t.lr["adapter"], layers=t.adapter_layers, prompt_len=t.prompt_len, steps=t.steps)
+    base = dict(optimizer="adamw", lr=t.lr["adapter"], layers=t.adapter.layers, prompt_len=t.adapter.prompt_len,
+                steps=t.train.steps)
     runs = []
     for seed in range(seeds_opt):
         runs.append({"study": "optimizer", "name": "AdamW", "seed": seed, **base, "every": 5, "details": True})
@@ -78,8 +79,9 @@ def one_run(spec: dict, data, heldout_data, heldout_records) -> dict:
     tokenizer = model.tokenizer
     add_adapter(model, AdapterConfig(prompt_len=spec["prompt_len"], layers=spec["layers"]), seed=spec["seed"])
     t = TINY_WORLD
-    config = TrainConfig(steps=spec["steps"], batch_size=t.batch_size, lr=spec["lr"], warmup_steps=t.warmup_steps,
-                         length_group=t.length_group, optimizer=spec["optimizer"], seed=spec["seed"],
+    config = TrainConfig(steps=spec["steps"], batch_size=t.train.batch_size, lr=spec["lr"],
+                         warmup_steps=t.train.warmup_steps,
+                         length_group=t.train.length_group, optimizer=spec["optimizer"], seed=spec["seed"],
                          weight_decay=spec.get("weight_decay", TrainConfig.weight_decay),
                          checkpoint=False, progress=False, log_every=spec["every"])
     start = time.time()
@@ -143,8 +145,9 @@ def main(argv=None) -> None:
                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
                "versions": {"adapterlab": getattr(adapterlab, "__version__", "?"), "torch": torch.__version__,
                             "numpy": np.__version__, "python": platform.python_version()},
-               "sgd_lr": SGD_LR, "defaults": {"steps": TINY_WORLD.steps, "batch_size": TINY_WORLD.batch_size,
-                                                "warmup_steps": TINY_WORLD.warmup_steps}}
+               "sgd_lr": SGD_LR, "defaults": {"steps": TINY_WORLD.train.steps,
+                                                "batch_size": TINY_WORLD.train.batch_size,
+                                                "warmup_steps": TINY_WORLD.train.warmup_steps}}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
 
 
