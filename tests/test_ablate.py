@@ -1,9 +1,12 @@
 """The ablation runner: the three variants at step 0, the knowledge probe, output format, resume."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
+from adapterlab.adapter import adapted_layers
+from adapterlab.gates import GateLog
 from adapterlab.studies import ablate
 from adapterlab.worlds import tinyworld as tw
 from dataclasses import replace
@@ -65,12 +68,33 @@ def test_scales_multiply_the_random_draws(small_world):
     assert torch.count_nonzero(zero.layers[-1].attention.adapter.gate) == 0
 
 
-def test_prompt_share_is_zero_for_zero_gates_and_a_real_share_when_ungated(small_world):
+def test_attention_share_is_zero_for_zero_gates_and_a_real_share_when_ungated(small_world):
     bench = bench_for(small_world, AblationConfig(**FAST))
     zero = ablate.attach(bench.load_base(), AblationConfig(**FAST), "zero_init", seed=0)
     none = ablate.attach(bench.load_base(), AblationConfig(**FAST), "ungated", seed=0)
-    assert ablate.prompt_share(zero, bench.probe_tokens) == 0.0
-    assert 0.0 < ablate.prompt_share(none, bench.probe_tokens) < 1.0
+    assert ablate.attention_share(zero, bench.probe_tokens) == 0.0
+    assert 0.0 < ablate.attention_share(none, bench.probe_tokens) < 1.0
+    random = ablate.attach(bench.load_base(), AblationConfig(**FAST), "random_init", seed=0)
+    share, by_head = ablate.attention_shares(random, bench.probe_tokens)
+    g = torch.stack([random.layers[i].attention.adapter.gate_value().detach().abs().reshape(-1)
+                     for i in adapted_layers(random)])  # (L, H)
+    assert torch.allclose(by_head, g / (1 + g)) and share == pytest.approx((g / (1 + g)).mean().item(), rel=1e-6)
+
+
+def test_an_ungated_model_refuses_a_gated_adapter_file_by_name(small_world, tmp_path):
+    from adapterlab import load_adapter, remove_adapter, save_adapter
+
+    bench = bench_for(small_world, AblationConfig(**FAST))
+    save_adapter(ablate.attach(bench.load_base(), AblationConfig(**FAST), "random_init", seed=0), tmp_path / "gated")
+    ungated = ablate.attach(bench.load_base(), AblationConfig(**FAST), "ungated", seed=0)
+    with pytest.raises(ValueError, match=r"ungated prompts in layer\(s\) \[\d+, \d+\].*add_ungated_prompts.*remove_adapter"):
+        load_adapter(ungated, tmp_path / "gated")
+    load_adapter(remove_adapter(ungated), tmp_path / "gated")  # as the message says
+    assert all(ungated.layers[i].attention.adapter.gate is not None for i in adapted_layers(ungated))
+    save_adapter(ablate.attach(bench.load_base(), AblationConfig(**FAST), "ungated", seed=1), tmp_path / "ungated")
+    with pytest.raises(ValueError, match=r"holds ungated prompts.*has no adapter.*add_ungated_prompts\(model, "
+                                         r"AdapterConfig\(prompt_len=10, layers=2\)\)"):
+        load_adapter(bench.load_base(), tmp_path / "ungated")
 
 
 # ---------------------------------------------------------------------------- the knowledge probe
@@ -98,11 +122,24 @@ def test_runner_writes_runs_summary_and_plot(small_world, tmp_path):
     summary = ablate.run_ablation(tmp_path, config, progress=False, command="test", bench=bench_for(small_world, config))
     runs = [json.loads(line) for line in (tmp_path / "runs.jsonl").read_text().splitlines()]
     assert [(r["variant"], r["seed"]) for r in runs] == [("zero_init", 0), ("ungated", 0), ("zero_init", 1), ("ungated", 1)]
+    n_layers, n_heads = read_base(small_world[4]).config.n_layers, read_base(small_world[4]).config.n_heads
     for r in runs:
         assert len(r["losses"]) == 3 and r["eval_history"][-1]["step"] == 3
         assert set(r["knowledge_before"]) == set(r["knowledge_after"]) == {"corpus_loss", "fact_accuracy"}
         assert r["gate_log"][0]["step"] == 0 and r["gate_log"][-1]["step"] == 3
         assert (r["gate_log"][0]["gate_abs"] == 0.0) if r["variant"] == "zero_init" else r["gate_log"][0]["gate_abs"] is None
+        assert r["attention_share"] == r["gate_log"][-1]["attention_share"] and "prompt_share" not in r
+        for g in r["gate_log"]:  # per adapted layer (the top 2) and head
+            shares = np.array(g["attention_share_by_head"])
+            assert shares.shape == (2, n_heads) and shares.mean() == pytest.approx(g["attention_share"], rel=1e-5)
+            if r["variant"] == "zero_init":
+                assert g["layers"] == [n_layers - 2, n_layers - 1] and np.array(g["gates"]).shape == (2, n_heads)
+                assert np.abs(g["gates"]).mean() == pytest.approx(g["gate_abs"], rel=1e-5, abs=1e-12)
+            else:
+                assert g["layers"] == [] and g["gates"] == []  # no gate to record
+    zero_log = GateLog.from_records(runs[0]["gate_log"])  # adapterlab.gates reads a gated run's log
+    assert zero_log.gates.shape == (len(runs[0]["gate_log"]), 2, n_heads) and not zero_log.gates[0].any()
+    assert zero_log.gates[-1].any(), "the zero-init gates moved in 3 steps"
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["variants"].keys() == {"zero_init", "ungated"} and on_disk["command"] == "test"
     for v in ("zero_init", "ungated"):
@@ -183,6 +220,9 @@ def test_old_names_are_read_as_todays():
     assert {r["variant"] for r in runs} == set(summary["variants"]) == set(ablate.VARIANTS)
     assert all("pretrain_loss_after" in r and "knowledge_kept" not in r for r in runs)
     assert "knowledge_kept" not in summary["variants"]["zero_init"]
+    assert all("attention_share" in r and "prompt_share" not in r for r in runs)  # the ablation's old "prompt_share"
+    assert all("attention_share" in g and "prompt_share" not in g for r in runs for g in r["gate_log"])
+    assert "attention_share" in summary["variants"]["zero_init"] and "prompt_share" not in summary["variants"]["zero_init"]
     assert AblationConfig(variants=("zero", "random", "none")).variants == tuple(ablate.VARIANTS)
     table = ablate.format_table(summary)
     assert "zero-init gates" in table and "ungated (one softmax)" in table
@@ -208,6 +248,47 @@ def test_compare_pairs_seeds_and_says_which_way():
         ablate.compare(runs[:2], "heldout_accuracy")
 
 
+def synthetic_runs(seeds, zero_acc=0.5, random_acc=0.3):
+    """Runs of zero_init and random_init: zero-init answers more in every seed, the rest alike."""
+    return [{"variant": v, "seed": s, "seconds": 1.0, "knowledge_before": {"corpus_loss": 0.5, "fact_accuracy": 0.9},
+             **{m: 1.0 + 0.1 * s for m in ablate.METRICS},
+             "heldout_accuracy": (zero_acc if v == "zero_init" else random_acc) + 0.01 * s * s}
+            for s in range(seeds) for v in ("zero_init", "random_init")]
+
+
+def test_report_says_what_columns_mean_gives_the_verdicts_and_warns_below_five_seeds():
+    config = AblationConfig(seeds=2, variants=("zero_init", "random_init"))
+    summary = ablate.summarize(synthetic_runs(2), config, command="test")
+    text = ablate.report(summary)
+    assert text.startswith(ablate.format_table(summary))  # the table first, as it always was
+    assert "held-out acc         share of held-out questions answered right after training (higher is better)" in text
+    assert "mean training loss of the first 10 steps (lower is better" in text
+    assert "corpus loss after    loss on the base's pretraining text after training (lower is better" in text
+    assert ("- zero-init gates beats random-init gates on held-out accuracy: 0.505 vs 0.305 (paired difference 0.200, "
+            "95% interval [0.200, 0.200], 2 seeds)") in text
+    assert "- zero-init gates is not clearly different from random-init gates on early training loss" in text
+    assert "warning: with 2 seeds the table can look like a win the 5-seed study refutes" in text
+    assert [c["verdict"] for c in summary["comparisons"]] == ["no clear difference", "better", "no clear difference",
+                                                              "no clear difference"]  # ablate.VERDICT_METRICS' order
+    five = ablate.report(ablate.summarize(synthetic_runs(5), replace(config, seeds=5)))
+    assert "warning" not in five and "5 seeds)" in five
+    one = ablate.report(ablate.summarize(synthetic_runs(1), replace(config, seeds=1)))
+    assert "no paired comparison" in one and "with 1 seed the table" in one
+
+
+def test_report_of_a_committed_study_reads_its_old_summary():
+    from pathlib import Path
+
+    runs, summary = ablate.read_study(Path(__file__).parents[1] / "docs" / "results" / "ablations" / "main")
+    assert "comparisons" not in summary  # written before the verdicts were stored: computed from the runs
+    summary["comparisons"] = ablate.comparisons(runs)
+    text = ablate.report(summary)
+    # the committed README's sentence, from the same runs
+    assert ("- zero-init gates loses to random-init gates on early training loss: 1.436 vs 1.155 (paired difference "
+            "0.281, 95% interval [0.121, 0.440], 5 seeds)") in text
+    assert "ungated (one softmax) on held-out accuracy" in text and "warning" not in text
+
+
 # ---------------------------------------------------------------------------- the command line
 def test_cli_maps_flags_to_the_study_and_prints_the_table(monkeypatch, tmp_path, capsys):
     from adapterlab.cli import main
@@ -227,7 +308,10 @@ def test_cli_maps_flags_to_the_study_and_prints_the_table(monkeypatch, tmp_path,
     c = seen["config"]
     assert (c.seeds, c.train.steps, c.variants, c.train.lr, c.gate_scale, c.train_records) == (
         2, 40, ("zero_init", "ungated"), 0.01, 3.0, 64)
-    assert "zero-init gates" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "zero-init gates" in printed and "(higher is better)" in printed
+    assert "- zero-init gates is not clearly different from ungated (one softmax) on held-out accuracy" in printed
+    assert "warning: with 2 seeds the table can look like a win the 5-seed study refutes" in printed
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -9,6 +9,7 @@ from adapterlab.adapter import adapted_layers
 from adapterlab.data import get_batch
 from adapterlab.losses import loss_sum
 from adapterlab.model import init_weights
+from adapterlab.train import TrainConfig
 from adapterlab.worlds.multimodal import (
     MultimodalConfig, answer, example_dataset, image_inputs, make_data, run_multimodal_demo,
 )
@@ -112,11 +113,15 @@ def test_answers_use_the_picture_only_where_there_is_one():
 
 
 # ---------------------------------------------------------------------------- the demo, tiny
+def tiny_train(steps: int) -> TrainConfig:
+    return TrainConfig(steps=steps, batch_size=8, lr=3e-2, checkpoint=False)
+
+
 def test_demo_writes_every_output(tmp_path):
     cfg = MultimodalConfig(train_scenes=120, test_scenes=4, dim=32, n_layers=2, n_heads=2, vocab_size=200,
                            pretrain_steps=3, pretrain_batch_size=4, pretrain_seq_len=64, encoder_steps=2,
-                           adapter_layers=2, steps=3, batch_size=8, image_questions=40, text_questions=10,
-                           caption_examples=10, max_new_tokens=6)
+                           adapter=AdapterConfig(prompt_len=10, layers=2), train=tiny_train(steps=3),
+                           image_questions=40, text_questions=10, caption_examples=10, max_new_tokens=6)
     metrics = run_multimodal_demo(tmp_path, cfg, progress=False, verbose=False, n_samples=4, cache=False)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("accuracy", "accuracy_by_context", "text_only_accuracy", "text_only_accuracy_by_context",
@@ -153,8 +158,8 @@ def test_scene_base_is_cached_and_reloaded_exactly(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------- the command line
 TINY = dict(train_scenes=120, test_scenes=4, dim=32, n_layers=2, n_heads=2, vocab_size=200, pretrain_steps=3,
-            pretrain_batch_size=4, pretrain_seq_len=64, encoder_steps=2, adapter_layers=2, steps=3, batch_size=8,
-            image_questions=40, text_questions=10, caption_examples=10, max_new_tokens=6)
+            pretrain_batch_size=4, pretrain_seq_len=64, encoder_steps=2, image_questions=40, text_questions=10,
+            caption_examples=10, max_new_tokens=6)
 
 
 def test_demo_multimodal_command(tmp_path, monkeypatch, capsys):
@@ -165,17 +170,38 @@ def test_demo_multimodal_command(tmp_path, monkeypatch, capsys):
     from adapterlab.cli import main
 
     monkeypatch.setenv("ADAPTERLAB_CACHE", str(tmp_path / "cache"))
-    tiny = dataclasses.make_dataclass("TinyConfig", [(k, type(v), dataclasses.field(default=v)) for k, v in TINY.items()],
+    nested = {"train": (TrainConfig, lambda: tiny_train(steps=3)),
+              "adapter": (AdapterConfig, lambda: AdapterConfig(prompt_len=10, layers=2))}
+    tiny = dataclasses.make_dataclass("TinyConfig", [(k, type(v), dataclasses.field(default=v)) for k, v in TINY.items()]
+                                      + [(k, t, dataclasses.field(default_factory=f)) for k, (t, f) in nested.items()],
                                       bases=(MultimodalConfig,))
     monkeypatch.setattr(mm, "MultimodalConfig", tiny)
     out = tmp_path / "mm"
-    assert main(["demo", "--multimodal", "--out", str(out), "--steps", "4", "--no-progress", "--samples", "2"]) == 0
+    assert main(["demo", "--multimodal", "--out", str(out), "--steps", "4", "--prompt-len", "3", "--no-progress",
+                 "--samples", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "config: steps=4" in printed and "Image-context accuracy" in printed
+    assert "config: train.steps=4, adapter.prompt_len=3" in printed and "Image-context accuracy" in printed
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["multimodal_config"]["steps"] == 4 and saved["multimodal_config"]["dim"] == 32
+    config = saved["multimodal_config"]
+    assert (config["train"]["steps"], config["train"]["batch_size"], config["adapter"]["prompt_len"],
+            config["adapter"]["layers"], config["dim"]) == (4, 8, 3, 2, 32)  # the flags on top of the tiny config
+    assert json.loads((out / "gates.jsonl").read_text().splitlines()[-1])["step"] == 4
     assert len(saved["samples"]) == 2 and (out / "samples.png").is_file()
 
     # options that mean nothing to the multi-modal demo are refused, not silently dropped
     assert main(["demo", "--multimodal", "--out", str(out), "--gate", "layer"]) == 2
     assert "does not use --gate" in capsys.readouterr().err
+
+
+def test_the_adapters_settings_leave_the_scene_base_name_alone():
+    """The base's folder name hashes the base's settings only: a changed adapter budget still finds the shipped base."""
+    from dataclasses import replace
+
+    from adapterlab.worlds.multimodal import scene_base_name
+
+    corpus = ["The red square is in the top left corner."]
+    default = MultimodalConfig()
+    tuned = replace(default, train=replace(default.train, steps=5, lr=1e-2), adapter=replace(default.adapter, layers=2))
+    assert scene_base_name(tuned, corpus) == scene_base_name(default, corpus) != scene_base_name(replace(default, dim=64), corpus)
+    assert (default.train.steps, default.train.batch_size, default.train.lr, default.train.warmup_steps) == (600, 32, 3e-2, None)
+    assert (default.adapter.prompt_len, default.adapter.layers, default.adapter.visual_dim) == (10, 4, None)

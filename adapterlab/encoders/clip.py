@@ -1,7 +1,7 @@
 """Zero-init gated prompts on the vision tower of a Hugging Face CLIP model, for users who have one.
 
-Layer 3 (beside encoders): imports adapter (Layer 2). transformers is optional: it is imported
-inside the functions that need it, with a clear error when it is missing.
+It imports only the core (adapter). transformers is optional: it is imported inside the functions
+that need it, with a clear error when it is missing.
 
 The mechanism is the one of adapter.py (Eq. 7, written once there), applied to the top L layers
 of ``CLIPVisionModel``'s encoder. Each adapted layer's self-attention is wrapped, not rewritten:
@@ -14,8 +14,9 @@ of ``CLIPVisionModel``'s encoder. Each adapted layer's self-attention is wrapped
 CLIP's attention is bidirectional and scales its scores by 1/sqrt(d) like ours, so the second
 term is exactly the adapter's :func:`~adapterlab.adapter.gated_prompt_attention`. The frozen
 attention runs untouched, and at g = 0 the added term is exactly 0: the adapted tower's output
-is bit-identical to the original's. ``AdapterConfig(gate="none")`` gives the ungated deep prompts
-(one softmax over [P; tokens], VPT-deep) for comparison.
+is bit-identical to the original's. The ungated deep prompts (one softmax over [P; tokens],
+VPT-deep), for comparison, are a study variant: ``adapterlab.studies.variants.add_ungated_prompts(vision,
+config)`` swaps in its prompts and this wrapper hands them the token keys and attention.
 
     vision = load_clip_vision("path/to/clip")            # a local folder; never downloads
     add_clip_prompts(vision, AdapterConfig(prompt_len=10, layers=8))
@@ -125,10 +126,11 @@ class GatedCLIPAttention(nn.Module):
         return out + F.linear(term.transpose(1, 2).reshape(B, T, -1), self.attention.out_proj.weight), weights
 
     def ungated_term(self, q, hidden_states, attention_mask):
-        """gate="none": the share the prompts take in one softmax with the tokens (needs the tokens'
-        keys and attention, recomputed here; the vision tower attends to every token)."""
+        """Ungated prompts (adapterlab.studies.variants): the share the prompts take in one softmax with
+        the tokens (needs the tokens' keys and attention, recomputed here; the vision tower attends to every token)."""
         if attention_mask is not None:
-            raise ValueError("ungated CLIP prompts (gate='none') support the vision tower only (no attention mask)")
+            raise ValueError("ungated CLIP prompts (adapterlab.studies.variants.add_ungated_prompts) support the "
+                             "vision tower only (no attention mask)")
         k = self.split_heads(self.attention.k_proj(hidden_states), self.n_heads)  # (B, H, T, d)
         v = self.split_heads(self.attention.v_proj(hidden_states), self.n_heads)
         token_out = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, d), before out_proj

@@ -252,15 +252,28 @@ def _attach_or_fill(model: Llama, config: AdapterConfig, tensors: dict[str, torc
     def shape_of(c: AdapterConfig) -> tuple:
         return (c.prompt_len, c.layers, c.gate, c.gate_activation, c.visual_dim, c.visual_hidden)
 
+    # Ungated prompts (a study variant, adapterlab.studies.variants.add_ungated_prompts) have no gate: only
+    # adapterlab's own files saved from such a model lack the gates, and only such a model takes them.
+    file_gated = any(name.endswith(".adapter.gate") for name in tensors)
+    file_ungated = not file_gated and any(name.endswith(".adapter.prompt") for name in tensors)
+    model_ungated = [i for i in adapted_layers(model) if model.layers[i].attention.adapter.gate is None]
+    if model_ungated and file_gated:
+        raise ValueError(
+            f"{source}: the model carries ungated prompts in layer(s) {model_ungated} (the study variant "
+            f"adapterlab.studies.variants.add_ungated_prompts: prompts in the tokens' softmax, no gate) and the "
+            f"file holds a gated adapter (gate={config.gate!r}): there is no gate to load it into. Call "
+            f"adapterlab.remove_adapter(model) first, or load into a fresh model."
+        )
+    if file_ungated and not model_ungated:
+        raise ValueError(
+            f"{source}: the file holds ungated prompts (no gates: saved from a model with "
+            f"adapterlab.studies.variants.add_ungated_prompts) and the model "
+            f"{'carries a gated adapter (call adapterlab.remove_adapter(model) first)' if adapted_layers(model) else 'has no adapter'}. "
+            f"Attach the variant, add_ungated_prompts(model, AdapterConfig(prompt_len={config.prompt_len}, "
+            f"layers={config.layers})), then load the file."
+        )
     if adapted_layers(model):
         current = getattr(model, "adapter_config", None)
-        if current is not None and (current.gate == "none") != (config.gate == "none"):
-            raise ValueError(
-                f"{source}: the model carries an ungated adapter (AdapterConfig(gate='none'): prompts in the tokens' "
-                f"softmax) and the file holds a gated one (gate={config.gate!r}), or the other way round. Official "
-                f"LLaMA-Adapter and PEFT adaption-prompt files are always gated; an ungated adapter is stored only "
-                f"in adapterlab's own format (save_adapter). Call adapterlab.remove_adapter(model) first."
-            )
         if current is None or shape_of(current) != shape_of(config):
             fields = "(prompt_len, layers, gate, gate_activation, visual_dim, visual_hidden)"
             raise ValueError(

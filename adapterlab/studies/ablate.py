@@ -1,6 +1,6 @@
 """The zero-init ablation, measured: zero-init gates vs random-init gates vs ungated prompts, over seeds.
 
-Layer: recipes (above tinyworld and train, below cli). ``adapterlab ablate`` calls :func:`run_ablation`.
+``adapterlab ablate`` calls :func:`run_ablation` and prints :func:`report`.
 
 Three variants of the same adapter (K prompts in the top L layers of the tiny-world base):
 
@@ -17,12 +17,19 @@ prompts and the random gates, and orders the data), the same data and budget. A 
     knowledge_after     the loss on its pretraining text (pretrain_loss_after: lower = more kept) and
                         the accuracy of completing every person's facts in the pretraining phrasing
                         ("Mara lives in" -> Oslo; facts_kept)
-    gate_log          how much the prompts take part: mean |gate| and the prompts' share of the
-                        attention (gated: |g|/(1+|g|); ungated: the softmax mass on the prompts)
+    gate_log          at steps 0, 1, 2, 3, 5, every 10th and the last: the gates per gated layer and
+                        head (``layers``, ``gates`` (L, H), as :mod:`adapterlab.gates` records them:
+                        ``GateLog.from_records(run["gate_log"])`` reads a gated run's; runs committed
+                        before these fields have the means only), their mean |gate| (gate_abs), and the
+                        prompts' attention share (attention_share; per adapted layer and head in
+                        attention_share_by_head): gated |g|/(1+|g|), ungated the softmax mass on the
+                        prompts - a weight in the attention, not adapterlab.gates' ``prompt_share``
+                        (a share of the head's output)
 
 The study runs on :mod:`adapterlab.studies.harness`: ``DIR/runs.jsonl`` gets one line per finished
 run (a run killed midway is redone on the next call; finished runs are skipped), ``DIR/summary.json``
-holds mean, std and a 95% interval over seeds per variant, and ``DIR/ablation.png`` the four plots.
+holds mean, std and a 95% interval over seeds per variant with the paired verdicts
+(:func:`comparisons`), and ``DIR/ablation.png`` the four plots; :func:`report` prints it all in words.
 """
 from __future__ import annotations
 
@@ -37,13 +44,14 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..adapter import AdapterConfig, adapted_layers, add_adapter
+from ..adapter import AdapterConfig, adapted_layers, add_adapter, gate_values
 from ..data import collate, instruction_dataset, text_windows
+from ..gates import gated_layers
 from ..io.files import atomic_write_text, cpu_threads, default_threads
 from ..losses import loss_sum
 from ..train import TrainConfig, train
 from . import harness
-from .harness import VERBS, method_name, read_runs, stats
+from .harness import MIN_SEEDS, VERBS, method_name, read_runs, stats
 from .variants import add_ungated_prompts
 
 VARIANTS = {
@@ -55,7 +63,7 @@ LABELS = {"zero_init": "zero-init gates", "random_init": "random-init gates", "u
 COLORS = {"zero_init": "tab:blue", "random_init": "tab:red", "ungated": "tab:green"}
 RUNS_NAME, SUMMARY_NAME, PLOT_NAME = harness.RUNS_NAME, "summary.json", "ablation.png"
 METRICS = ("heldout_accuracy", "early_loss", "pretrain_loss_after", "facts_kept", "first_loss", "final_loss",
-           "heldout_loss", "knowledge_at_init", "prompt_share")
+           "heldout_loss", "knowledge_at_init", "attention_share")
 
 
 # --------------------------------------------------------------------------- config
@@ -244,20 +252,30 @@ def evaluate(model, bench: Bench) -> dict:
 
 
 @torch.no_grad()
-def prompt_share(model, tokens: torch.Tensor) -> float:
-    """The prompts' share of the attention, averaged over adapted layers, heads and positions.
+def attention_share(model, tokens: torch.Tensor) -> float:
+    """The prompts' share of the attention weight, averaged over adapted layers, heads and positions.
 
     Gated layers: out = attention over tokens + g * attention over prompts, so the prompts' weight
     is |g| against the tokens' 1: share |g| / (1 + |g|). Ungated layers: the softmax mass on the
     prompts, w = sigmoid(lse(S^K) - lse(S^{M+1})) of :func:`adapterlab.studies.variants.joint_prompt_attention`.
+    (Not :mod:`adapterlab.gates`' ``prompt_share``: that one is the prompts' share of the head's output.)
     """
-    shares, hooks = [], []
+    return attention_shares(model, tokens)[0]
+
+
+@torch.no_grad()
+def attention_shares(model, tokens: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """(:func:`attention_share`, the same per adapted layer and head (L, H)): one forward pass on ``tokens``."""
+    shares, by_head, hooks = [], [], []
+    H = model.config.n_heads
 
     def capture(module, args, kwargs, output):
         q, attn = args[0], args[1]
         if module.gate is not None:
             g = module.gate_value().abs().float()
             shares.append((g / (1 + g)).mean().item())
+            g = g.reshape(-1)
+            by_head.append((g / (1 + g)).expand(H) if g.numel() == 1 else g / (1 + g))  # (H,)
             return
         keys = kwargs["keys"]
         pk, _ = module.prompt_kv(attn)
@@ -267,7 +285,9 @@ def prompt_share(model, tokens: torch.Tensor) -> float:
         s_p = (q @ pk.transpose(-2, -1)).float() / math.sqrt(d)
         s_t = (q @ keys.transpose(-2, -1)).float() / math.sqrt(d)
         s_t = s_t.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=q.device).tril(), float("-inf"))
-        shares.append(torch.sigmoid(s_p.logsumexp(-1) - s_t.logsumexp(-1)).mean().item())
+        w = torch.sigmoid(s_p.logsumexp(-1) - s_t.logsumexp(-1))  # (B, H, T)
+        shares.append(w.mean().item())
+        by_head.append(w.mean(dim=(0, 2)))  # (H,)
 
     for i in adapted_layers(model):
         hooks.append(model.layers[i].attention.adapter.register_forward_hook(capture, with_kwargs=True))
@@ -279,19 +299,24 @@ def prompt_share(model, tokens: torch.Tensor) -> float:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return sum(shares) / len(shares)
+    return sum(shares) / len(shares), torch.stack(by_head)
 
 
 def gate_record(model, step: int, bench: Bench) -> dict:
-    """Gate and prompt sizes at one step (means over the adapted layers)."""
+    """The gates and prompts at one step: the gates per layer and head (``layers``: the gated layers,
+    ``gates``: (L, H) effective gates, as :mod:`adapterlab.gates` records them; none for ungated
+    prompts), their mean |gate| over the layers, the prompts' RMS and their attention share (also per
+    adapted layer and head)."""
     gates, norms = [], []
     for i in adapted_layers(model):
         ap = model.layers[i].attention.adapter
         norms.append(ap.prompt.detach().float().pow(2).mean().sqrt().item())  # RMS of the prompt values
         if ap.gate is not None:
             gates.append(ap.gate_value().detach().abs().float().mean().item())
-    return {"step": step, "gate_abs": sum(gates) / len(gates) if gates else None,
-            "prompt_rms": sum(norms) / len(norms), "prompt_share": prompt_share(model, bench.probe_tokens)}
+    share, share_by_head = attention_shares(model, bench.probe_tokens)
+    return {"step": step, "layers": gated_layers(model), "gates": gate_values(model).tolist(),  # (L gated, H)
+            "gate_abs": sum(gates) / len(gates) if gates else None, "prompt_rms": sum(norms) / len(norms),
+            "attention_share": share, "attention_share_by_head": share_by_head.tolist()}  # (L adapted, H)
 
 
 # --------------------------------------------------------------------------- one run
@@ -333,7 +358,7 @@ def run_one(bench: Bench, config: AblationConfig, variant: str, seed: int) -> di
         "early_loss": sum(losses[: config.early_steps]) / config.early_steps,
         "first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:]),
         "pretrain_loss_after": after["corpus_loss"], "facts_kept": after["fact_accuracy"],
-        "knowledge_at_init": before["corpus_loss"], "prompt_share": gate_log[-1]["prompt_share"],
+        "knowledge_at_init": before["corpus_loss"], "attention_share": gate_log[-1]["attention_share"],
         "knowledge_before": before, "knowledge_after": after,
         "losses": losses, "eval_history": evals, "gate_log": gate_log,
         "steps_per_epoch": metrics["steps_per_epoch"], "trainable_params": metrics["trainable_params"],
@@ -376,7 +401,7 @@ def run_ablation(out_dir: str | os.PathLike, config: Optional[AblationConfig] = 
 
 def read_study(folder: str | os.PathLike) -> tuple[list[dict], dict]:
     """(runs, summary) of a study folder, with today's names (committed studies were written with
-    "zero", "random", "none" and "knowledge_kept")."""
+    "zero", "random", "none", "knowledge_kept" and "prompt_share")."""
     folder = Path(folder)
     summary = json.loads((folder / SUMMARY_NAME).read_text())
     summary["variants"] = harness.upgrade_keys(summary["variants"])
@@ -395,7 +420,7 @@ def summarize(runs: Sequence[dict], config: AblationConfig, command: Optional[st
             continue
         variants[v] = {"seeds": len(rows), **{m: stats([r[m] for r in rows]) for m in METRICS}}
     base = next((r["knowledge_before"] for r in runs if r["variant"] == "zero_init"), None)
-    return {"variants": variants, "base_knowledge": base, "settings": config.run_settings(),
+    return {"variants": variants, "base_knowledge": base, "comparisons": comparisons(runs), "settings": config.run_settings(),
             "command": command or f"adapterlab.studies.ablate.run_ablation(config={config!r})",
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": harness.machine(threads),
             "run_seconds": sum(r["seconds"] for r in runs)}
@@ -424,6 +449,18 @@ def compare(runs: Sequence[dict], metric: str, a: str = "zero_init", b: str = "r
             "b_mean": stats(by_seed[b].values())["mean"], **result}
 
 
+VERDICT_METRICS = ("early_loss", "heldout_accuracy", "pretrain_loss_after", "facts_kept")
+
+
+def comparisons(runs: Sequence[dict], metrics: Sequence[str] = VERDICT_METRICS) -> list[dict]:
+    """The study's paired verdicts: its first variant (zero_init when run) against each other one,
+    on each metric (:func:`compare`); [] when fewer than 2 seeds were run for both."""
+    present = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
+    seeds = {v: {r["seed"] for r in runs if r["variant"] == v} for v in present}
+    return [compare(runs, m, present[0], other) for other in present[1:]
+            if len(seeds[present[0]] & seeds[other]) >= 2 for m in metrics]
+
+
 def sentence(c: dict, digits: int = 3) -> str:
     """A comparison from :func:`compare` in words, with its numbers."""
     lo, hi = c["difference"]["ci95"]
@@ -437,6 +474,16 @@ def sentence(c: dict, digits: int = 3) -> str:
 TABLE_COLUMNS = (("heldout_accuracy", "held-out acc", 2), ("early_loss", "early loss", 3),
                  ("pretrain_loss_after", "corpus loss after", 3), ("facts_kept", "facts kept", 2),
                  ("knowledge_at_init", "corpus loss at init", 3))
+# What each column measures, and which way is better ({early} is the study's early_steps).
+COLUMN_MEANINGS = {
+    "heldout_accuracy": "share of held-out questions answered right after training (higher is better)",
+    "early_loss": "mean training loss of the first {early} steps (lower is better: learns faster)",
+    "pretrain_loss_after": "loss on the base's pretraining text after training (lower is better: more of the base kept)",
+    "facts_kept": "share of every person's facts completed in the pretraining's words after training "
+                  "(higher is better: more kept)",
+    "knowledge_at_init": "loss on the pretraining text at step 0, adapter attached (lower is better: the frozen "
+                         "base's is the floor, and zero-init sits on it)",
+}
 
 
 def format_table(summary: dict) -> str:
@@ -454,10 +501,42 @@ def format_table(summary: dict) -> str:
     return table
 
 
+def seeds_warning(summary: dict) -> Optional[str]:
+    """A warning when a variant has fewer than ``harness.MIN_SEEDS`` seeds (None otherwise)."""
+    seeds = min((row["seeds"] for row in summary["variants"].values()), default=0)
+    if seeds >= MIN_SEEDS:
+        return None
+    return (f"warning: with {seeds} seed{'s' if seeds != 1 else ''} the table can look like a win the {MIN_SEEDS}-seed "
+            f"study refutes (docs/results/ablations/README.md: with 3 seeds, lr 0.2 gave zero-init a clear lead on "
+            f"held-out accuracy that 5 seeds took back); rerun with --seeds {MIN_SEEDS} before drawing a conclusion")
+
+
+def report(summary: dict) -> str:
+    """The study in words, as ``adapterlab ablate`` prints it: the table (:func:`format_table`), what
+    each column means and which way is better, the paired verdicts (:func:`sentence`) and a warning
+    below ``harness.MIN_SEEDS`` seeds."""
+    early = (summary.get("settings") or {}).get("early_steps", "early")
+    lines = [format_table(summary), "", "columns (mean +- std over seeds):"]
+    lines += [f"  {title:20s} {COLUMN_MEANINGS[m].format(early=early)}" for m, title, _ in TABLE_COLUMNS]
+    found = summary.get("comparisons") or []
+    lines.append("")
+    if found:
+        lines.append("paired by seed (same seed: same data order and prompt draws); \"beats\" or \"loses to\" only "
+                     "where the 95% interval of the paired difference excludes 0:")
+        lines += [f"- {sentence(c)}" for c in found]
+    else:
+        lines.append("no paired comparison in this summary: it needs two variants run with at least 2 common seeds")
+    warning = seeds_warning(summary)
+    if warning:
+        lines += ["", warning]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- plots
 def plot_study(runs: Sequence[dict], path: Optional[str | os.PathLike] = None, title: str = ""):
     """Four panels: loss curves with bands (Fig. 5), held-out accuracy with error bars (Table 5),
-    knowledge kept, and the prompts' share of the attention during training. Returns the figure."""
+    knowledge kept, and how far the prompts are let in during training: their attention share
+    (solid, every variant) and the gated variants' mean |gate| (dashed). Returns the figure."""
     import matplotlib
 
     if path is not None and matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
@@ -474,11 +553,14 @@ def plot_study(runs: Sequence[dict], path: Optional[str | os.PathLike] = None, t
         m, s = losses.mean(0), losses.std(0)
         axes[0].plot(steps, m, color=COLORS[v], label=f"{LABELS[v]} (n={len(rows)})")
         axes[0].fill_between(steps, m - s, m + s, color=COLORS[v], alpha=0.2)
-        shares = np.array([[g["prompt_share"] for g in r["gate_log"]] for r in rows])
+        shares = np.array([[g["attention_share"] for g in r["gate_log"]] for r in rows])  # (seeds, records)
         gsteps = [g["step"] for g in rows[0]["gate_log"]]
-        axes[3].plot(gsteps, shares.mean(0), color=COLORS[v], label=LABELS[v])
+        axes[3].plot(gsteps, shares.mean(0), color=COLORS[v])
         axes[3].fill_between(gsteps, shares.mean(0) - shares.std(0), shares.mean(0) + shares.std(0),
                              color=COLORS[v], alpha=0.2)
+        if rows[0]["gate_log"][0]["gate_abs"] is not None:  # gated: the gates themselves
+            gate_abs = np.array([[g["gate_abs"] for g in r["gate_log"]] for r in rows])
+            axes[3].plot(gsteps, gate_abs.mean(0), color=COLORS[v], ls="--")
     x = np.arange(len(variants))
     for ax, metric, ylabel in ((axes[1], "heldout_accuracy", "held-out accuracy"),
                                (axes[2], "pretrain_loss_after", "loss on pretraining text")):
@@ -499,7 +581,11 @@ def plot_study(runs: Sequence[dict], path: Optional[str | os.PathLike] = None, t
     axes[0].set(xlabel="step", ylabel="training loss (mean +- std)", title="loss curves (Fig. 5)")
     axes[1].set(ylim=(0, 1), title="held-out accuracy (Table 5)")
     axes[2].set(title="knowledge kept (lower: more kept)")
-    axes[3].set(xlabel="step", ylabel="prompts' share of attention", title="gate opening")
+    axes[3].set(xlabel="step", ylabel="gated: |g|/(1+|g|); ungated: softmax mass",
+                title="prompts' attention share and mean |gate|")
+    axes[3].yaxis.label.set_fontsize(8)
+    styles = [plt.Line2D([], [], color="k"), plt.Line2D([], [], color="k", ls="--")]  # colours: the first panel's
+    axes[3].legend(styles, ["prompts' attention share (mean +- std)", "mean |gate| (gated variants)"], fontsize=7)
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
@@ -548,6 +634,6 @@ def plot_regimes(studies: dict[str, Sequence[dict]], path: Optional[str | os.Pat
 
 
 __all__ = ["AblationConfig", "VARIANTS", "Bench", "tiny_world_bench", "make_bench", "knowledge", "evaluate",
-           "prompt_share", "run_one", "run_ablation", "read_runs", "read_study", "summarize", "stats", "compare",
-           "sentence", "format_table",
+           "attention_share", "attention_shares", "gate_record", "run_one", "run_ablation", "read_runs", "read_study",
+           "summarize", "stats", "compare", "comparisons", "sentence", "format_table", "report", "seeds_warning",
            "plot_study", "plot_regimes", "fact_completion_accuracy"]

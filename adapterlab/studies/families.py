@@ -51,10 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter import AdapterConfig, add_adapter, count_trainable, trainable_parameters
+from ..adapter import AdapterConfig, add_adapter, count_trainable
 from ..io.files import atomic_write_text, cpu_threads, default_threads
 from ..gates import GateRecorder, gated_layers, save_plot
-from ..train import Schedule, TrainConfig, lr_at, make_optimizer
+from ..train import TrainConfig, train
 from .variants import add_ungated_prompts
 from . import harness
 from .harness import method_name, read_runs
@@ -268,40 +268,22 @@ def data_order(n: int, batch_size: int, steps: int, seed: int) -> list[torch.Ten
 
 
 def fit(model: nn.Module, task, examples: tuple, *, steps: int, batch_size: int, lr: float, warmup_steps: int,
-        weight_decay: float, seed: int, run_dir: Optional[Path] = None, plot: bool = True) -> list[float]:
-    """Train what requires grad for ``steps`` steps; returns the loss of every step.
+        weight_decay: float, seed: int, run_dir: Optional[Path] = None, plot: bool = True,
+        callbacks: Sequence = ()) -> list[float]:
+    """Train what requires grad for ``steps`` steps in the one training loop (:func:`adapterlab.train.train`)
+    on the batches of :func:`data_order`; returns the loss of every step.
 
-    AdamW (weight decay on matrices only) with linear warm-up and a cosine decay
-    (:func:`adapterlab.train.lr_at`), gradients clipped to norm 1. A model with gates and a
-    ``run_dir`` records them there (gates.jsonl, and gates.png if ``plot``)."""
-    named = trainable_parameters(model)
-    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-                         weight_decay=weight_decay, progress=False)
-    optimizer = make_optimizer(named, config)
-    n = len(examples[0])
-    schedule = Schedule(total_steps=steps, steps_per_epoch=n // batch_size, warmup_steps=min(warmup_steps, steps))
-    recorder = GateRecorder(run_dir, every=max(1, steps // 40), plot=plot) if run_dir and gated_layers(model) else None
-    if recorder:
-        recorder.on_start({"model": model, "start_step": 0, "total_steps": steps, "resumed": False, "lr": 0.0})
-    model.train()
-    losses = []
-    for step, idx in enumerate(data_order(n, batch_size, steps, seed)):
-        lr_now = lr_at(step, schedule, lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_now
-        loss = task.loss(model, tuple(t[idx] for t in examples))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        if recorder:
-            recorder.on_step(step + 1, {"model": model, "loss": losses[-1], "lr": lr_now, "total_steps": steps,
-                                        "epoch": (step + 1) / schedule.steps_per_epoch})
-    if recorder:
-        recorder.on_end({})
+    AdamW (weight decay on matrices only) with linear warm-up and a cosine decay, gradients clipped
+    to norm 1. A model with gates and a ``run_dir`` records them there (gates.jsonl, and gates.png
+    if ``plot``); ``callbacks`` are the loop's (e.g. :class:`adapterlab.worlds.tinyworld.FirstLosses`)."""
+    order = data_order(len(examples[0]), batch_size, steps, seed)
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
+                         clip=1.0, seed=seed, checkpoint=False, log_every=1, progress=False)
+    recorder = [GateRecorder(run_dir, every=max(1, steps // 40), plot=plot)] if run_dir and gated_layers(model) else []
+    metrics = train(model, examples[0], config, callbacks=[*recorder, *callbacks],
+                    batch_fn=lambda step: tuple(t[order[step]] for t in examples), loss_fn=task.loss)
     model.eval()
-    return losses
+    return [loss for _, loss in metrics["loss_history"]]
 
 
 @dataclass(frozen=True)

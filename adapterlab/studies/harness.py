@@ -8,8 +8,9 @@ next call redoes only that. A folder whose runs were made with other settings is
 (Student's t); two methods are compared seed by seed (same seed: same data order and draws), and
 one "beats" the other only where the 95% interval of the paired difference excludes zero.
 
-Every method has one name (:data:`METHOD_NAMES`); runs written under an older name are read
-under the new one (:data:`OLD_NAMES`), so committed studies keep loading.
+Every method has one name (:data:`METHOD_NAMES`) and every metric one name; runs written under an
+older name are read under the new one (:data:`OLD_NAMES`, :data:`OLD_FIELDS`), so committed studies
+keep loading.
 """
 from __future__ import annotations
 
@@ -31,7 +32,10 @@ RUNS_NAME = "runs.jsonl"
 METHOD_NAMES = ("zero_init", "random_init", "ungated", "lora", "full", "bitfit", "linear", "input_prompts")
 OLD_NAMES = {"zero": "zero_init", "adapter": "zero_init", "random": "random_init", "none": "ungated",
              "ungated_prompts": "ungated"}  # older spellings (runs, summaries, the CLI) -> the one name
-OLD_FIELDS = {"knowledge_kept": "pretrain_loss_after"}  # older metric names -> today's
+# Older metric names -> today's. An ablation's "prompt_share" was |g| / (1 + |g|) (ungated: the softmax
+# mass on the prompts), not adapterlab.gates' "prompt_share" (a share of the head's output): now "attention_share".
+OLD_FIELDS = {"knowledge_kept": "pretrain_loss_after", "prompt_share": "attention_share"}
+NESTED = ("gate_log",)  # lists of records inside a run whose fields are renamed the same way
 
 
 def method_name(name: str) -> str:
@@ -40,11 +44,16 @@ def method_name(name: str) -> str:
 
 
 def upgrade(record: dict) -> dict:
-    """A run or summary row written by older code, with today's method and metric names."""
+    """A run or summary row written by older code, with today's method and metric names (also in
+    the records of its :data:`NESTED` lists)."""
     out = {OLD_FIELDS.get(k, k): v for k, v in record.items()}
     for key in ("variant", "method"):
         if isinstance(out.get(key), str):
             out[key] = method_name(out[key])
+    for key in NESTED:
+        if isinstance(out.get(key), list):
+            out[key] = [{OLD_FIELDS.get(k, k): v for k, v in r.items()} if isinstance(r, dict) else r
+                        for r in out[key]]
     return out
 
 
@@ -174,6 +183,7 @@ def paired(a: dict, b: dict, lower_is_better: bool) -> dict:
 
 
 VERBS = {"better": "beats", "worse": "loses to", "no clear difference": "is not clearly different from"}
+MIN_SEEDS = 5  # below this a study's table can show a "win" that more seeds refute (docs/results/ablations)
 
 
 # --------------------------------------------------------------------------- tables
@@ -191,6 +201,6 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], widths: S
     return "\n".join(line(r) for r in [header, *rows])
 
 
-__all__ = ["RUNS_NAME", "METHOD_NAMES", "OLD_NAMES", "OLD_FIELDS", "method_name", "upgrade", "upgrade_keys",
+__all__ = ["RUNS_NAME", "METHOD_NAMES", "OLD_NAMES", "OLD_FIELDS", "NESTED", "method_name", "upgrade", "upgrade_keys",
            "read_runs", "study_folder", "check_settings", "write_runs", "study_bar", "run_missing", "cpu_name", "machine", "stats",
-           "paired", "VERBS", "mean_pm_std", "format_table"]
+           "paired", "VERBS", "MIN_SEEDS", "mean_pm_std", "format_table"]

@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -35,10 +35,10 @@ import numpy as np
 import torch
 
 from ..adapter import AdapterConfig, add_adapter, count_trainable
-from ..io.checkpoints import load_llama, save_llama
+from ..io.weights import read_llama, save_llama
 from ..data import IGNORE_INDEX, TokenDataset, text_windows
 from ..io.files import BUILD_THREADS, base_folder, build_machine, cache_root, cpu_threads, shipped_base
-from ..gates import pyplot
+from ..gates import GateRecorder, pyplot
 from ..generate import generate_tokens
 from ..model import Llama, LlamaConfig, init_weights
 from .scenes import Scene, make_scenes
@@ -52,9 +52,26 @@ from .vision import encode_images, pretrain_scene_encoder
 
 
 # --------------------------------------------------------------------------- the data of a run
+def demo_train() -> TrainConfig:
+    """The adapters' training budget in the demo (the multi-modal and the text-only adapter get the same).
+    warmup_steps None: a tenth of the steps (at least 1)."""
+    return TrainConfig(steps=600, batch_size=32, lr=3e-2, weight_decay=0.02, checkpoint=False, log_every=10)
+
+
+def demo_adapter() -> AdapterConfig:
+    """K prompts in the top L layers of the scene base (the multi-modal run adds the encoder's visual_dim)."""
+    return AdapterConfig(prompt_len=10, layers=4)
+
+
 @dataclass
 class MultimodalConfig:
-    """Everything that decides a multi-modal run (defaults: the demo, about 3 minutes on 2 CPU cores)."""
+    """Everything that decides a multi-modal run (defaults: the demo, about 3 minutes on 2 CPU cores).
+
+    train: the adapters' budget (steps, batch_size, lr, ...; warmup_steps None: a tenth of the steps);
+        the run sets its seed (``seed``), output folder, progress bar and checkpointing (none).
+    adapter: prompt_len and layers of both adapters; visual_dim is the run's (the encoder's width for
+        the multi-modal adapter, None for the text-only one).
+    """
 
     seed: int = 0
     train_scenes: int = 3000  # pictures for the encoder, the pretraining text and the adapter
@@ -71,15 +88,22 @@ class MultimodalConfig:
     # the visual encoder, pretrained on the scenes' attributes, then frozen
     encoder_steps: int = 400
     # the adapter (the multi-modal one and the text-only one get the same budget)
-    prompt_len: int = 10
-    adapter_layers: int = 4
-    steps: int = 600
-    batch_size: int = 32
-    lr: float = 3e-2
+    train: TrainConfig = field(default_factory=demo_train)
+    adapter: AdapterConfig = field(default_factory=demo_adapter)
     image_questions: int = 3000
     text_questions: int = 1000
     caption_examples: int = 1500
     max_new_tokens: int = 24
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, dict):  # as to_dict() wrote it (metrics.json, scenes.json)
+            self.train = TrainConfig(**self.train)
+        if isinstance(self.adapter, dict):
+            self.adapter = AdapterConfig(**self.adapter)
+        if not isinstance(self.train, TrainConfig) or self.train.steps is None:
+            raise ValueError(f"MultimodalConfig.train must be a TrainConfig with steps set; got {self.train!r}")
+        if not isinstance(self.adapter, AdapterConfig):
+            raise ValueError(f"MultimodalConfig.adapter must be an AdapterConfig; got {self.adapter!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -157,7 +181,7 @@ def pretrain_scene_base(corpus: Sequence[str], config: MultimodalConfig, progres
     model = init_weights(Llama(llama_config), seed=config.seed)
     tc = TrainConfig(steps=config.pretrain_steps, batch_size=config.pretrain_batch_size, lr=config.pretrain_lr,
                      warmup_steps=max(1, config.pretrain_steps // 15), weight_decay=0.02, clip=1.0,
-                     seed=config.seed, checkpoint=False, record_gates=False, progress=progress,
+                     seed=config.seed, checkpoint=False, progress=progress,
                      desc="pretrain the base on scene text", log_every=25)
     first: list[float] = []
 
@@ -210,7 +234,7 @@ def build_scene_base(corpus: Sequence[str], config: MultimodalConfig, progress: 
     the same bytes on every machine of a CPU kind.
 
     The folder: params.json, consolidated.00.safetensors, tokenizer.model (a Meta-style folder,
-    :func:`adapterlab.io.checkpoints.save_llama`) and scenes.json (how it was made)."""
+    :func:`adapterlab.io.weights.save_llama`) and scenes.json (how it was made)."""
     name = scene_base_name(config, corpus)
 
     def build(folder: Path) -> None:
@@ -231,7 +255,7 @@ def load_scene_base(corpus: Sequence[str], config: MultimodalConfig, progress: b
     published to the cache; concurrent callers wait for one build). Returns (model, tokenizer,
     info) with info["cached"] False when it was pretrained now, and info["shipped"].
 
-    The folder is a one-shard Meta folder (:func:`adapterlab.io.checkpoints.save_llama`) plus
+    The folder is a one-shard Meta folder (:func:`adapterlab.io.weights.save_llama`) plus
     ``scenes.json``, so ``load_llama(folder)`` reads it like any other LLaMA."""
     shipped = shipped_base(scene_base_name(config, corpus))
     if not cache and shipped is None:
@@ -241,7 +265,7 @@ def load_scene_base(corpus: Sequence[str], config: MultimodalConfig, progress: b
                                   "steps": metrics["steps"]}
     already = shipped is not None or (scene_base_dir(config, corpus) / "params.json").is_file()
     folder = build_scene_base(corpus, config, progress)
-    model = load_llama(folder, device="cpu").requires_grad_(False)
+    model = read_llama(folder, device="cpu").requires_grad_(False)
     info = json.loads((folder / BASE_INFO).read_text())
     return model, model.tokenizer, {"cached": already, "shipped": shipped is not None,
                                     "final_loss": info["final_loss"], "steps": info["steps"], "folder": str(folder)}
@@ -287,11 +311,12 @@ def train_adapter(model: Llama, tokenizer, examples: Sequence[Example], features
     features: the frozen encoder features of the pictures the examples show (multi-modal
     adapter), or None (text-only adapter: the examples' pictures are left out)."""
     data = example_dataset(tokenizer, examples, model.config.max_seq_len, features)
-    tc = TrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr,
-                     warmup_steps=max(1, config.steps // 10), weight_decay=0.02, seed=config.seed,
-                     out_dir=str(out_dir) if out_dir is not None else None, checkpoint=False,
-                     progress=progress, desc=desc, log_every=10)
-    return train(model, data, tc)
+    t = config.train
+    tc = replace(t, warmup_steps=max(1, t.steps // 10) if t.warmup_steps is None else t.warmup_steps,
+                 seed=config.seed, out_dir=str(out_dir) if out_dir is not None else None, checkpoint=False,
+                 progress=progress, desc=desc)
+    recorder = [GateRecorder(out_dir, every=tc.log_every)] if out_dir is not None else []  # gates.jsonl, gates.png
+    return train(model, data, tc, callbacks=recorder)
 
 
 # --------------------------------------------------------------------------- answering
@@ -404,8 +429,8 @@ def run_multimodal_demo(out_dir: str | Path = "runs/multimodal", config: Optiona
         say(f"== 4{'a' if multimodal else 'b'}. {'Multi-modal' if multimodal else 'Text-only'} adapter"
             + (" (image token added to the prompts)" if multimodal else " (same data and budget, no picture)"))
         model = copy.deepcopy(base)
-        add_adapter(model, AdapterConfig(prompt_len=config.prompt_len, layers=config.adapter_layers,
-                                         visual_dim=encoder.visual_dim if multimodal else None), seed=config.seed)
+        add_adapter(model, replace(config.adapter, visual_dim=encoder.visual_dim if multimodal else None),
+                    seed=config.seed)
         feats_train, feats_test = (train_feats, test_feats) if multimodal else (None, None)
         t = time.perf_counter()
         m = train_adapter(model, tokenizer, data.train, feats_train, config, out if multimodal else out / "text_only",

@@ -100,7 +100,7 @@ with torch.no_grad():
     reference = base(tokens)
     for variant in ablate.VARIANTS:
         model = ablate.attach(load_llama("tinyworld"), AblationConfig(), variant, seed=0)
-        share = ablate.prompt_share(model, tokens)
+        share = ablate.attention_share(model, tokens)
         print(f"{ablate.LABELS[variant]:22s} identical to the frozen base at step 0: "
               f"{str(torch.equal(model(tokens), reference)):5s}  prompts' share of attention > 0: {share > 0}")
 
@@ -149,12 +149,12 @@ def mean_over(runs, variant, f):
 
 print(f"frozen base: loss on its pretraining text {main_summary['base_knowledge']['corpus_loss']:.3f} "
       f"(the study's probe: the first {main_summary['settings']['probe_docs']} documents in 64-token windows)")
-print(f"{'variant':22s} {'first-step loss':>16s} {'pretraining loss, step 0':>25s} {'prompt share, step 0':>21s} "
-      f"{'prompt share, end':>18s}")
+print(f"{'variant':22s} {'first-step loss':>16s} {'pretraining loss, step 0':>25s} {'attention share, step 0':>24s} "
+      f"{'attention share, end':>21s}")
 for v in ablate.VARIANTS:
     cells = [mean_over(main_runs, v, f) for f in (lambda r: r["first_loss"], lambda r: r["knowledge_at_init"],
-                                                   lambda r: r["gate_log"][0]["prompt_share"],
-                                                   lambda r: r["gate_log"][-1]["prompt_share"])]
+                                                   lambda r: r["gate_log"][0]["attention_share"],
+                                                   lambda r: r["gate_log"][-1]["attention_share"])]
     print(f"{ablate.LABELS[v]:22s} " + " ".join(f"{m:>10.3f} +- {s:.3f}" for m, s in cells))
 
 # %% [markdown]
@@ -169,8 +169,8 @@ for v in ablate.VARIANTS:
 
 # %%
 # NBVAL_CHECK_OUTPUT
-share = {v: (np.mean([r["gate_log"][0]["prompt_share"] for r in main_runs if r["variant"] == v]),
-             np.mean([r["gate_log"][-1]["prompt_share"] for r in main_runs if r["variant"] == v])) for v in ablate.VARIANTS}
+share = {v: (np.mean([r["gate_log"][0]["attention_share"] for r in main_runs if r["variant"] == v]),
+             np.mean([r["gate_log"][-1]["attention_share"] for r in main_runs if r["variant"] == v])) for v in ablate.VARIANTS}
 verdict = {(m, o): ablate.compare(main_runs, m, "zero_init", o)["verdict"]
            for m in ("early_loss", "heldout_accuracy", "pretrain_loss_after") for o in ("random_init", "ungated")}
 print("zero-init prompts take no attention at step 0:", share["zero_init"][0] == 0.0)
@@ -253,15 +253,15 @@ ablate.plot_regimes(shape_studies);
 # %%
 start = {}
 print(f"{'study':12s} {'variant':22s} {'first-step loss':>16s} {'pretraining loss, step 0':>25s} "
-      f"{'prompt share, step 0':>21s} {'prompt share, end':>18s} {'final training loss':>20s}")
+      f"{'attention share, step 0':>24s} {'attention share, end':>21s} {'final training loss':>20s}")
 for name in ("layers_1", "layers_2", "main", "steps_long"):
     if not (RESULTS / name / "summary.json").is_file():
         continue
     runs = load_study(name)[0]
     for v in [v for v in ablate.VARIANTS if any(r["variant"] == v for r in runs)]:
         cells = [mean_over(runs, v, f) for f in (lambda r: r["first_loss"], lambda r: r["knowledge_at_init"],
-                                                  lambda r: r["gate_log"][0]["prompt_share"],
-                                                  lambda r: r["gate_log"][-1]["prompt_share"],
+                                                  lambda r: r["gate_log"][0]["attention_share"],
+                                                  lambda r: r["gate_log"][-1]["attention_share"],
                                                   lambda r: r["final_loss"])]
         start[name, v] = [m for m, _ in cells]
         print(f"{name:12s} {ablate.LABELS[v]:22s} " + " ".join(f"{m:>10.3f} +- {s:.3f}" for m, s in cells))

@@ -20,12 +20,13 @@
 # %%
 import copy
 import time
+from dataclasses import replace
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from adapterlab import AdapterConfig, add_adapter, gate_values
+from adapterlab import add_adapter, gate_values
 from adapterlab.worlds import multimodal as mm
 from adapterlab.worlds.scenetext import parse_answer, score
 from adapterlab.adapter import VisualProjection, count_trainable
@@ -37,7 +38,8 @@ torch.manual_seed(0)
 torch.set_num_threads(default_threads())  # $ADAPTERLAB_THREADS, else 1: the thread policy of `adapterlab demo`
 plt.rcParams.update({"figure.dpi": 72})
 demo = mm.MultimodalConfig()  # the run of `adapterlab demo --multimodal`
-config = mm.MultimodalConfig(steps=400, batch_size=16)  # the same pictures, base and encoder; shorter adapter training
+# the same pictures, base and encoder; shorter adapter training (config.train: a TrainConfig, config.adapter: an AdapterConfig)
+config = mm.MultimodalConfig(train=replace(demo.train, steps=400, batch_size=16))
 
 # %% [markdown]
 # ## 1. Pictures, texts and questions
@@ -101,8 +103,7 @@ print("base and encoder frozen:", not any(p.requires_grad for p in list(base.par
 # %%
 # NBVAL_CHECK_OUTPUT
 model = copy.deepcopy(base)
-add_adapter(model, AdapterConfig(prompt_len=config.prompt_len, layers=config.adapter_layers,
-                                 visual_dim=encoder.visual_dim), seed=config.seed)
+add_adapter(model, replace(config.adapter, visual_dim=encoder.visual_dim), seed=config.seed)
 ex = next(e for e in data.test if e.context == "image")
 tokens = torch.tensor([tokenizer.encode(ex.prompt)])
 with torch.no_grad():
@@ -111,8 +112,8 @@ with torch.no_grad():
     print("output with the picture == without it, at init:", torch.equal(model(tokens, visual=I_p), base(tokens)))
 projection = sum(p.numel() for p in model.visual_proj.parameters())
 print("trainable = prompts + gates + projection:",
-      count_trainable(model) == config.prompt_len * config.adapter_layers * model.config.dim
-      + config.adapter_layers * model.config.n_heads + projection)
+      count_trainable(model) == config.adapter.prompt_len * config.adapter.layers * model.config.dim
+      + config.adapter.layers * model.config.n_heads + projection)
 
 # %% [markdown]
 # ## 4. Train it, and a text-only adapter for comparison
@@ -123,17 +124,18 @@ print("trainable = prompts + gates + projection:",
 # so this run's numbers are not the demo's:
 
 # %%
-seen, demo_seen = config.steps * config.batch_size, demo.steps * demo.batch_size
-print(f"each adapter here: {config.steps} steps of {config.batch_size} = {seen:,} examples "
-      f"({seen / len(data.train):.1f} passes over the {len(data.train):,}); the demo: {demo.steps} steps of "
-      f"{demo.batch_size} = {demo_seen:,} ({demo_seen / seen:.0f} times as many)")
+here, there = config.train, demo.train
+seen, demo_seen = here.steps * here.batch_size, there.steps * there.batch_size
+print(f"each adapter here: {here.steps} steps of {here.batch_size} = {seen:,} examples "
+      f"({seen / len(data.train):.1f} passes over the {len(data.train):,}); the demo: {there.steps} steps of "
+      f"{there.batch_size} = {demo_seen:,} ({demo_seen / seen:.0f} times as many)")
 
 # %%
 mm_metrics = mm.train_adapter(model, tokenizer, data.train, train_features, config, out_dir=None, desc="multi-modal")
 text_only = copy.deepcopy(base)
-add_adapter(text_only, AdapterConfig(prompt_len=config.prompt_len, layers=config.adapter_layers), seed=config.seed)
+add_adapter(text_only, config.adapter, seed=config.seed)  # the same K and L, no projection
 to_metrics = mm.train_adapter(text_only, tokenizer, data.train, None, config, out_dir=None, desc="text-only")
-print(f"{config.steps} steps each: multi-modal {mm_metrics['train_seconds']:.0f} s, text-only "
+print(f"{config.train.steps} steps each: multi-modal {mm_metrics['train_seconds']:.0f} s, text-only "
       f"{to_metrics['train_seconds']:.0f} s, with {torch.get_num_threads()} torch thread(s)")
 
 # %%
