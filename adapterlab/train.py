@@ -1,12 +1,13 @@
 """One training loop for pretraining, adapter tuning and the baselines.
 
-Layer 5: imports files, model, adapter, data, distributed, losses and gates; the tooling above
+Layer 5: imports files, model, adapter, data, distributed and losses; the tooling above
 it (checkpoints, baselines, vision, tinyworld, recipes, cli) imports it.
 
     for step in range(start, total):
         batch   = the step's global batch (a deterministic function of seed and step)
         train_step:  for micro in the batch (gradient accumulation):
                          loss = cross-entropy on the response tokens / targets in the global batch
+                                (or your loss_fn on your batch_fn's batch: masked tokens, classes, spans)
                          loss.backward()
                      clip, AdamW step
         lr for the next step (linear warm-up, half-cycle cosine)
@@ -15,7 +16,8 @@ it (checkpoints, baselines, vision, tinyworld, recipes, cli) imports it.
 
 Only parameters with ``requires_grad`` reach the optimizer, so the same loop pretrains a whole
 model, tunes an adapter on a frozen base (the release's recipe, docs/method.md), or fine-tunes
-all weights for a baseline. The data order is a pure function of (seed, step), the learning rate
+all weights for a baseline; with a batch and a loss function it also pretrains and tunes the other
+models (the ViT, the text encoder, the scene CNN). The data order is a pure function of (seed, step), the learning rate
 a pure function of step, and the checkpoint holds everything else, so a run resumed after a
 SIGKILL finishes bit-identical to an uninterrupted one on the same machine.
 
@@ -25,19 +27,21 @@ or :func:`~adapterlab.distributed.sync_gradients` for FSDP), so the loss of each
 by the world size to keep the global mean. Only rank 0 writes files. The checkpoint counts the
 position in global steps, so a run resumes at any world size.
 
-A run with ``out_dir`` and an adapter records its gates with
-:class:`adapterlab.gates.GateRecorder` (``gates.jsonl``, and ``gates.png`` at the end).
+Gates are recorded by a callback the caller attaches, :class:`adapterlab.gates.GateRecorder`
+(``gates.jsonl``, and ``gates.png`` at the end). :func:`compile_model` (torch.compile per block)
+is an opt-in speed option, as the model's ``activation_checkpointing`` is a memory option.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import importlib
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, Sized
 
 import torch
 from torch import nn
@@ -48,8 +52,7 @@ from .distributed import (
     all_reduce_sum, check_replicas, collective_guard, no_sync, rank_and_world, reduced_elements, strategy_of,
     sync_gradients, unwrap, wrap_model,
 )
-from .io.files import atomic_torch_save, atomic_write_text, remove_stale_temps
-from .gates import GateRecorder, gated_layers
+from .io.files import atomic_torch_save, atomic_write_text, progress_bar, remove_stale_temps
 from .losses import loss_sum
 from .model import autocast_for
 
@@ -93,7 +96,6 @@ class TrainConfig:
     checkpoint: bool = True
     out_dir: Optional[str] = None
     resume: bool = False
-    record_gates: bool = True
     progress: bool = True
     desc: str = "train"
     check_replicas: bool = False  # debug: assert identical adapters on every rank after every step
@@ -130,9 +132,12 @@ class Schedule:
     warmup_steps: int
 
     @classmethod
-    def resolve(cls, config: TrainConfig, n_examples: int) -> "Schedule":
-        check_batch_sizes(config.batch_size, n_examples=n_examples)
-        spe = n_examples // config.batch_size
+    def resolve(cls, config: TrainConfig, n_examples: int, drawn: bool = False) -> "Schedule":
+        """drawn: the batches are drawn by a ``batch_fn`` (perhaps with replacement), so the data need
+        not hold a whole batch; an epoch is then at least one step."""
+        if not drawn:
+            check_batch_sizes(config.batch_size, n_examples=n_examples)
+        spe = max(1, n_examples // config.batch_size)
         total = config.steps if config.steps is not None else max(1, math.ceil(config.epochs * spe))
         warmup = config.warmup_steps if config.warmup_steps is not None else round(config.warmup_epochs * spe)
         return cls(total_steps=total, steps_per_epoch=spe, warmup_steps=min(warmup, total))
@@ -200,24 +205,34 @@ def make_optimizer(named: Sequence[tuple[str, nn.Parameter]], config: TrainConfi
     return torch.optim.AdamW(groups, lr=config.peak_lr, betas=config.betas)
 
 
-def train_step(model: nn.Module, micro_batches: Sequence[tuple], n_targets: int, optimizer: torch.optim.Optimizer,
-               clip: Optional[float] = None, before_update: Optional[Callable[[], None]] = None) -> tuple[float, float]:
+def token_loss(model: nn.Module, micro_batch: tuple) -> torch.Tensor:
+    """The default objective: cross-entropy on the labelled tokens of one micro-batch, divided by
+    the labelled tokens of the whole global batch (so the micro-batches' losses sum to its mean).
+
+    micro_batch: (tokens (B, T), labels (B, T), forward_args, n_targets), see :func:`_batches`.
+    """
+    tokens, labels, forward_args, n_targets = micro_batch
+    with autocast_for(tokens.device):
+        return loss_sum(model, tokens, labels, **forward_args) / n_targets
+
+
+def train_step(model: nn.Module, micro_batches: Sequence[Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor],
+               optimizer: torch.optim.Optimizer, clip: Optional[float] = None,
+               before_update: Optional[Callable[[], None]] = None) -> tuple[float, float]:
     """One optimizer step on this rank's share of a global batch -> (loss, gradient norm).
 
-    micro_batches: [(tokens (B, T), labels (B, T), forward_args), ...] on the model's device
-    (:func:`adapterlab.data.get_batch`). n_targets: labelled tokens in the whole global batch, so
-    the loss is their mean however the batch is cut over micro-batches and ranks. The loss is
-    summed over the ranks. If the loss or the gradient is not finite the update is not applied
-    (the caller stops). before_update(): called once the gradients are complete (averaged over
-    ranks, not yet clipped), before the update (the gate recorder reads the gates' gradient there).
+    micro_batches: the share cut for gradient accumulation; loss_fn(model, micro_batch) -> that
+    micro-batch's part of the global batch's mean loss (:func:`token_loss`). The loss is summed over
+    the ranks. If the loss or the gradient is not finite the update is not applied (the caller
+    stops). before_update(): called once the gradients are complete (averaged over ranks, not yet
+    clipped), before the update (the gate recorder reads the gates' gradient there).
     """
     params = [p for _, p in trainable_parameters(unwrap(model))]
     world = rank_and_world()[1]
     loss_total = 0.0
-    for i, (tokens, labels, forward_args) in enumerate(micro_batches):
+    for i, micro_batch in enumerate(micro_batches):
         with no_sync(model, skip=i < len(micro_batches) - 1):  # DDP: all-reduce after the last one only
-            with autocast_for(tokens.device):
-                loss = loss_sum(model, tokens, labels, **forward_args) / n_targets
+            loss = loss_fn(model, micro_batch)
             (loss * world).backward()  # DDP averages the ranks' gradients: x world keeps the global mean
         loss_total += loss.item()
     sync_gradients(model)  # FSDP: average the (unsharded) adapter gradients; DDP did it already
@@ -249,20 +264,28 @@ class RunState:
 
 def train(
     model: nn.Module,
-    train_data: TokenDataset,
+    train_data: TokenDataset | Sized,
     config: TrainConfig,
     eval_fn: Optional[Callable[[nn.Module], dict | float]] = None,
     callbacks: Iterable[Any] = (),
+    *,
+    batch_fn: Optional[Callable[[int], Any]] = None,
+    loss_fn: Optional[Callable[[nn.Module, Any], torch.Tensor]] = None,
 ) -> dict:
     """Train the parameters of ``model`` that require grad on ``train_data``; return the metrics.
 
     train_data: a :class:`~adapterlab.data.TokenDataset` (instruction examples or text windows,
     with per-example model inputs in ``forward_args`` if the model takes any).
+    Another objective (masked tokens, classes, answer spans...) brings its own batches and loss:
+    batch_fn(step) -> the batch of optimizer step ``step`` (0-based; called once per step, in
+    order, so it may draw from its own generator - a pure function of the step resumes exactly),
+    loss_fn(model, batch) -> the batch's mean loss; train_data is then the examples the batches
+    come from (its len() counts the epochs). Such a run is one process without micro-batches.
     eval_fn(model) -> dict of numbers (or one number), run every ``eval_every`` steps and at the end.
     callbacks: objects with on_start/on_step/on_end (see :class:`Callback`) or functions
     ``f(step, info)``; info = {step, total_steps, epoch, loss, lr, grad_norm, tokens, eval, model, log}.
-    With ``out_dir`` set, writes checkpoint.pt, metrics.json and (for a model with an adapter)
-    gates.jsonl and gates.png there.
+    With ``out_dir`` set, writes checkpoint.pt and metrics.json there (gates.jsonl: pass
+    ``callbacks=[adapterlab.gates.GateRecorder(out_dir)]``).
 
     Under torchrun pass the model wrapped by :func:`adapterlab.distributed.wrap_model` (DDP or
     FSDP); an unwrapped model in a process group of several ranks is wrapped with DDP here.
@@ -274,13 +297,14 @@ def train(
     raw = unwrap(model)  # the user's model: names, gates, checkpoints (the same at any world size)
     named = trainable_parameters(raw)
     device = named[0][1].device
-    schedule = Schedule.resolve(config, len(train_data))
-    sampler = StepSampler(train_data.lengths, config.batch_size, config.seed, rank, world,
-                          config.micro_batch_size, group=config.length_group)
+    _check_objective(batch_fn, loss_fn, config, world)
+    schedule = Schedule.resolve(config, len(train_data), drawn=batch_fn is not None)
+    sampler, batches = _batches(train_data, config, device, rank, world, batch_fn)  # batches(step) -> micro-batches
+    loss_fn = loss_fn or token_loss
     optimizer = make_optimizer(named, config)
     out_dir = _prepare_out_dir(config, is_main)
     ckpt_path = out_dir / CHECKPOINT_NAME if out_dir is not None else None
-    callbacks = _with_gate_recorder(list(callbacks), raw, config, out_dir, is_main)
+    callbacks = list(callbacks)
 
     torch.manual_seed(config.seed)
     run = _resume(raw, optimizer, named, config, ckpt_path, is_main)
@@ -298,17 +322,17 @@ def train(
             lr = lr_at(step, schedule, config.peak_lr, config.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro_batches = [get_batch(train_data, part, device) for part in sampler.micro_batches(step)]
-            n_targets = max(1, train_data.n_targets(sampler.global_batch(step)))
+            micro_batches = batches(step)
             with collective_guard(f"training step {step + 1}", hint=_resume_hint(ckpt_path)):
-                loss, grad_norm = train_step(model, micro_batches, n_targets, optimizer, config.clip,
+                loss, grad_norm = train_step(model, micro_batches, loss_fn, optimizer, config.clip,
                                              before_update=lambda: _notify(callbacks, "on_gradients", step + 1, raw))
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 raise TrainingDiverged(_diverged_message(step, loss, grad_norm, lr, ckpt_path))
             done = step + 1
             if config.check_replicas:
                 check_replicas(model, done)
-            run.tokens += sum(tokens.numel() for tokens, _, _ in micro_batches)
+            if sampler is not None:
+                run.tokens += sum(tokens.numel() for tokens, *_ in micro_batches)
             info = _record_step(run, done, schedule, loss, lr, grad_norm, raw, eval_fn, config)
             _notify(callbacks, "on_step", done, info)
             _show_progress(bar, info)
@@ -339,6 +363,35 @@ def _wrap_for(model: nn.Module, world: int) -> nn.Module:
     return model
 
 
+def _check_objective(batch_fn: Optional[Callable], loss_fn: Optional[Callable], config: TrainConfig,
+                     world: int) -> None:
+    if (batch_fn is None) != (loss_fn is None):
+        raise ValueError("train(): give batch_fn and loss_fn together (another objective), or neither "
+                         "(next-token cross-entropy on a TokenDataset)")
+    if batch_fn is not None and config.micro_batch_size is not None:
+        raise ValueError("train(): a batch_fn gives whole batches; set TrainConfig.micro_batch_size=None")
+    if batch_fn is not None and world > 1:
+        raise ValueError(f"train(): a batch_fn runs in one process, this is one of {world}; "
+                         "under torchrun train on a TokenDataset")
+
+
+def _batches(data: TokenDataset | Sized, config: TrainConfig, device: torch.device, rank: int, world: int,
+             batch_fn: Optional[Callable[[int], Any]]) -> tuple[Optional[StepSampler], Callable[[int], list]]:
+    """-> (the sampler of a TokenDataset or None, step -> this rank's micro-batches of the step).
+    A TokenDataset's micro-batch: (tokens, labels, forward_args, n_targets), n_targets counting the
+    labelled tokens of the whole global batch (:func:`token_loss`); a batch_fn's batch is one."""
+    if batch_fn is not None:
+        return None, lambda step: [batch_fn(step)]
+    sampler = StepSampler(data.lengths, config.batch_size, config.seed, rank, world, config.micro_batch_size,
+                          group=config.length_group)
+
+    def batches(step: int) -> list[tuple]:
+        n_targets = max(1, data.n_targets(sampler.global_batch(step)))
+        return [(*get_batch(data, part, device), n_targets) for part in sampler.micro_batches(step)]
+
+    return sampler, batches
+
+
 def _prepare_out_dir(config: TrainConfig, is_main: bool) -> Optional[Path]:
     out_dir = Path(config.out_dir) if config.out_dir else None
     if out_dir is not None and is_main:
@@ -347,37 +400,17 @@ def _prepare_out_dir(config: TrainConfig, is_main: bool) -> Optional[Path]:
     return out_dir
 
 
-def _with_gate_recorder(callbacks: list, raw: nn.Module, config: TrainConfig, out_dir: Optional[Path],
-                        is_main: bool) -> list:
-    """A model with a gated adapter records its gates in out_dir/gates.jsonl unless told not to
-    (an ungated adapter, AdapterConfig(gate="none"), has no gate: no gates.jsonl). Under FSDP the
-    frozen weights are shards, so the details that run them outside a forward pass (the prompt
-    norms through W_v) are left out: the log holds the gates, loss and learning rate."""
-    wanted = out_dir is not None and config.record_gates and is_main and _has_gates(raw)
-    if wanted and not any(isinstance(cb, GateRecorder) for cb in callbacks):
-        callbacks.insert(0, GateRecorder(out_dir, every=config.log_every, details=strategy_of(raw) != "fsdp"))
-    return callbacks
-
-
-def _has_gates(model: nn.Module) -> bool:
-    layers = getattr(model, "layers", None)
-    return (layers is not None and any(getattr(l.attention, "adapter", None) is not None for l in layers)
-            and bool(gated_layers(model)))
-
-
 def _progress_bar(config: TrainConfig, schedule: Schedule, start_step: int):
     if not config.progress:
         return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=schedule.total_steps, initial=start_step, desc=config.desc, unit="step", dynamic_ncols=True)
+    return progress_bar(total=schedule.total_steps, initial=start_step, desc=config.desc, unit="step")
 
 
 def _show_progress(bar, info: dict) -> None:
     if bar is not None:
-        bar.update(1)
         if info["log"]:
-            bar.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{info['lr']:.2e}")
+            bar.set_postfix(loss=f"{info['loss']:.4f}", lr=f"{info['lr']:.2e}", refresh=False)
+        bar.update(1)
 
 
 # --------------------------------------------------------------------------- after each step, at the end
@@ -408,7 +441,7 @@ def _run_eval(model: nn.Module, eval_fn: Callable, step: int) -> dict:
 
 
 def _final_metrics(run: RunState, schedule: Schedule, config: TrainConfig, model: nn.Module, raw: nn.Module,
-                   named: Sequence[tuple[str, nn.Parameter]], train_data: TokenDataset, world: int) -> dict:
+                   named: Sequence[tuple[str, nn.Parameter]], train_data: TokenDataset | Sized, world: int) -> dict:
     metrics = {
         "steps": schedule.total_steps,
         "epochs": schedule.total_steps / schedule.steps_per_epoch,
@@ -425,7 +458,7 @@ def _final_metrics(run: RunState, schedule: Schedule, config: TrainConfig, model
         "strategy": strategy_of(model),
         "all_reduced_elements": reduced_elements(model)["elements"] if world > 1 else 0,
         "examples": len(train_data),
-        "truncated_examples": train_data.n_truncated,
+        "truncated_examples": getattr(train_data, "n_truncated", 0),
         "resumed_from_step": run.start_step if run.resumed else None,
         "config": config.to_dict(),
     }
@@ -481,7 +514,7 @@ def _checkpoint_due(config: TrainConfig, done: int, schedule: Schedule) -> bool:
 
 
 def _save_checkpoint(path: Path, optimizer, named, config: TrainConfig, step: int, schedule: Schedule,
-                     train_seconds: float, history: dict, sampler: StepSampler, world: int) -> None:
+                     train_seconds: float, history: dict, sampler: Optional[StepSampler], world: int) -> None:
     """Everything a resumed run needs, nothing that depends on the number of processes (the data
     position is the global step; ``world_size`` is recorded for information only)."""
     atomic_torch_save({
@@ -489,7 +522,7 @@ def _save_checkpoint(path: Path, optimizer, named, config: TrainConfig, step: in
         "trainable": {n: p.detach().cpu().clone() for n, p in named},
         "optimizer": optimizer.state_dict(),
         "scheduler": {"step": step, "total_steps": schedule.total_steps, "warmup_steps": schedule.warmup_steps},
-        "data_position": sampler.position(step),
+        "data_position": sampler.position(step) if sampler is not None else {"global_step": step},
         "world_size": world,
         "rng": _rng_state(),
         "config": {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))},
@@ -557,7 +590,78 @@ def _set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(s, i)
 
 
+# --------------------------------------------------------------------------- speed: opt-in torch.compile
+def compile_model(model: nn.Module, *, mode: Optional[str] = None, fallback: bool = True) -> nn.Module:
+    """Compile every transformer block of an adapterlab ``Llama`` with ``torch.compile``, in place.
+
+    Blocks are compiled one by one ("regional compilation"): all blocks share one compiled
+    graph per situation (frozen block without autograd, adapted block with autograd), so it
+    compiles in seconds to a minute instead of unrolling the whole network. Parameter names and
+    ``state_dict`` stay unchanged. Only full-sequence calls (training, evaluation) use the
+    compiled code; calls with a ``KVCache`` (generation) stay eager, which avoids a
+    recompilation at every new position.
+
+    fallback: if compiling or running a compiled block raises (no C compiler, no Triton, an
+    unsupported operation), warn once, return the block to eager code and go on. Errors in the
+    backward pass of a compiled block are not caught here. ``uncompile_model`` undoes this.
+    """
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        raise ValueError("compile_model expects an adapterlab Llama (a model with .layers)")
+    if not hasattr(torch, "compile"):
+        warnings.warn("compile_model: this torch has no torch.compile; the model stays eager")
+        return model
+    uncompile_model(model)  # compiling twice would wrap the wrapper
+    state = {"failed": False}
+    for layer in layers:
+        layer.forward = _compiled_forward(layer, torch.compile(layer.forward, mode=mode), state, fallback)
+    model.compiled = True
+    return model
+
+
+def uncompile_model(model: nn.Module) -> nn.Module:
+    """Undo ``compile_model``: every block runs its ordinary eager ``forward`` again."""
+    for layer in getattr(model, "layers", []):
+        if "forward" in layer.__dict__:
+            del layer.forward  # the instance attribute hid the class's forward
+    model.compiled = False
+    return model
+
+
+def _compile_errors() -> tuple[type, ...]:
+    """The exception types torch.compile raises when it cannot compile (missing compiler, Triton, ...).
+    Only these trigger the fallback: other exceptions (wrong input shapes, the control-flow exception
+    of activation checkpointing's recomputation) must pass through unchanged."""
+    found = []
+    for module, name in (("torch._dynamo.exc", "TorchDynamoException"), ("torch._inductor.exc", "InductorError")):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+def _compiled_forward(layer: nn.Module, compiled, state: dict, fallback: bool):
+    eager = type(layer).forward.__get__(layer)
+    compile_errors = _compile_errors()
+
+    def forward(x, cos, sin, start_pos: int = 0, cache=None, visual=None):
+        if cache is not None or state["failed"]:
+            return eager(x, cos, sin, start_pos, cache, visual)
+        try:
+            return compiled(x, cos, sin, start_pos, cache, visual)
+        except compile_errors as error:  # compilation problems surface at the first call
+            if not fallback:
+                raise
+            state["failed"] = True
+            warnings.warn(f"compile_model: torch.compile failed ({type(error).__name__}: {error}); running eager")
+            return eager(x, cos, sin, start_pos, cache, visual)
+
+    return forward
+
+
 __all__ = [
-    "TrainConfig", "Schedule", "lr_at", "train", "train_step", "make_optimizer", "RunState", "Callback",
-    "TrainingDiverged", "CheckpointMismatch", "load_checkpoint", "write_metrics", "CHECKPOINT_NAME", "METRICS_NAME",
+    "TrainConfig", "Schedule", "lr_at", "train", "train_step", "token_loss", "make_optimizer", "RunState", "Callback",
+    "TrainingDiverged", "CheckpointMismatch", "load_checkpoint", "write_metrics", "compile_model", "uncompile_model",
+    "CHECKPOINT_NAME", "METRICS_NAME",
 ]

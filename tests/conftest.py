@@ -105,7 +105,7 @@ def small_base(tmp_path_factory):
     """A Meta-format folder (params.json, consolidated.00.pth, tokenizer.model) with a small random LLaMA,
     and an Alpaca file: stands in for a real LLaMA folder and alpaca_data.json."""
     from adapterlab.worlds import tinyworld as tw
-    from adapterlab.io.checkpoints import save_llama
+    from adapterlab.io.weights import save_llama
     from adapterlab.data import save_alpaca
     from adapterlab.model import init_weights
 

@@ -91,7 +91,7 @@ def world_files(tmp_path_factory) -> dict:
     """A small random base (Meta folder with tokenizer.model) and an Alpaca file of 64 records."""
     from adapterlab import Llama, LlamaConfig
     from adapterlab.data import save_alpaca
-    from adapterlab.io.checkpoints import save_llama
+    from adapterlab.io.weights import save_llama
     from adapterlab.worlds.tinyworld import instruction_set, make_world
     from adapterlab.tokenizer import Tokenizer
 

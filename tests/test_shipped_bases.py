@@ -134,6 +134,68 @@ def test_first_scene_pretraining_steps_reproduce_the_shipped_build(scene_corpus)
     same_losses(prefix["first_losses"], info, "scenes")
 
 
+def same_rounded(now: list[float], recorded: list[float], digits: int, built_with, what: str) -> None:
+    """A loss history that keeps ``digits`` decimals: equal after rounding where this machine computes
+    as the recording one did (same torch, same CPU vector unit, one thread), else within 1e-3."""
+    now = [round(x, digits) for x in now]
+    if built_with is not None and build_machine() == built_with:
+        assert now == recorded, f"{what}: the first {len(now)} recorded losses differ; " + RESHIP.format(kind=what)
+    else:
+        torch.testing.assert_close(torch.tensor(now), torch.tensor(recorded), rtol=1e-3, atol=0,
+                                   msg=f"{what}: first losses far from the recorded ones ({built_with})")
+
+
+@pytest.mark.slow  # it draws the 8000 pretraining pictures first
+def test_first_vit_pretraining_steps_reproduce_the_shipped_build():
+    from adapterlab.worlds import vtab
+
+    info = json.loads((shipped_folder("vit", vtab.vit_base_name()) / "vit.json").read_text())
+    assert info["threads"] == BUILD_THREADS == 1
+    first = tw.FirstLosses(tw.PREFIX_STEPS, stop=True)
+    with cpu_threads(BUILD_THREADS), pytest.raises(tw.EnoughSteps):
+        vtab.pretrain_vit(vtab.VIT_RECIPE, progress=False, callbacks=[first])
+    same_rounded(first.losses, info["loss_history"][:tw.PREFIX_STEPS], 4, info.get("built_with"), "vit")
+
+
+def test_first_text_encoder_pretraining_steps_reproduce_the_shipped_build():
+    from adapterlab.worlds import textqa
+
+    info = json.loads((shipped_folder("textenc", textqa.text_base_name()) / "textbase.json").read_text())
+    assert info["built_with"]["threads"] == BUILD_THREADS == 1
+    recorded = [[step, loss] for step, loss in info["loss_history"] if step <= 25]  # every 25th step is kept
+    first = tw.FirstLosses(26, stop=True)
+    with cpu_threads(BUILD_THREADS), pytest.raises(tw.EnoughSteps):
+        textqa.pretrain_text_encoder(textqa.TEXT_RECIPE, progress=False, callbacks=[first])
+    same_rounded([first.losses[step] for step, _ in recorded], [loss for _, loss in recorded], 4, info["built_with"],
+                 "textenc")
+
+
+@pytest.mark.parametrize("family", ["vit", "roberta"])
+def test_first_steps_of_the_committed_family_studies_reproduce_on_the_shipped_bases(family):
+    """The first final run of docs/results/families/<family>: its first steps, trained again now."""
+    import copy
+
+    from adapterlab.encoders.transformer import set_head
+    from adapterlab.studies import families as fam
+
+    folder = ROOT / "docs" / "results" / "families" / family
+    results = json.loads((folder / "results.json").read_text())
+    run = next(r for r in map(json.loads, (folder / "runs.jsonl").read_text().splitlines()) if r["phase"] == "final")
+    settings = run["settings"]
+    bench = (fam.vit_bench if family == "vit" else fam.roberta_bench)([run["task"]])
+    assert bench.base_name == results["base"], "the study was run on another base: rerun it (docs/results/families)"
+    task = bench.tasks[run["task"]]
+    model = fam.prepare(set_head(copy.deepcopy(bench.base), task.n_out, run["seed"]), run["method"],
+                        prompt_len=settings["prompt_len"], layers=settings["layers"], seed=run["seed"])
+    first = tw.FirstLosses(8, stop=True)
+    with cpu_threads(1), pytest.raises(tw.EnoughSteps):
+        fam.fit(model, task, fam.training_examples(task, final=True), steps=settings["steps"],
+                batch_size=settings["batch_size"], lr=run["lr"], warmup_steps=settings["warmup_steps"],
+                weight_decay=settings["weight_decay"], seed=run["seed"], callbacks=[first])
+    assert first.losses[0] == pytest.approx(run["first_loss"], rel=1e-6)
+    same_rounded(first.losses, run["losses"][:8], 5, None, f"families/{family}")
+
+
 @pytest.mark.skipif(not REBUILD, reason="the full rebuild of the shipped bases takes about 10 minutes on one core; "
                                         "run with ADAPTERLAB_REBUILD_BASES=1")
 def test_a_fresh_build_equals_the_shipped_bases(tmp_path, monkeypatch, scene_corpus):

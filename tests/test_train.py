@@ -125,6 +125,71 @@ def test_per_example_forward_args_reach_the_model_with_their_examples():
     assert not torch.equal(model.visual_proj.fc1.weight, projection_before)
 
 
+# --------------------------------------------------------------------------- other objectives
+def test_a_batch_fn_and_loss_fn_give_the_updates_of_the_plain_loop_written_out():
+    """The ViT, text-encoder, scene-encoder and family runs train through train(batch_fn, loss_fn):
+    the same losses and weights, bit for bit, as the loop they replaced (AdamW with weight decay on
+    matrices, warm-up + cosine, clipping), with batches drawn (with replacement) larger than the data."""
+    x = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
+    y = (x.sum(1) > 0).long()
+
+    def net() -> torch.nn.Module:
+        torch.manual_seed(3)
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 2))
+
+    def batches(seed: int):
+        gen = torch.Generator().manual_seed(seed)
+
+        def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+            idx = torch.randint(0, len(x), (16,), generator=gen)
+            return x[idx], y[idx]
+
+        return batch
+
+    def loss_fn(model, batch):
+        return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    model, norms = net(), []
+    cfg = quiet(steps=12, batch_size=16, lr=0.05, warmup_steps=3, weight_decay=0.1, clip=0.5, log_every=1)
+    metrics = train(model, x, cfg, callbacks=[lambda step, info: norms.append(info["grad_norm"])],
+                    batch_fn=batches(1), loss_fn=loss_fn)
+
+    ref = net()
+    matrices, others = [p for p in ref.parameters() if p.ndim >= 2], [p for p in ref.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}],
+                            lr=0.05, betas=(0.9, 0.95))
+    schedule, batch, losses = Schedule(total_steps=12, steps_per_epoch=1, warmup_steps=3), batches(1), []
+    for step in range(12):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, schedule, 0.05)
+        loss = loss_fn(ref, batch(step))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        opt.step()
+        losses.append(loss.item())
+
+    assert [loss for _, loss in metrics["loss_history"]] == losses
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    assert max(norms) > 0.5  # the clipping took part
+    assert metrics["examples"] == 12 and metrics["steps_per_epoch"] == 1 and losses[-1] < losses[0]
+
+
+def test_a_batch_fn_comes_with_a_loss_fn_and_whole_batches():
+    model, x = torch.nn.Linear(4, 2), torch.zeros(8, 4)
+
+    def batch(step):
+        return x, torch.zeros(8, dtype=torch.long)
+
+    def loss_fn(model, b):
+        return torch.nn.functional.cross_entropy(model(b[0]), b[1])
+
+    with pytest.raises(ValueError, match="batch_fn and loss_fn together"):
+        train(model, x, quiet(steps=1, batch_size=8), batch_fn=batch)
+    with pytest.raises(ValueError, match="micro_batch_size=None"):
+        train(model, x, quiet(steps=1, batch_size=8, micro_batch_size=4), batch_fn=batch, loss_fn=loss_fn)
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path):
     model = add_adapter(tiny_model(), AdapterConfig(prompt_len=4, layers=2))
 
@@ -166,6 +231,8 @@ def test_metrics_json_and_eval(tmp_path):
 # --------------------------------------------------------------------------- kill -9 and resume
 def job(out: str, resume: bool = False, kill_at: int = -1) -> None:
     """A short adapter run with checkpoints every 5 steps and gate records every 2; kill_at: SIGKILL itself there."""
+    from adapterlab.gates import GateRecorder
+
     model = add_adapter(tiny_model(), AdapterConfig(prompt_len=4, layers=2))
 
     def killer(step, info):
@@ -174,7 +241,7 @@ def job(out: str, resume: bool = False, kill_at: int = -1) -> None:
 
     cfg = TrainConfig(steps=30, batch_size=8, micro_batch_size=4, lr=0.05, warmup_steps=3, ckpt_every=5,
                       log_every=2, out_dir=str(out), resume=resume, progress=False)
-    train(model, toy_data(), cfg, callbacks=[killer])
+    train(model, toy_data(), cfg, callbacks=[GateRecorder(out, every=2), killer])
     torch.save(adapter_state_dict(model), os.path.join(out, "final.pt"))
 
 

@@ -130,6 +130,41 @@ def test_scene_encoder_features_and_input_types():
     assert (enc(images.flip(-1)) - f_uint8).abs().max() > 1e-4
 
 
+def test_scene_encoder_pretraining_is_its_plain_loop_and_leaves_torchs_generator_to_the_caller():
+    """pretrain_scene_encoder runs through adapterlab.train.train: the weights of the loop it replaced
+    (AdamW, betas 0.9/0.999, no decay, no clipping; warm-up + cosine; batches drawn with replacement,
+    here larger than the 30 training pictures), and torch's generator where the encoder's init left it
+    (the multimodal projection is initialised from there next)."""
+    import torch.nn.functional as F
+
+    from adapterlab.train import Schedule, lr_at
+    from adapterlab.worlds.vision import SceneEncoderConfig, pretrain_scene_encoder
+
+    scenes, images = make_scenes(40, seed=5)
+    encoder, _ = pretrain_scene_encoder(images, scenes, steps=5, batch_size=48, lr=1e-2, seed=2, progress=False)
+    after = torch.get_rng_state()
+
+    torch.manual_seed(2)
+    ref = SceneEncoder(SceneEncoderConfig(image_size=images.shape[-1]))
+    after_init, init = torch.get_rng_state(), ref.readout.weight.clone()
+    labels = torch.tensor([s.attribute_ids() for s in scenes])  # (40, 4)
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.0)
+    schedule, gen = Schedule(total_steps=5, steps_per_epoch=1, warmup_steps=1), torch.Generator().manual_seed(2)
+    for step in range(5):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, schedule, 1e-2)
+        idx = torch.randint(0, 30, (48,), generator=gen)
+        loss = sum(F.cross_entropy(lg, labels[idx, j]) for j, lg in enumerate(ref.attribute_logits(images[idx])))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    weights = {k: v for k, v in encoder.state_dict().items() if not k.startswith("feature_")}  # (+ feature scales)
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in weights.items())
+    assert not torch.equal(ref.readout.weight, init)  # it trained
+    assert torch.equal(after, after_init)
+
+
 def test_scenes_are_deterministic_and_drawn_as_described():
     s1, im1 = make_scenes(6, seed=11)
     s2, im2 = make_scenes(6, seed=11)

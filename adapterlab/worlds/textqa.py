@@ -70,7 +70,7 @@ from .tinyworld import (
     pretrain_corpus, train_tokenizer,
 )
 from ..tokenizer import Tokenizer
-from ..train import Schedule, TrainConfig, lr_at, make_optimizer
+from ..train import TrainConfig, train
 
 PathLike = Union[str, os.PathLike]
 VERSIONS = ("1.1", "2.0")
@@ -516,12 +516,20 @@ def text_base_name(recipe: TextRecipe = TEXT_RECIPE) -> str:
     return "textenc-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def pretrain_text_encoder(recipe: TextRecipe = TEXT_RECIPE, progress: bool = True
-                          ) -> tuple[TextEncoder, EncoderVocab, dict]:
-    """Masked-language modelling on the tiny-world corpus -> (model, vocab, info). Runs with torch's
-    current thread count; :func:`build_text_base` calls it with ``files.BUILD_THREADS``."""
-    from tqdm.auto import tqdm
+def mlm_loss(model: TextEncoder, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Masked-language-model loss of a batch (inputs, labels) from :func:`mask_tokens`: cross-entropy
+    on the chosen positions, with the head run only where it is scored."""
+    inputs, labels = batch
+    chosen = labels != -100  # (B, T)
+    logits = model.head(model.hidden(inputs)[chosen])  # (n_chosen, vocab)
+    return F.cross_entropy(logits, labels[chosen])
 
+
+def pretrain_text_encoder(recipe: TextRecipe = TEXT_RECIPE, progress: bool = True, callbacks: Sequence = ()
+                          ) -> tuple[TextEncoder, EncoderVocab, dict]:
+    """Masked-language modelling on the tiny-world corpus -> (model, vocab, info), through the one
+    training loop (:func:`adapterlab.train.train`, whose ``callbacks`` these are). Runs with torch's
+    current thread count; :func:`build_text_base` calls it with ``files.BUILD_THREADS``."""
     world_recipe = Recipe()
     world, corpus, _, _ = build_world(world_recipe)
     vocab = tiny_world_vocab()
@@ -532,30 +540,20 @@ def pretrain_text_encoder(recipe: TextRecipe = TEXT_RECIPE, progress: bool = Tru
                                n_layers=recipe.n_layers, n_heads=recipe.n_heads, mlp_hidden=recipe.mlp_hidden)
     torch.manual_seed(recipe.seed)
     model = init_encoder_weights(TextEncoder(config), seed=recipe.seed).train()
-    tc = TrainConfig(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, weight_decay=recipe.weight_decay,
-                     checkpoint=False, record_gates=False, progress=False)
-    optimizer = make_optimizer(list(model.named_parameters()), tc)
-    schedule = Schedule(recipe.steps, max(1, len(windows) // recipe.batch_size), recipe.warmup_steps)
     gen = torch.Generator().manual_seed(recipe.seed)
-    history, t0 = [], time.perf_counter()
-    bar = tqdm(range(recipe.steps), desc="pretraining text encoder (MLM)", disable=not progress)
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, schedule, recipe.lr)
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.randint(0, len(windows), (recipe.batch_size,), generator=gen)
-        inputs, labels = mask_tokens(windows[rows], vocab, gen, recipe.mask_prob)
-        chosen = labels != -100  # (B, T)
-        logits = model.head(model.hidden(inputs)[chosen])  # (n_chosen, vocab): the head only where it is scored
-        loss = F.cross_entropy(logits, labels[chosen])
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), recipe.clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 25 == 0 or step == recipe.steps - 1:
-            history.append([step, round(loss.item(), 4)])
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        return mask_tokens(windows[rows], vocab, gen, recipe.mask_prob)  # inputs, labels: (B, T) each
+
+    tc = TrainConfig(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, warmup_steps=recipe.warmup_steps,
+                     weight_decay=recipe.weight_decay, clip=recipe.clip, seed=recipe.seed, checkpoint=False,
+                     log_every=1, progress=progress, desc="pretraining text encoder (MLM)")
+    metrics = train(model, windows, tc, callbacks=callbacks, batch_fn=batch, loss_fn=mlm_loss)
+    losses = [loss for _, loss in metrics["loss_history"]]  # every step's
+    history = [[s, round(loss, 4)] for s, loss in enumerate(losses) if s % 25 == 0 or s == recipe.steps - 1]
     model.eval()
-    info = {"loss_history": history, "final_loss": history[-1][1], "train_seconds": round(time.perf_counter() - t0, 1),
+    info = {"loss_history": history, "final_loss": history[-1][1], "train_seconds": round(metrics["train_seconds"], 1),
             "corpus_windows": len(windows), "heldout_windows": len(heldout), "params": model.num_params(),
             "heldout_mlm": mlm_accuracy(model, heldout, vocab, seed=recipe.seed, prob=recipe.mask_prob)}
     return model, vocab, info
@@ -605,6 +603,6 @@ def text_base_info(recipe: TextRecipe = TEXT_RECIPE) -> dict:
 __all__ = [
     "VERSIONS", "SPLIT_SIZES", "QA_MAX_LEN", "make_split", "make_squad", "save_squad_json", "load_squad_json",
     "EncoderVocab", "tiny_world_vocab", "encode_qa", "qa_loss", "best_span", "predict_spans", "mask_tokens",
-    "text_windows", "mlm_accuracy", "TextRecipe", "TEXT_RECIPE", "text_base_name", "pretrain_text_encoder",
+    "text_windows", "mlm_loss", "mlm_accuracy", "TextRecipe", "TEXT_RECIPE", "text_base_name", "pretrain_text_encoder",
     "build_text_base", "load_text_base", "text_base_info",
 ]

@@ -155,9 +155,7 @@ def pretrain_scene_encoder(
     mode, {"heldout_accuracy": {attribute: acc}, "steps": ..}) - accuracy measured on the last
     512 pictures (a quarter, for fewer than 2048), which the encoder does not train on.
     """
-    from tqdm.auto import tqdm
-
-    from ..train import Schedule, lr_at
+    from ..train import TrainConfig, train
 
     if steps < 1:
         raise ValueError(f"pretrain_scene_encoder: steps must be >= 1; got {steps}")
@@ -169,19 +167,23 @@ def pretrain_scene_encoder(
     encoder = SceneEncoder(SceneEncoderConfig(image_size=images.shape[-1]))
     labels = torch.tensor([s.attribute_ids() for s in scenes])  # (N, 4)
     n_train = len(images) - min(512, len(images) // 4)  # the rest measures the encoder
-    opt = torch.optim.AdamW(encoder.parameters(), lr=lr, weight_decay=0.0)
-    schedule = Schedule(total_steps=steps, steps_per_epoch=max(1, n_train // batch_size),
-                        warmup_steps=max(1, steps // 10))
     gen = torch.Generator().manual_seed(seed)
-    for step in tqdm(range(steps), desc="pretrain the scene encoder", disable=not progress, leave=False):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, schedule, lr)  # linear warm-up, then half-cycle cosine
-        idx = torch.randint(0, n_train, (batch_size,), generator=gen)
-        logits = encoder.attribute_logits(images[idx])
-        loss = sum(F.cross_entropy(lg, labels[idx, j]) for j, lg in enumerate(logits))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, n_train, (batch_size,), generator=gen)  # drawn with replacement
+        return images[idx], labels[idx]  # uint8 (B, 3, H, W), (B, 4)
+
+    def loss_fn(encoder: SceneEncoder, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        pictures, truth = batch
+        return sum(F.cross_entropy(lg, truth[:, j]) for j, lg in enumerate(encoder.attribute_logits(pictures)))
+
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 10), weight_decay=0.0,
+                         betas=(0.9, 0.999), seed=seed, checkpoint=False, progress=progress,
+                         desc="pretrain the scene encoder")
+    after_init = torch.get_rng_state()  # train() reseeds torch's generator; the caller's next draws (the
+    # multimodal projection's init) go on from where the encoder's init left it, as they always have
+    train(encoder, images[:n_train], config, batch_fn=batch, loss_fn=loss_fn)
+    torch.set_rng_state(after_init)
     encoder.eval().requires_grad_(False)
     with torch.no_grad():
         preds = [lg.argmax(-1) for lg in encoder.attribute_logits(images[n_train:])]

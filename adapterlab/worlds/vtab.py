@@ -37,7 +37,7 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -397,45 +397,42 @@ def vit_base_name(recipe: Optional[ViTRecipe] = None) -> str:
     return f"vit-{(recipe or VIT_RECIPE).key()}"
 
 
-def pretrain_vit(recipe: ViTRecipe, progress: bool = True):
+def pretrain_vit(recipe: ViTRecipe, progress: bool = True, callbacks: Sequence = ()):
     """Train a ViT from scratch to name the shape x colour of the pretraining pictures -> (model, info).
 
-    Plain AdamW (weight decay on matrices only) with linear warm-up and cosine decay; batches in
+    The one training loop (:func:`adapterlab.train.train`, whose ``callbacks`` these are): plain
+    AdamW (weight decay on matrices only), linear warm-up and cosine decay, no clipping; batches in
     an order drawn with numpy, so the run depends on the seed alone (and on torch's thread count,
     which :func:`build_vit_base` fixes to 1).
     """
-    from tqdm.auto import tqdm
-
     from ..encoders.transformer import ViT, ViTConfig, init_encoder_weights
-    from ..train import Schedule, TrainConfig, lr_at, make_optimizer
+    from ..train import TrainConfig, train
 
     t0 = time.perf_counter()
     images, labels = pretrain_set(recipe.n_images, recipe.seed, "train")
     held_images, held_labels = pretrain_set(recipe.n_heldout, recipe.seed, "heldout")
     x_all = images_to_float(images)  # (N, 3, 32, 32)
     model = init_encoder_weights(ViT(ViTConfig(**recipe.model)), seed=recipe.seed)
-    model.train()
-    config = TrainConfig(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    optimizer = make_optimizer(list(model.named_parameters()), config)
-    schedule = Schedule(total_steps=recipe.steps, steps_per_epoch=recipe.n_images // recipe.batch_size,
-                        warmup_steps=recipe.warmup_steps)
     rng = np.random.default_rng([recipe.seed, zlib.crc32(b"batches")])
-    order, pos, history = rng.permutation(recipe.n_images), 0, []
-    bar = tqdm(range(recipe.steps), desc="pretraining the ViT base", unit="step", disable=not progress)
-    for step in bar:
+    order, pos = rng.permutation(recipe.n_images), 0
+
+    def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal order, pos
         if pos + recipe.batch_size > len(order):  # a new epoch
             order, pos = rng.permutation(recipe.n_images), 0
         idx = torch.from_numpy(order[pos : pos + recipe.batch_size])
         pos += recipe.batch_size
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, schedule, recipe.lr)
-        loss = F.cross_entropy(model(x_all[idx]), labels[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        history.append(round(loss.item(), 4))
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+        return x_all[idx], labels[idx]  # (B, 3, 32, 32), (B,)
+
+    def loss_fn(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        images, targets = batch
+        return F.cross_entropy(model(images), targets)
+
+    config = TrainConfig(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
+                         warmup_steps=recipe.warmup_steps, weight_decay=recipe.weight_decay, seed=recipe.seed,
+                         checkpoint=False, log_every=1, progress=progress, desc="pretraining the ViT base")
+    metrics = train(model, x_all, config, callbacks=callbacks, batch_fn=batch, loss_fn=loss_fn)
+    history = [round(loss, 4) for _, loss in metrics["loss_history"]]  # every step's
     model.eval().requires_grad_(False)
     info = {"recipe": asdict(recipe), "version": VTAB_VERSION, "name": vit_base_name(recipe),
             "classes": PRETRAIN_CLASSES, "loss_history": history, "final_loss": float(np.mean(history[-20:])),
