@@ -18,14 +18,20 @@ paper's recipe.
 On CPU, PEFT's model is a transformers LlamaForCausalLM saved with save_pretrained and
 adapterlab's is loaded from the same folder with ``load_llama``. On CUDA both are built in
 memory from the same random bf16 tensors (writing 13 GB to disk would cost minutes).
+With ``--base smollm2`` it measures the real model instead (SmolLM2-135M-Instruct from its GGUF file):
+float32, bfloat16 and int8 frozen bases of ours against PEFT and LitGPT on the same weights, training
+(K=10, L=8 and 30) and greedy generation, the real-text loss of each base, the machine's bandwidth and
+matmul peak; the JSON ends with a ``summary`` object of ratios (see benchmarks/README.md).
 This is a benchmark, not a test: nothing here asserts a speed.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import gc
+import importlib.metadata
 import json
 import math
 import os
@@ -146,6 +152,7 @@ def describe_machine(device: torch.device) -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
+        "cpu_vector_unit": cpu_vector_unit(),
     }
     with contextlib.suppress(OSError, AttributeError):
         info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
@@ -766,6 +773,486 @@ def _ckpt_as_row(r: dict) -> dict:
                 warmup_s=r["warmup_s_rounds"])
 
 
+# =========================================================================== the real model (--base)
+# SmolLM2-135M-Instruct from its installed GGUF file (or, when the file is absent, random weights in its exact
+# shape): adapterlab (float32, bfloat16 and int8 frozen bases) against PEFT on transformers and against LitGPT,
+# all holding the same weights.
+SMOLLM2_CONFIG = LlamaConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, multiple_of=1536,
+                             norm_eps=1e-5, rope_theta=100000.0, max_seq_len=8192)
+LITGPT_NAMES = {"smollm2": "SmolLM2-135M-Instruct"}
+TEXT_TOKENS = 512  # the real-text loss: the first 512 tokens of Python's bundled docs (adapterlab.worlds.smollm2)
+
+
+@dataclass
+class BaseBench:
+    """The real-model run's sizes: adapters (K, both L), train batch, generation, repetitions."""
+
+    prompt_len: int = 10
+    layers: tuple[int, ...] = (8, 30)
+    train_batch: tuple[int, int] = (4, 256)
+    gen_batches: tuple[int, ...] = (1, 8)
+    gen_layers: int = 30  # the adapter attached while generating (the paper's L)
+    gen_prompt: int = 32
+    gen_new: int = 128
+    warmup: int = 1
+    steps: int = 3
+    rounds: int = 3
+    gen_rounds: int = 3
+
+
+def base_bench(quick: bool) -> BaseBench:
+    if quick:  # the same sections and keys, smaller: a few minutes on one thread
+        return BaseBench(train_batch=(2, 128), gen_new=32, steps=1, rounds=2, gen_rounds=2)
+    return BaseBench()
+
+
+def cpu_vector_unit() -> dict:
+    """What torch dispatches to (its CPU capability) and the flags that decide bf16/int8 matmul speed."""
+    flags: set[str] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+    return {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "flags": [f for f in wanted if f in flags]}
+
+
+def measure_limits(log, seconds: float = 1.0) -> dict:
+    """The machine's physical limits at this thread count: memory bandwidth (a 512 MiB tensor read by a sum,
+    and copied) and matmul peak (2048^3 products, float32 and bfloat16); the best of a few repetitions."""
+    def best_time(fn, reps: int) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    n = 128 * 2**20  # 512 MiB of float32: far larger than any cache
+    src, dst = torch.ones(n), torch.empty(n)
+    read_gbs = n * 4 / best_time(lambda: src.sum(), 5) / 1e9
+    copy_gbs = 2 * n * 4 / best_time(lambda: dst.copy_(src), 5) / 1e9  # read + write
+    del src, dst
+    out = {"memory_read_gb_s": read_gbs, "memory_copy_gb_s": copy_gbs, "memory_bandwidth_gb_s": max(read_gbs, copy_gbs),
+           "method": "bandwidth: best of 5 of sum() (bytes read / s) and copy_() ((read + write) / s) over a 512 MiB "
+                     "float32 tensor; matmul peak: best of 3 torch.mm of 2048 x 2048 x 2048 (2 n^3 FLOPs)"}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(2048, 2048).to(dtype), torch.randn(2048, 2048).to(dtype)
+        out[f"matmul_{name}_gflop_s"] = 2 * 2048**3 / best_time(lambda: a @ b, 3) / 1e9
+    log(f"  memory bandwidth {out['memory_bandwidth_gb_s']:.1f} GB/s (read {read_gbs:.1f}, copy {copy_gbs:.1f}); "
+        f"matmul peak fp32 {out['matmul_fp32_gflop_s']:.0f} GFLOP/s, bf16 {out['matmul_bf16_gflop_s']:.0f} GFLOP/s")
+    return out
+
+
+def linear_weights(cfg: LlamaConfig) -> int:
+    """Numbers in the matrices one token passes through: the blocks' seven and the output head."""
+    C, d, H = cfg.dim, cfg.head_dim, cfg.ffn_hidden_dim
+    per_layer = C * cfg.n_heads * d * 2 + C * cfg.n_kv_heads * d * 2 + 3 * C * H
+    return cfg.n_layers * per_layer + cfg.vocab_size * C
+
+
+def load_real_base(name: str, log) -> tuple[Llama, Optional[object], str]:
+    """(float32 model, its tokenizer or None, where the weights came from)."""
+    from adapterlab import load_llama
+
+    try:
+        model = load_llama(name, dtype=torch.float32)
+        return model, getattr(model, "tokenizer", None), f"{name} (installed GGUF file)"
+    except FileNotFoundError as error:
+        log(f"  {error}: random weights in the exact shape instead (speeds hold, quality numbers do not)")
+        model = random_llama(SMOLLM2_CONFIG, torch.device("cpu"), torch.float32, seed=0)
+        model.output.weight = model.tok_embeddings.weight  # tied, as the file
+        return model.requires_grad_(False), None, f"random weights, {name}'s shape (file not installed)"
+
+
+def litgpt_from_ours(ours: Llama, name: str, K: int, L: int):
+    """LitGPT's adapter GPT (its own SmolLM2 config) holding our base weights, converted by LitGPT's own
+    Hugging Face converter from the transformers-named copy; only the adapter trains."""
+    from litgpt.adapter import GPT, Config, mark_only_adapter_as_trainable
+    from litgpt.scripts.convert_hf_checkpoint import copy_weights_hf_llama
+
+    cfg = ours.config
+    config = Config.from_name(LITGPT_NAMES[name], adapter_prompt_length=K, adapter_start_layer=cfg.n_layers - L)
+    theirs = (config.n_layer, config.n_embd, config.n_head, config.n_query_groups, config.intermediate_size,
+              config.padded_vocab_size, config.rope_base)
+    mine = (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.ffn_hidden_dim, cfg.vocab_size, cfg.rope_theta)
+    if theirs != mine:
+        raise ValueError(f"LitGPT's config {LITGPT_NAMES[name]} {theirs} is not our model's shape {mine}")
+    hf_state = meta_to_hf_state_dict(ours.state_dict(), cfg)
+    hf_state.pop("lm_head.weight", None)  # the file ties the head to the embedding: LitGPT ties it too
+    state: dict[str, torch.Tensor] = {}
+    copy_weights_hf_llama(config, {}, state, hf_state)
+    torch.manual_seed(0)
+    model = GPT(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any("adapter_wte" not in k and "gating_factor" not in k for k in missing):
+        raise ValueError(f"LitGPT conversion: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    mark_only_adapter_as_trainable(model)
+    return model
+
+
+def reset_litgpt_prompts(model) -> None:
+    """LitGPT's adapter keeps the prompts' keys/values from its first forward for good: clear them, so that
+    each training step and each generation computes them (once) from the current prompts."""
+    for block in model.transformer.h:
+        if hasattr(block.attn, "adapter_kv_cache"):
+            block.attn.adapter_kv_cache = None
+
+
+def litgpt_variant(model, tokens, labels):
+    """LitGPT's own adapter fine-tuning step (litgpt/finetune/adapter.py): chunked head, chunked cross-entropy."""
+    from litgpt.utils import chunked_cross_entropy
+
+    def make():
+        model.clear_kv_cache()
+        model.train()
+        opt = adam_for(model.parameters())
+
+        def step():
+            reset_litgpt_prompts(model)
+            opt.zero_grad(set_to_none=True)
+            logits = model(tokens, lm_head_chunk_size=128)
+            logits[-1] = logits[-1][..., :-1, :]
+            loss = chunked_cross_entropy(logits, labels[..., 1:])
+            loss.backward()
+            opt.step()
+
+        return step
+
+    return make
+
+
+def litgpt_generate(model, prompt: torch.Tensor, new: int) -> list[list[int]]:
+    """Greedy decoding with LitGPT's batched generator and KV cache sized to the request."""
+    from litgpt.generate.base import batched_generate_fn
+
+    reset_litgpt_prompts(model)
+    model.eval()
+    B, P = prompt.shape
+    model.max_seq_length = P + new
+    model.set_kv_cache(batch_size=B, device=prompt.device)
+    try:
+        steps = list(batched_generate_fn(model, prompt, max_returned_tokens=P + new, sample_args={"temperature": 0.0},
+                                         include_prompt=False, include_eos=True))
+    finally:
+        model.clear_kv_cache()
+    return [[int(step[i]) for step in steps] for i in range(B)]
+
+
+@torch.no_grad()
+def text_loss_full_logits(model, tokens: torch.Tensor) -> float:
+    """Mean next-token cross-entropy on tokens (1, T) from the model's own full forward (the path generation uses)."""
+    model.eval()
+    logits = model(tokens).float()  # (1, T, V)
+    return float(F.cross_entropy(logits[0, :-1], tokens[0, 1:]))
+
+
+def torchao_int8(model: Llama) -> Llama:
+    """torchao's int8 weight-only quantization (per-channel) of every nn.Linear of a copy of the model."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(model, Int8WeightOnlyConfig())
+    return model
+
+
+def greedy_agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Fraction of positions where two greedy continuations agree, counted up to each row's first difference
+    (after one token differs the contexts differ too)."""
+    same = total = 0
+    for ra, rb in zip(a, b):
+        n = next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), min(len(ra), len(rb)))
+        same, total = same + n, total + len(ra)
+    return same / max(total, 1)
+
+
+def base_generate_rows(sides: dict[str, Callable], bench: BaseBench, prompts: dict[int, torch.Tensor], log) -> list[dict]:
+    """Greedy decoding, alternating rounds over the sides; the first (warm-up) call per side and batch is tracked
+    for peak memory and gives the tokens compared between sides."""
+    rows = []
+    for B in bench.gen_batches:
+        prompt = prompts[B]
+        times: dict[str, list[float]] = {k: [] for k in sides}
+        cpu_times: dict[str, list[float]] = {k: [] for k in sides}
+        outputs, peaks, errors = {}, {}, {}
+        for name, fn in sides.items():  # warm-up at full length, tracked
+            try:
+                tracker = PeakTensorMemory()
+                with tracker:
+                    outputs[name] = fn(prompt, bench.gen_new)
+                peaks[name] = tracker.peak / GIB
+            except Exception as error:
+                errors[name] = f"{type(error).__name__}: {error}"[:500]
+                log(f"  ! generate {name}, batch {B}: {errors[name]}")
+        for _ in range(bench.gen_rounds):
+            for name, fn in sides.items():
+                if name in errors:
+                    continue
+                start, cpu_start = time.perf_counter(), time.process_time()
+                fn(prompt, bench.gen_new)
+                times[name].append(time.perf_counter() - start)
+                cpu_times[name].append(time.process_time() - cpu_start)
+        row = {"batch": B, "prompt_tokens": prompt.shape[1], "new_tokens": bench.gen_new, "errors": errors,
+               "seconds_rounds": times, "peak_activation_gib": peaks, "tok_s": {}, "cpu_time_tok_s": {},
+               "greedy_agreement_with_adapterlab_fp32": {}}
+        for name in sides:
+            row["tok_s"][name] = B * bench.gen_new / statistics.median(times[name]) if times[name] else None
+            row["cpu_time_tok_s"][name] = B * bench.gen_new / statistics.median(cpu_times[name]) if cpu_times[name] else None
+            if name in outputs and "adapterlab fp32" in outputs:
+                row["greedy_agreement_with_adapterlab_fp32"][name] = greedy_agreement(outputs[name],
+                                                                                      outputs["adapterlab fp32"])
+        rows.append(row)
+        log(f"  batch {B}: " + ", ".join(f"{k} {v:,.1f}" if v else f"{k} n/a" for k, v in row["tok_s"].items())
+            + " tokens/s")
+    return rows
+
+
+def run_base(name: str, args, log, limits: dict) -> dict:
+    """The real model: quality of each frozen base, then training (each L) and generation against the peers."""
+    from adapterlab import load_llama
+    from adapterlab.generate import generate_tokens
+    from adapterlab.quant import base_bytes, quantize_base
+
+    bench = base_bench(args.quick)
+    K = bench.prompt_len
+    res: dict = {"bench": {k: getattr(bench, k) for k in bench.__dataclass_fields__}}
+    t0 = time.perf_counter()
+    ours, tokenizer, source = load_real_base(name, log)
+    cfg = ours.config
+    res.update(source=source, config=cfg.to_dict())
+    if tokenizer is not None:
+        bf16 = load_llama(name, dtype=torch.bfloat16)
+    else:
+        bf16 = copy.deepcopy(ours).to(torch.bfloat16)
+    int8 = quantize_base(copy.deepcopy(ours))
+    ours_models = {"adapterlab fp32": ours, "adapterlab bf16": bf16, "adapterlab int8": int8}
+    res["weights_gib"] = {k: base_bytes(m) / GIB for k, m in ours_models.items()}
+    res["build_s"] = round(time.perf_counter() - t0, 1)
+    log(f"  loaded {source}: weights " + ", ".join(f"{k} {v:.3f} GiB" for k, v in res["weights_gib"].items()))
+
+    # ---- what each frozen base costs in quality (real text, general questions), and torchao's int8 beside ours
+    if tokenizer is not None:
+        from adapterlab.worlds.smollm2 import accuracy, probe_facts, text_tokens
+
+        text = text_tokens(tokenizer, TEXT_TOKENS)
+    else:
+        text = torch.randint(3, cfg.vocab_size, (1, TEXT_TOKENS), generator=torch.Generator().manual_seed(0))
+    quality: dict = {"text": f"the first {TEXT_TOKENS} tokens of adapterlab.worlds.smollm2.english_text() (Python's "
+                             "bundled docs), loss from the model's full forward" if tokenizer is not None else
+                     "random tokens (no tokenizer: the file is absent); the losses say nothing about quality",
+                     "text_loss": {}}
+    torchao_model, torchao_error = None, None
+    try:
+        torchao_model = torchao_int8(copy.deepcopy(bf16))
+    except Exception as error:
+        torchao_error = f"{type(error).__name__}: {error}"[:500]
+        log(f"  torchao int8 weight-only unavailable: {torchao_error}")
+    quality_models = dict(ours_models, **({"torchao int8 (bf16 activations)": torchao_model} if torchao_model else {}))
+    for k, m in quality_models.items():
+        quality["text_loss"][k] = text_loss_full_logits(m, text)
+    fp32_loss = quality["text_loss"]["adapterlab fp32"]
+    quality["text_loss_delta_vs_fp32"] = {k: v - fp32_loss for k, v in quality["text_loss"].items()}
+    log("  real-text loss: " + ", ".join(f"{k} {v:.4f}" for k, v in quality["text_loss"].items()))
+    if tokenizer is not None and not args.quick:  # 66 chat answers per base: minutes on one thread
+        quality["general_questions_known"] = {k: accuracy(probe_facts(m, tokenizer), key="known")
+                                              for k, m in ours_models.items()}
+        quality["general_questions_note"] = ("adapterlab.worlds.smollm2.GENERAL_FACTS: questions kept because the "
+                                             "fp32 base answers them, so fp32 is 100% by construction and any change "
+                                             "to the base can only lose some")
+        log("  general questions answered: " + ", ".join(f"{k} {v:.0%}" for k, v in
+                                                         quality["general_questions_known"].items()))
+    log(f"  [{time.perf_counter() - t0:.0f} s]")
+    res["quality"] = quality
+
+    # ---- the peers, same weights: parity of the plain models first
+    probe = text[:, :64]
+    hf = hf_from_ours(ours, torch.float32).eval()
+    with torch.no_grad():
+        res["parity_max_abs_logit_diff"] = {"transformers": float((hf(input_ids=probe).logits - ours(probe)).abs().max())}
+    litgpt_error = None
+    try:
+        import litgpt  # noqa: F401
+
+        res["litgpt_version"] = importlib.metadata.version("litgpt")
+    except Exception as error:
+        litgpt_error = f"LitGPT is not installed ({type(error).__name__}: {error}); pip install litgpt"
+    log(f"  parity with transformers: max |logit diff| {res['parity_max_abs_logit_diff']['transformers']:.2e}")
+
+    prompts = {}
+    for B in bench.gen_batches:  # real text, a different slice per row
+        starts = [64 + 40 * i for i in range(B)]
+        prompts[B] = torch.stack([text[0, s:s + bench.gen_prompt] for s in starts]) if tokenizer is not None else \
+            torch.randint(3, cfg.vocab_size, (B, bench.gen_prompt), generator=torch.Generator().manual_seed(B))
+
+    res["train"], res["generate"] = {}, None
+    for L in bench.layers:
+        log(f"\n== {name}, adapter K={K}, L={L}")
+        for m in ours_models.values():
+            remove_adapter(m)
+            add_adapter(m, AdapterConfig(prompt_len=K, layers=L), seed=args.seed)
+        hf_l = hf_from_ours(ours, torch.float32)
+        torch.manual_seed(args.seed)
+        from peft import AdaptionPromptConfig, get_peft_model
+
+        peft_model = get_peft_model(hf_l, AdaptionPromptConfig(adapter_len=K, adapter_layers=L, task_type="CAUSAL_LM"))
+        lit = None
+        if litgpt_error is None:
+            try:
+                lit = litgpt_from_ours(ours, name, K, L)
+                if L == bench.layers[0]:
+                    lit.eval()
+                    reset_litgpt_prompts(lit)
+                    with torch.no_grad():
+                        res["parity_max_abs_logit_diff"]["litgpt"] = float((lit(probe) - ours(probe)).abs().max())
+                    log(f"  parity with LitGPT (zero gates): max |logit diff| "
+                        f"{res['parity_max_abs_logit_diff']['litgpt']:.2e}")
+            except Exception as error:
+                litgpt_error = f"{type(error).__name__}: {error}"[:500]
+                log(f"  ! LitGPT: {litgpt_error}")
+
+        # training: every variant once per round, alternating
+        shape = BenchShape(name, cfg, K, L, bench.train_batch, None, warmup=bench.warmup, steps=bench.steps,
+                           rounds=bench.rounds)
+        tokens, labels = make_batch(cfg.vocab_size, bench.train_batch, torch.device("cpu"), args.seed, PROMPT_FRACTION)
+        rows = [TrainVariant("PEFT adaption prompt", "peft", peft_variant(peft_model, tokens, labels),
+                             bench.train_batch, 0, tensor_bytes(peft_model), "transformers + peft, fp32")]
+        if lit is not None:
+            rows.append(TrainVariant("LitGPT adapter", "litgpt", litgpt_variant(lit, tokens, labels), bench.train_batch,
+                                     0, tensor_bytes(lit), "litgpt.adapter.GPT, fp32, its finetune step"))
+        for k, m in ours_models.items():
+            rows.append(TrainVariant(k, "adapterlab", ours_variant(m, tokens, labels, loss_mode="fused", compiled=False,
+                                                                    ckpt=False), bench.train_batch, 0, base_bytes(m),
+                                     f"{k.split()[1]} frozen base, fp32 adapter, lm_loss(mode='fused')"))
+        log(f"  train batch {bench.train_batch[0]}x{bench.train_batch[1]}, {bench.warmup} warm-up + {bench.steps} timed "
+            f"steps per variant and round, {bench.rounds} alternating rounds")
+        for r in range(bench.rounds):
+            for v in rows:
+                if v.error:
+                    continue
+                run_variant_round(v, shape, torch.device("cpu"), measure_memory=(r == 0))
+                if len(v.tok_s) == r + 1:
+                    log(f"  round {r + 1}: {v.name:<24} {v.tok_s[-1]:>8,.1f} tokens/s ({v.cpu_tok_s[-1]:,.1f} per CPU s)")
+        B, T = bench.train_batch
+        log(f"  [{time.perf_counter() - t0:.0f} s]")
+        res["train"][f"L{L}"] = {
+            "rows": [v.to_json() for v in rows],
+            "model_flops_per_token": train_flops_per_step(cfg, K, L, B, T) / (B * T),
+        }
+        print_train_table(rows, log, cpu=True)
+
+        if L == bench.gen_layers:
+            log(f"\n== {name}, greedy generation, K={K}, L={L}: prompt {bench.gen_prompt} tokens of real text, "
+                f"{bench.gen_new} new tokens, {bench.gen_rounds} alternating rounds")
+            for m in ours_models.values():
+                m.eval()
+            sides: dict[str, Callable] = {
+                k: (lambda m: lambda p, new: generate_tokens(m, p.tolist(), max_new_tokens=new, greedy=True,
+                                                             stop_at_eos=False))(m)
+                for k, m in ours_models.items()}
+            peft_model.eval()
+            sides["PEFT"] = lambda p, new: peft_model.generate(
+                input_ids=p, attention_mask=torch.ones_like(p), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                pad_token_id=0)[:, p.shape[1]:].tolist()
+            if lit is not None:
+                sides["LitGPT"] = lambda p, new: litgpt_generate(lit, p, new)
+            if torchao_model is not None:
+                add_adapter(torchao_model, AdapterConfig(prompt_len=K, layers=L), seed=args.seed)
+                sides["torchao int8"] = lambda p, new: generate_tokens(torchao_model, p.tolist(), max_new_tokens=new,
+                                                                       greedy=True, stop_at_eos=False)
+            res["generate"] = base_generate_rows(sides, bench, prompts, log)
+            log(f"  [{time.perf_counter() - t0:.0f} s]")
+        del peft_model, hf_l, lit
+        gc.collect()
+
+    res["errors"] = {"litgpt": litgpt_error, "torchao": torchao_error}
+    res["limits"] = base_limits(cfg, K, bench, limits, res)
+    res["summary"] = base_summary(res, bench)
+    return res
+
+
+def base_limits(cfg: LlamaConfig, K: int, bench: BaseBench, limits: dict, res: dict) -> dict:
+    """What the hardware allows: weight bytes per decoding step / bandwidth, and model FLOPs per trained token /
+    matmul peak (see FLOP_FORMULA; the head's saving on prompt tokens is not counted)."""
+    n = linear_weights(cfg)
+    bandwidth = limits["memory_bandwidth_gb_s"] * 1e9
+    out = {"linear_weights": n, "generate_tokens_per_s_limit": {}, "train_tokens_per_s_limit": {}}
+    for side, bytes_per in (("fp32", 4), ("bf16", 2), ("int8", 1 + 4 / cfg.dim)):  # int8: + one fp32 scale per row
+        step_bytes = n * bytes_per
+        out[f"weight_bytes_per_step_{side}"] = step_bytes
+        for B in bench.gen_batches:  # one decoding step reads every weight once, for the whole batch
+            out["generate_tokens_per_s_limit"][f"{side}_batch{B}"] = B * bandwidth / step_bytes
+    for L in bench.layers:
+        flops = res["train"][f"L{L}"]["model_flops_per_token"]
+        for side in ("fp32", "bf16"):
+            out["train_tokens_per_s_limit"][f"{side}_L{L}"] = limits[f"matmul_{side}_gflop_s"] * 1e9 / flops
+    return out
+
+
+def base_summary(res: dict, bench: BaseBench) -> dict:
+    """Ratios measured in this run. Training at L=30 (the paper's) unless absent; generation at batch 1 (the
+    chat case); detail holds every L and batch."""
+    def train_rate(L: int, name: str) -> Optional[float]:
+        rows = res["train"].get(f"L{L}", {}).get("rows", [])
+        return next((r["tok_s_median"] for r in rows if r["name"] == name), None)
+
+    def gen_rate(B: int, name: str) -> Optional[float]:
+        row = next((r for r in res["generate"] or [] if r["batch"] == B), None)
+        return row["tok_s"].get(name) if row else None
+
+    def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+        return a / b if a and b else None
+
+    detail: dict = {}
+    for L in bench.layers:
+        for peer, key in (("PEFT adaption prompt", "peft"), ("LitGPT adapter", "litgpt")):
+            for base in ("fp32", "bf16", "int8"):
+                detail[f"train_L{L}_{base}_vs_{key}"] = ratio(train_rate(L, f"adapterlab {base}"), train_rate(L, peer))
+        for base in ("bf16", "int8"):
+            detail[f"train_L{L}_{base}_vs_fp32"] = ratio(train_rate(L, f"adapterlab {base}"), train_rate(L, "adapterlab fp32"))
+    for B in bench.gen_batches:
+        for base in ("fp32", "bf16", "int8"):
+            for peer, key in (("PEFT", "peft"), ("LitGPT", "litgpt")):
+                detail[f"generate_b{B}_{base}_vs_{key}"] = ratio(gen_rate(B, f"adapterlab {base}"), gen_rate(B, peer))
+        for base in ("bf16", "int8"):
+            detail[f"generate_b{B}_{base}_vs_fp32"] = ratio(gen_rate(B, f"adapterlab {base}"), gen_rate(B, "adapterlab fp32"))
+        detail[f"generate_b{B}_int8_vs_torchao_int8"] = ratio(gen_rate(B, "adapterlab int8"), gen_rate(B, "torchao int8"))
+    L, B = max(bench.layers), min(bench.gen_batches)
+    deltas = res["quality"]["text_loss_delta_vs_fp32"]
+    out = {
+        "train_vs_peft": detail[f"train_L{L}_fp32_vs_peft"],
+        "train_vs_litgpt": detail[f"train_L{L}_fp32_vs_litgpt"],
+        "generate_vs_peft": detail[f"generate_b{B}_fp32_vs_peft"],
+        "generate_vs_litgpt": detail[f"generate_b{B}_fp32_vs_litgpt"],
+        "generate_int8_vs_fp32": detail[f"generate_b{B}_int8_vs_fp32"],
+        "generate_int8_vs_litgpt": detail[f"generate_b{B}_int8_vs_litgpt"],
+        "int8_text_loss_delta": deltas.get("adapterlab int8"),
+        "bf16_text_loss_delta": deltas.get("adapterlab bf16"),
+        "measured_at": f"train: L={L}, batch {bench.train_batch[0]}x{bench.train_batch[1]}; generate: batch {B}, "
+                       f"{bench.gen_new} new tokens; all fp32 unless named",
+        "null_because": {k: v for k, v in res["errors"].items() if v},
+        "detail": detail,
+    }
+    return out
+
+
+def print_base_summary(res: dict, limits: dict, log) -> None:
+    s = res["summary"]
+    log("\n######## summary (ratios measured in this run; detail in the JSON)")
+    for k in ("train_vs_peft", "train_vs_litgpt", "generate_vs_peft", "generate_vs_litgpt", "generate_int8_vs_fp32",
+              "generate_int8_vs_litgpt", "int8_text_loss_delta", "bf16_text_loss_delta"):
+        v = s[k]
+        log(f"  {k:<26} " + ("n/a" if v is None else f"{v:+.4f}" if "delta" in k else f"{v:.2f}x"))
+    log(f"  ({s['measured_at']})")
+    for k, v in s["null_because"].items():
+        log(f"  {k}: {v}")
+    lim = res["limits"]
+    log("  limits: generation " + ", ".join(f"{k} {v:,.1f}" for k, v in lim["generate_tokens_per_s_limit"].items())
+        + " tokens/s; training " + ", ".join(f"{k} {v:,.0f}" for k, v in lim["train_tokens_per_s_limit"].items())
+        + " tokens/s")
+
+
 # =========================================================================== report
 def print_train_table(rows: list[TrainVariant], log, cpu: bool) -> None:
     extra = " tokens per CPU second |" if cpu else ""
@@ -833,6 +1320,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--alpaca-median", type=float, default=130.0, help="assumed median Alpaca example length")
     parser.add_argument("--alpaca-mean", type=float, default=150.0, help="assumed mean Alpaca example length")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--base", choices=sorted(LITGPT_NAMES), default=None,
+                        help="the real model instead of the shapes (CPU): training (K=10, L=8 and 30) and generation "
+                             "against PEFT and LitGPT, fp32/bf16/int8 frozen bases, quality, the machine's limits")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -885,6 +1375,29 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     log(f"adapterlab benchmark on {machine_label(machine)}, torch {machine['torch']}, transformers "
         f"{machine['transformers']}, peft {machine['peft']}, {result['date']}")
+
+    if args.base:  # the real model: its own sections, one summary at the end of the JSON
+        if device.type != "cpu":
+            parser.error("--base measures the CPU (the GPU path is benchmarks/gpu_7b.sh); add --device cpu")
+        log(f"\n######## {args.base}: the machine's limits ({torch.get_num_threads()} threads)")
+        result["limits"] = limits = measure_limits(log)
+        try:
+            result["base"] = run_base(args.base, args, log, limits)
+            print_base_summary(result["base"], limits, log)
+            result["summary"] = result["base"]["summary"]
+        except Exception as error:
+            result["base"] = {"error": f"{type(error).__name__}: {error}"[:1000]}
+            log(f"!! --base {args.base} failed: {result['base']['error']}")
+        with contextlib.suppress(OSError, AttributeError):
+            machine["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        log(f"total time {time.perf_counter() - t_start:.0f} s")
+        summary_last = result.pop("summary", None)
+        save()
+        if summary_last is not None:  # the summary object closes the JSON
+            result.pop("summary", None)
+            result["summary"] = summary_last
+            save()
+        return result
 
     padding = None
     if "padding" in args.section_set:

@@ -8,6 +8,7 @@ Lowest first. A module may import from its own folder and from the folders its r
     io/                       base weights and adapter files in and out: the core
     gates/                    record, read, plot and watch the gates: the core and io
     encoders/                 other model families that reuse the adapter's Eq. 7: the core and io
+    quant/                    a frozen base stored in fewer bits (int8 weight-only): the core and io
     worlds/                   the embedded worlds, their data, tasks and bases: everything above
     studies/                  one harness; baselines, variants, the studies: everything above
     exercises/                the notebooks' checkers: everything above
@@ -27,11 +28,12 @@ MAY_IMPORT = {
     "io": {"core"},
     "gates": {"core", "io"},
     "encoders": {"core", "io"},
+    "quant": {"core", "io"},
     "worlds": {"core", "io", "metrics", "gates", "encoders"},
     "studies": {"core", "io", "metrics", "gates", "encoders", "worlds"},
     "exercises": {"core", "io", "metrics", "gates", "encoders", "worlds", "studies"},
 }
-FOLDERS = {"metrics", "io", "gates", "encoders", "worlds", "studies", "exercises"}
+FOLDERS = {"metrics", "io", "gates", "encoders", "quant", "worlds", "studies", "exercises"}
 TOP_LEVEL_LIMIT = 12  # modules at the top of the package, faces included: the core a student reads in one sitting
 
 
