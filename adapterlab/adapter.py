@@ -1,7 +1,7 @@
 """LLaMA-Adapter: learnable adaption prompts and zero-init gated attention (arXiv 2303.16199).
 
-Layer 2 (above model, below data and training): imports model. The core a student reads:
-model -> adapter -> data -> losses -> train -> generate. The method in words: docs/method.md.
+The core a student reads: model -> adapter -> data -> losses -> train -> generate. The method in
+words: docs/method.md.
 
 For a query token t in adapted layer l, with K prompt tokens P_l and M earlier word tokens:
 

@@ -1,7 +1,6 @@
 """Instruction data: Alpaca records, the prompt templates, label masking and batching.
 
-Layer 3 (beside distributed): torch only, nothing from adapterlab. The loss is in
-:mod:`adapterlab.losses`, the loop that batches these examples in :mod:`adapterlab.train`.
+The loss is in :mod:`adapterlab.losses`, the loop that batches these examples in :mod:`adapterlab.train`.
 
 An Alpaca file is a JSON list of records ``{"instruction": str, "input": str, "output": str}``
 (about 40% of Alpaca-52K has a non-empty input). Each record becomes one training example

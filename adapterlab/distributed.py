@@ -1,6 +1,6 @@
 """Data-parallel training on several processes (torchrun): DDP or FSDP, with the same loop.
 
-Layer 3 (beside data): imports adapter. The training loop (:mod:`adapterlab.train`) calls it.
+The training loop (:mod:`adapterlab.train`) calls it.
 
 The release's recipe (docs/method.md) trains on 8 GPUs with torchrun + DDP, total batch 64.
 Here every process ("rank") holds the frozen base and a replica of the adapter:

@@ -1,7 +1,5 @@
 """Text generation with a KV cache: prefill the prompts, then one token per step.
 
-Layer 4 (beside losses): imports model and tokenizer.
-
 Prompts of different lengths need no padding mask (Meta's scheme): decoding starts at the
 shortest prompt's length; at a position where a longer prompt still has a token, that token
 is kept instead of the sampled one. Every row therefore only ever attends to real tokens.

@@ -1,7 +1,6 @@
 """The language-model loss without a (B, T, vocab) logits tensor.
 
-Layer 4 (beside generate): imports model, data and distributed. :func:`loss_sum` is the loss the training loop takes;
-:func:`lm_loss` its fast path.
+:func:`loss_sum` is the loss the training loop takes; :func:`lm_loss` its fast path.
 
 The loss of a language model needs, for every token, the log-sum-exp of its logits over the
 vocabulary and the logit of its target; its gradient with respect to the final hidden state h
@@ -192,11 +191,10 @@ def loss_sum(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor, **for
         logits = model(tokens, **forward_kwargs)                 # (B, T, vocab)
         F.cross_entropy(logits[:, :-1], labels[:, 1:], reduction="sum", ignore_index=-100)
 
-    Speed (marked, see benchmarks/README.md): when the output head is frozen (adapter or LoRA
-    tuning of an adapterlab Llama, alone or in DDP) the same value comes from :func:`lm_loss`,
-    which never builds the (B, T, vocab) logits and skips the head on prompt tokens (label -100):
-    less memory, and +33% tokens/s on a 32,000-word vocabulary on the CPU. Other models (full
-    fine-tuning, FSDP, wrappers) take the line above.
+    When the output head is frozen (adapter or LoRA tuning of an adapterlab Llama, alone or in DDP)
+    the same value comes from :func:`lm_loss`, which never builds the (B, T, vocab) logits and skips
+    the head on prompt tokens (label -100): less memory and less work (measured in
+    benchmarks/README.md). Other models (full fine-tuning, FSDP, wrappers) take the line above.
     """
     if _head_is_fusable(model):
         return lm_loss(model, tokens, labels, reduction="sum", mode="fused", **forward_kwargs)

@@ -1,7 +1,5 @@
 """LLaMA, written top to bottom in the order the data flows through it.
 
-Layer 1 (beside tokenizer and scenes): torch only, nothing from adapterlab.
-
     tokens -> embedding -> [ RMSNorm -> attention (rotary, grouped-query, KV cache)
                              -> RMSNorm -> SwiGLU feed-forward ] x n_layers
            -> RMSNorm -> output head -> logits

@@ -1,8 +1,5 @@
 """One training loop for pretraining, adapter tuning and the baselines.
 
-Layer 5: imports files, model, adapter, data, distributed and losses; the tooling above
-it (checkpoints, baselines, vision, tinyworld, recipes, cli) imports it.
-
     for step in range(start, total):
         batch   = the step's global batch (a deterministic function of seed and step)
         train_step:  for micro in the batch (gradient accumulation):

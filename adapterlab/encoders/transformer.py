@@ -1,7 +1,7 @@
 """Two more model families for zero-init attention: a small ViT and a small RoBERTa-style encoder.
 
-Layer 3 (beside data): imports files only; the adapter (Layer 2) reaches these models through
-the one ``self.adapter`` slot of :class:`EncoderAttention`, exactly as in model.py.
+The adapter reaches these models through the one ``self.adapter`` slot of :class:`EncoderAttention`,
+exactly as in model.py.
 
     ViT:   images (B, 3, H, W) -> patches (a strided conv) -> [CLS; patches] + positions
            -> [ LayerNorm -> attention (bidirectional) -> LayerNorm -> GELU MLP ] x n_layers

@@ -1,9 +1,8 @@
 """Files and the machine: atomic writes, the cache folder, a cross-process lock, CPU threads, progress.
 
-Layer 0 (the lowest): imports only the standard library, torch, filelock and tqdm, and nothing
-from adapterlab. Everything that writes a file other processes may read at the same moment (a
-checkpoint, gates.jsonl, metrics.json, a cached base) goes through here, so a reader - or a
-process killed at any moment - sees the old file or the new one, never half of one.
+Everything that writes a file other processes may read at the same moment (a checkpoint, gates.jsonl,
+metrics.json, a cached base) goes through here, so a reader - or a process killed at any moment - sees
+the old file or the new one, never half of one. Nothing from the rest of adapterlab: the core writes through it.
 
 Portable on purpose: no POSIX-only module (fcntl) - students run this on Windows too.
 """

@@ -1,7 +1,5 @@
 """BLEU-4 for captions: corpus BLEU as Papineni et al. (2002) define it, as COCO reports it.
 
-Layer 1 (beside model, tokenizer and scenes): pure Python, imports nothing from adapterlab.
-
 Why our own 30 lines and not a library: the definition is short enough to read in one go, and
 :func:`corpus_bleu` returns its parts (the n-gram precisions, the brevity penalty, the candidate
 and reference lengths), which the multi-modal notebook shows. The tests check it against a hand

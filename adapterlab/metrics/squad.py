@@ -1,7 +1,5 @@
 """The SQuAD metric: exact match and token F1 as the official v1.1 / v2.0 evaluation defines them.
 
-Layer 1 (beside model, tokenizer, scenes and bleu): the standard library only, nothing from adapterlab.
-
 Extractive question answering is scored on text, not on token positions, after a normalisation
 that forgives the differences no reader would call wrong::
 

@@ -1,7 +1,5 @@
 """The baselines of Table 3: LoRA and full fine-tuning, trained by the same loop as the adapter.
 
-Layer 6 (tooling above train, beside checkpoints): imports model and adapter.
-
 LoRA (Hu et al. 2021, arXiv 2106.09685) keeps a weight W frozen and learns a low-rank update
 beside it, in the chosen linear layers (Alpaca-LoRA, the paper's Table 3 row: W_q and W_v):
 

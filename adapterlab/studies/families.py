@@ -1,9 +1,8 @@
 """Zero-init attention beyond LLaMA: a ViT on VTAB-style tasks and a RoBERTa-style encoder on
 SQuAD-style questions, against the other ways of tuning a frozen model.
 
-Layer 9 (above recipes, ablate and textqa; below cli): imports files, squad, adapter, encoders,
-train, gates, baselines, vtab, textqa, recipes and ablate. ``adapterlab demo --vit`` /
-``adapterlab demo --roberta`` and ``adapterlab families`` call :func:`run_demo` and :func:`run_study`.
+``adapterlab demo vit`` / ``adapterlab demo roberta`` and ``adapterlab families`` call :func:`run_demo`
+and :func:`run_study`.
 
 The encoders (:mod:`adapterlab.encoders.transformer`) carry the same attention slot as LLaMA, so the gated
 prompt term of Eq. 7 is not written again here: ``zero_init`` attaches the adapter of

@@ -1,9 +1,8 @@
 """The multi-modal LLaMA-Adapter on the embedded scenes: the base, the image token, training, the demo.
 
-Layer 7 (beside tinyworld and live): glue on top of the scenes (:mod:`adapterlab.worlds.scenes`, the
-pictures; :mod:`adapterlab.worlds.scenetext`, what is asked and told about them), the adapter and its
-visual projection, the training loop, greedy generation and the frozen scene encoder
-(:mod:`adapterlab.worlds.vision`).
+Glue on top of the scenes (:mod:`adapterlab.worlds.scenes`, the pictures;
+:mod:`adapterlab.worlds.scenetext`, what is asked and told about them), the adapter and its visual
+projection, the training loop, greedy generation and the frozen scene encoder (:mod:`adapterlab.worlds.vision`).
 
 The frozen base is a small LLaMA pretrained by :func:`pretrain_scene_base` on text about the
 scenes (descriptions, reading exercises, quizzes with a text context, facts): the "LLaMA that

@@ -1,7 +1,6 @@
 """The embedded image set: small rendered scenes of shapes, drawn by our own code.
 
-Layer 1 (beside model and tokenizer): numpy and torch only, nothing from adapterlab. What the
-scenes are asked and told is in :mod:`adapterlab.worlds.scenetext`.
+What the scenes are asked and told is in :mod:`adapterlab.worlds.scenetext`.
 
 Every scene shows ``count`` copies of one shape in one colour, grouped in one corner:
 

@@ -1,7 +1,7 @@
 """What the scenes are asked and told: questions, captions, the base's reading, and scores.
 
-Layer 2 (beside adapter): pure Python and numpy on top of :mod:`adapterlab.worlds.scenes` (the
-pictures) and :mod:`adapterlab.metrics.bleu` (the caption metric); no model, no torch.
+Pure Python and numpy on top of :mod:`adapterlab.worlds.scenes` (the pictures) and
+:mod:`adapterlab.metrics.bleu` (the caption metric); no model, no torch.
 
 Tasks, in the style of ScienceQA (multiple choice, three context categories) and COCO (captions):
 

@@ -1,8 +1,5 @@
 """Extractive question answering on the tiny world (SQuAD-style), and the pretrained text encoder it tunes.
 
-Layer 8 (beside recipes and ablate): imports files, tokenizer, squad, encoders, train (its
-optimizer and schedule) and tinyworld.
-
 **The tasks.** A short paragraph (2-5 sentences) states facts about one or two people, in the
 corpus's own phrasings, shuffled; a question asks about one of them, and its answer is a span of
 the paragraph (the SQuAD v1.1 form)::

@@ -1,7 +1,6 @@
 """The embedded default: a tiny synthetic world, its tokenizer and a small LLaMA pretrained on it.
 
-Layer 7 (tooling): imports files, model, tokenizer, data, generate, train and io.weights. It also
-gives the package its names for embedded and installed things: ``adapterlab.load_llama`` is
+It also gives the package its names for embedded and installed things: ``adapterlab.load_llama`` is
 :func:`load_llama` here ("tinyworld", "smollm2", a folder or a GGUF file), and
 :func:`load_instruction_data` reads "tinyworld" or an Alpaca file.
 

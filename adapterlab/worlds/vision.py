@@ -4,10 +4,9 @@
           -> VisualProjection (learnable MLP)                 -> one image token I_p  (B, C)
           -> added to the K adaption prompts of every adapted layer: P_l^v = P_l + Repeat(I_p)
 
-Layer 6 (tooling above train): imports scenes, clip and train. This module holds the encoders (the
-first step); the last two belong to the adapter and live in :mod:`adapterlab.adapter`
-(:class:`~adapterlab.adapter.VisualProjection`, and ``model(tokens, visual=I_p)`` or
-``model(tokens, image_features=...)``).
+This module holds the encoders (the first step); the last two belong to the adapter and live in
+:mod:`adapterlab.adapter` (:class:`~adapterlab.adapter.VisualProjection`, and ``model(tokens, visual=I_p)``
+or ``model(tokens, image_features=...)``).
 
 Two encoders give the same kind of output:
 - :class:`SceneEncoder`, the embedded default: a small convolutional network that our own code

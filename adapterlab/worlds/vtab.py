@@ -1,8 +1,6 @@
 """VTAB-1k in miniature: pictures to pretrain a small ViT on, the pretrained ViT base, and seven
 downstream classification tasks it never saw as labels.
 
-Layer 7 (tooling): imports files, scenes, encoders and train.
-
 The paper's last experiments tune a ViT pretrained on ImageNet-21k (supervised) on VTAB-1k: 19
 small tasks with 1,000 training pictures each, reported in three groups. Nothing can be
 downloaded here, so this module makes the same kind of study from pictures our own code draws,
