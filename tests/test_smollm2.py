@@ -103,7 +103,11 @@ def test_chat_examples_take_the_loss_on_the_reply_and_its_end_only(tiny_chat_mod
 def test_the_demo_writes_its_metrics_answers_gates_and_adapter(tiny_chat_model, tmp_path, one_thread):
     config = S.RealDemoConfig(layers=2, prompt_len=3, steps=3, batch_size=3, n_train=1, n_heldout=1, n_facts=4,
                               text_tokens=64, identity_layers=(1, 2), max_new_tokens=6)
-    metrics = S.run_real_demo(tmp_path, config, base=tiny_chat_model, progress=False)
+    told = []
+    metrics = S.run_real_demo(tmp_path, config, base=tiny_chat_model, progress=False,
+                              report=lambda stage, info: told.append((stage, info)))
+    assert [stage for stage, _ in told] == list(S.STAGES)  # the story, in order, as each stage is done
+    assert told[0][1]["text_loss"] == metrics["text_loss_before"] and told[3][1]["rows"][0]["question"]
     for key in ("base", "heldout_accuracy_before", "heldout_accuracy_after", "text_loss_before", "text_loss_after",
                 "facts_kept_before", "facts_kept_after", "trainable_params", "base_params", "seconds", "threads",
                 "vector_unit", "seed"):
@@ -120,6 +124,26 @@ def test_the_demo_writes_its_metrics_answers_gates_and_adapter(tiny_chat_model, 
     assert len(answers["heldout"]) == 3 and len(answers["facts"]) == 4
     for name in ("gates.jsonl", "gates.png", "adapter_config.json"):
         assert (tmp_path / name).is_file(), name
+
+
+def test_chat_examples_are_cut_at_max_seq_len_and_counted(tiny_chat_model):
+    tok = tiny_chat_model.tokenizer
+    long_one = {"instruction": "Say it. " * 200, "input": "", "output": "No."}
+    records = [S.Item("plural", "mouse", "mice").record(), long_one]
+    whole = S.chat_dataset(tok, records)
+    prompt_len = len(S.chat_prompt(tok, records[0]["instruction"]))
+    cut = S.chat_dataset(tok, records, max_seq_len=prompt_len + 3)
+    assert (cut.n_truncated, cut.n_dropped, len(cut)) == (2, 1, 1)  # the long one's prompt fills the window
+    assert cut.tokens[0] == whole.tokens[0][:prompt_len + 3] and cut.records == records[:1]
+    with pytest.raises(ValueError, match="max_seq_len=5"):
+        S.chat_dataset(tok, records, max_seq_len=5)
+
+
+def test_the_real_model_uses_two_threads_unless_told(monkeypatch):
+    monkeypatch.delenv("ADAPTERLAB_THREADS", raising=False)
+    assert S.real_model_threads() == S.REAL_THREADS == 2
+    monkeypatch.setenv("ADAPTERLAB_THREADS", "1")
+    assert S.real_model_threads() == 1
 
 
 def test_the_demo_refuses_a_model_without_a_chat_tokenizer(tmp_path):

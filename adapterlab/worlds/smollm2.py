@@ -23,12 +23,12 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 from ..adapter import AdapterConfig, add_adapter, count_trainable, remove_adapter
-from ..data import IGNORE_INDEX, TokenDataset, validate_records
+from ..data import IGNORE_INDEX, DataError, TokenDataset, validate_records
 from ..gates import GateRecorder
 from ..generate import generate_tokens
 from ..io.adapters import save_adapter
@@ -323,17 +323,35 @@ def chat_prompt(tokenizer: Tokenizer, question: str) -> list[int]:
     return tokenizer.chat([{"role": "user", "content": question}], add_generation_prompt=True)
 
 
-def chat_dataset(tokenizer: Tokenizer, records: Sequence[dict], source: str = "records") -> TokenDataset:
+def user_turn(instruction: str, input: str = "") -> str:
+    """An Alpaca record's instruction (and input, if any) as the text of one user turn."""
+    return instruction + (f"\n\n{input}" if input else "")
+
+
+def chat_dataset(tokenizer: Tokenizer, records: Sequence[dict], source: str = "records",
+                 max_seq_len: Optional[int] = None) -> TokenDataset:
     """Alpaca records as chat examples: the user turn (the instruction, then the input if any) in the
-    model's chat template with no loss on it, then the output and the end-of-turn token (the loss)."""
-    tokens, labels = [], []
+    model's chat template with no loss on it, then the output and the end-of-turn token (the loss).
+    max_seq_len: cut longer examples (counted); one whose prompt fills the window is dropped (counted)."""
+    tokens, labels, kept = [], [], []
+    n_truncated = n_dropped = 0
     for r in validate_records(list(records), source):
-        question = r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")
-        prompt = chat_prompt(tokenizer, question)
+        prompt = chat_prompt(tokenizer, user_turn(r["instruction"], r["input"]))
         reply = tokenizer.encode(r["output"], bos=False, eos=True)  # eos: the end of the turn (<|im_end|>)
-        tokens.append(prompt + reply)
-        labels.append([IGNORE_INDEX] * len(prompt) + reply)
-    return TokenDataset(tokens, labels, source=source, records=list(records))
+        t, l = prompt + reply, [IGNORE_INDEX] * len(prompt) + reply
+        if max_seq_len is not None and len(t) > max_seq_len:
+            n_truncated += 1
+            t, l = t[:max_seq_len], l[:max_seq_len]
+            if all(x == IGNORE_INDEX for x in l[1:]):  # the prompt filled the window: nothing to learn
+                n_dropped += 1
+                continue
+        tokens.append(t)
+        labels.append(l)
+        kept.append(r)
+    if not tokens:
+        raise DataError(f"{source}: every example was longer than max_seq_len={max_seq_len} before its reply; "
+                        "raise max_seq_len")
+    return TokenDataset(tokens, labels, n_truncated, n_dropped, source=source, records=kept)
 
 
 @torch.no_grad()
@@ -380,6 +398,15 @@ def by_kind(rows: Sequence[dict]) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- the demo
+REAL_THREADS = 2  # the real model's CPU threads unless $ADAPTERLAB_THREADS says otherwise: the demo's target is 2 cores
+
+
+def real_model_threads() -> int:
+    """CPU threads for the real model: ``$ADAPTERLAB_THREADS`` when set (0: torch's choice), else
+    :data:`REAL_THREADS`. (The embedded tiny models keep 1: their matrices are too small to share.)"""
+    return default_threads() if "ADAPTERLAB_THREADS" in os.environ else REAL_THREADS
+
+
 @dataclass
 class RealDemoConfig:
     """The settings of :func:`run_real_demo` (the defaults: a few minutes on 2 CPU threads).
@@ -387,61 +414,83 @@ class RealDemoConfig:
     layers / prompt_len: the adapter (L top layers, K prompts). steps, batch_size, lr, warmup_steps: the
     tuning. n_train / n_heldout: facts per kind tuned on / held out. n_facts: how many general questions
     probe what the base knew (None: all). text_tokens: the length of the English text. identity_layers:
-    the L of the step-0 comparison (zero-init vs random-init gates). threads: torch's CPU threads (None:
-    ADAPTERLAB_THREADS, default 1).
+    the L of the step-0 comparison (zero-init vs random-init gates; (8, 30) adds the whole depth).
+    max_new_tokens / facts_new_tokens: the longest reply to a task question / a general question.
+    threads: torch's CPU threads (None: :func:`real_model_threads`). device: None -> CUDA when available.
     """
 
     layers: int = 8
     prompt_len: int = 10
     steps: int = 40
     batch_size: int = 8
-    lr: float = 2e-2
+    lr: float = 1e-2
     warmup_steps: int = 2
     n_train: int = 24
     n_heldout: int = 20
     n_facts: Optional[int] = None
     text_tokens: int = 1024
-    identity_layers: tuple[int, ...] = (8, 30)
+    identity_layers: tuple[int, ...] = (8,)
     max_new_tokens: int = 24
+    facts_new_tokens: int = 20
     seed: int = 0
     threads: Optional[int] = None
+    device: Optional[str] = None
 
 
 ANSWERS_NAME = "answers.json"
+STAGES = ("base", "before", "tuned", "after")  # what run_real_demo tells its ``report`` callback, in order
 
 
 def run_real_demo(out_dir: PathLike, config: Optional[RealDemoConfig] = None,
-                  base: Union[str, PathLike, Llama] = BASE, progress: bool = True) -> dict:
+                  base: Union[str, PathLike, Llama] = BASE, progress: bool = True,
+                  report: Optional[Callable[[str, dict], None]] = None, callbacks: Sequence = ()) -> dict:
     """Tune an adapter on the real model's task and measure what it unlocked and what the base kept.
 
     base: ``"smollm2"`` (the installed SmolLM2-135M-Instruct), a path :func:`adapterlab.load_llama` reads,
     or a loaded Llama with a chat tokenizer in ``.tokenizer``; it is frozen, and left with the tuned adapter.
+    report(stage, info): called at each of :data:`STAGES` as it is done (the command line prints the
+    story from it): "base" (the model, its text loss, step 0), "before" / "after" (the scored rows of
+    the held-out questions and of the general facts), "tuned" (the training run's metrics).
+    callbacks: more training callbacks (the gates are recorded anyway).
     Writes to ``out_dir``: metrics.json, gates.jsonl + gates.png, the adapter (adapter.safetensors +
     adapter_config.json) and answers.json (every reply before and after). Returns the metrics.
     """
     config = config or RealDemoConfig()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    threads = config.threads if config.threads is not None else default_threads()
-    t0 = time.perf_counter()
+    threads = config.threads if config.threads is not None else real_model_threads()
+    tell = report or (lambda stage, info: None)
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    phases: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        phases[name] = round(now - since, 1)
+        return now
+
     with cpu_threads(threads):
-        model = base if isinstance(base, Llama) else load_llama(base, device="cpu", dtype=torch.float32)
+        model = base if isinstance(base, Llama) else load_llama(base, device=device, dtype=torch.float32)
         tokenizer = getattr(model, "tokenizer", None)
         if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
             raise ValueError(f"run_real_demo: the base {base if not isinstance(base, Llama) else 'model'} has no "
                              "tokenizer with a chat template (model.tokenizer.chat); load one that has, e.g. 'smollm2'")
         model.requires_grad_(False)
+        out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
         task = make_task(config.n_train, config.n_heldout, config.seed)
         facts = GENERAL_FACTS[:config.n_facts]
-        text = text_tokens(tokenizer, config.text_tokens)
-        n_answers = 2 * (len(task.heldout) + len(facts))
-        bar = progress_bar(total=n_answers, desc="answering (before and after tuning)", unit="question",
-                           disable=not progress)
+        text = text_tokens(tokenizer, min(config.text_tokens, model.config.max_seq_len))  # a short context: less text
+        t = lap("load", t0)
 
         step0 = step0_losses(model, text, config.identity_layers, config.prompt_len, config.seed)
-        before = score_task(model, tokenizer, task.heldout, config.max_new_tokens, progress=bar)
-        facts_before = probe_facts(model, tokenizer, facts, progress=bar)
+        t = lap("step0", t)
+        tell("base", {"base_params": model.num_params(), "config": model.config, "text_loss": step0["base"],
+                      "text_tokens": text.shape[1], "step0": step0, "threads": torch.get_num_threads(),
+                      "device": str(model.device)})
+
+        before, facts_before = _answer_all(model, tokenizer, task.heldout, facts, config, progress, "before tuning")
+        t = lap("answer_before", t)
+        tell("before", {"rows": before, "items": task.heldout, "facts": facts_before})
 
         add_adapter(model, AdapterConfig(prompt_len=config.prompt_len, layers=min(config.layers, model.config.n_layers)),
                     seed=config.seed)
@@ -449,13 +498,16 @@ def run_real_demo(out_dir: PathLike, config: Optional[RealDemoConfig] = None,
         tuned = train(model, data, TrainConfig(
             steps=config.steps, batch_size=config.batch_size, lr=config.lr, warmup_steps=config.warmup_steps,
             length_group=1, log_every=5, seed=config.seed, checkpoint=False, progress=progress,
-            desc="tuning the adapter"), callbacks=[GateRecorder(out, every=5)])
+            desc="tuning the adapter"), callbacks=[GateRecorder(out, every=5), *callbacks])
+        t = lap("train", t)
+        tell("tuned", {**tuned, "n_train": len(task.train), "trainable_params": count_trainable(model)})
 
-        after = score_task(model, tokenizer, task.heldout, config.max_new_tokens, progress=bar)
-        facts_after = probe_facts(model, tokenizer, facts, progress=bar)
+        after, facts_after = _answer_all(model, tokenizer, task.heldout, facts, config, progress, "after tuning")
         text_after = text_loss(model, text)
-        bar.close()
+        lap("answer_after", t)
         used_threads = torch.get_num_threads()
+        tell("after", {"rows": after, "items": task.heldout, "facts": facts_after, "before": before,
+                       "facts_before": facts_before, "text_loss": text_after})
     save_adapter(model, out)
 
     metrics = {
@@ -466,19 +518,34 @@ def run_real_demo(out_dir: PathLike, config: Optional[RealDemoConfig] = None,
         "heldout_by_kind_before": by_kind(before), "heldout_by_kind_after": by_kind(after),
         "heldout_known_before": accuracy([{"k": mentions(r["reply"], it.answers)} for r, it in zip(before, task.heldout)], "k"),
         "n_train": len(task.train), "n_heldout": len(task.heldout),
-        "text_loss_before": step0["base"], "text_loss_after": text_after, "text_tokens": config.text_tokens,
+        "text_loss_before": step0["base"], "text_loss_after": text_after, "text_tokens": text.shape[1],
         "step0_text_loss": step0,
         "facts_kept_before": sum(r["known"] for r in facts_before),
         "facts_kept_after": sum(r["known"] and b["known"] for r, b in zip(facts_after, facts_before)),
         "facts_total": len(facts),
         "trainable_params": count_trainable(model), "base_params": model.num_params() - count_trainable(model),
         "train_final_loss": tuned["final_loss"], "train_seconds": tuned["train_seconds"],
-        "seconds": round(time.perf_counter() - t0, 1),
-        "threads": used_threads, "vector_unit": build_machine()["cpu"], "torch": torch.__version__,
-        "seed": config.seed, "config": {**asdict(config), "identity_layers": list(config.identity_layers)},
+        "seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - cpu0, 1),
+        "seconds_by_phase": phases,
+        "threads": used_threads, "device": str(model.device), "vector_unit": build_machine()["cpu"],
+        "torch": torch.__version__, "seed": config.seed,
+        "config": {**asdict(config), "identity_layers": list(config.identity_layers)},
     }
     answers = {"heldout": [{**b, "reply_after": a["reply"], "correct_after": a["correct"]} for b, a in zip(before, after)],
                "facts": [{**b, "reply_after": a["reply"], "known_after": a["known"]} for b, a in zip(facts_before, facts_after)]}
     atomic_write_text(out / ANSWERS_NAME, json.dumps(answers, indent=1, ensure_ascii=False) + "\n")
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _answer_all(model: Llama, tokenizer: Tokenizer, heldout: Sequence[Item], facts: Sequence[tuple[str, ...]],
+                config: RealDemoConfig, progress: bool, when: str) -> tuple[list[dict], list[dict]]:
+    """The held-out questions scored and the general facts probed, under one progress bar."""
+    bar = progress_bar(total=len(heldout) + len(facts), desc=f"answering ({when})", unit="question",
+                       disable=not progress)
+    try:
+        rows = score_task(model, tokenizer, heldout, config.max_new_tokens, progress=bar)
+        known = probe_facts(model, tokenizer, facts, config.facts_new_tokens, progress=bar)
+    finally:
+        bar.close()
+    return rows, known
