@@ -275,3 +275,25 @@ def test_tokenizer_json_without_add_bos_flag_follows_its_post_processor(tmp_path
     for s in varied_strings(100, seed=2):
         assert tok.encode(s, bos=True) == backend.encode(s, add_special_tokens=True).ids
         assert tok.encode(s, bos=False) == backend.encode(s, add_special_tokens=False).ids
+
+
+def test_hf_folder_with_only_tokenizer_json_gets_its_tokenizer_and_saves_it_back(tmp_path):
+    """Llama 3, TinyLlama and SmolLM2 folders ship tokenizer.json and no tokenizer.model: read_llama attaches
+    the BPE tokenizer (chat template included), and save_llama writes it back beside the weights."""
+    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+
+    from adapterlab.io.weights import read_llama, save_llama
+
+    folder = tmp_path / "hf"
+    make_tiny_bpe(folder)
+    own = load_tokenizer(folder)
+    hf = HFConfig(vocab_size=own.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(hf).save_pretrained(folder)
+    assert not (folder / "tokenizer.model").exists()
+    model = read_llama(folder, device="cpu")
+    text = "A folder with 12 tokens\tand spaces  here."
+    assert model.tokenizer is not None and model.tokenizer.encode(text) == own.encode(text)
+    assert model.tokenizer.chat([{"role": "user", "content": "hi"}]) == own.chat([{"role": "user", "content": "hi"}])
+    back = read_llama(save_llama(model, model.tokenizer, tmp_path / "meta", weights="safetensors"), device="cpu")
+    assert back.tokenizer.encode(text) == own.encode(text) and back.tokenizer.chat_template == own.chat_template

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save
 
 from .files import atomic_torch_save, atomic_write_bytes, atomic_write_text
 from ..model import Llama, LlamaConfig
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, load_tokenizer
 
 PathLike = Union[str, os.PathLike]
 
@@ -60,7 +60,7 @@ def read_llama(
     max_seq_len: longest sequence the model accepts (default: the folder's
     max_position_embeddings for HF, the file's context_length for GGUF, 2048 for Meta).
     The returned model has ``model.tokenizer``: a :class:`Tokenizer` when the folder holds
-    ``tokenizer.model`` (or the GGUF file a tokenizer), else None.
+    ``tokenizer.model`` or ``tokenizer.json`` (or the GGUF file a tokenizer), else None.
     """
     path = Path(path)
     if device is None:
@@ -104,10 +104,15 @@ def read_llama(
         config.max_seq_len = max_seq_len
 
     model = _assign_weights(config, state, source=str(folder))
+    # A folder's own tokenizer.model or tokenizer.json (Llama 3, TinyLlama, SmolLM2 ship only the latter);
     # Meta's downloads keep one tokenizer.model beside the size folders (llama/7B, llama/13B ...).
-    candidates = [folder / "tokenizer.model"] + ([folder.parent / "tokenizer.model"] if is_meta else [])
-    tok_path = next((p for p in candidates if p.is_file()), None)
-    model.tokenizer = Tokenizer(tok_path) if tok_path is not None else None
+    has_own = (folder / "tokenizer.model").is_file() or (folder / "tokenizer.json").is_file()
+    if has_own:
+        model.tokenizer = load_tokenizer(folder)
+    elif is_meta and (folder.parent / "tokenizer.model").is_file():
+        model.tokenizer = load_tokenizer(folder.parent / "tokenizer.model")
+    else:
+        model.tokenizer = None
     return model.eval()
 
 
@@ -138,8 +143,9 @@ def save_llama(model: Llama, tokenizer: Optional[Tokenizer], folder: PathLike,
         atomic_write_bytes(folder / "consolidated.00.safetensors", save(state))
     else:
         atomic_torch_save(state, folder / "consolidated.00.pth")
-    if tokenizer is not None:
-        atomic_write_bytes(folder / "tokenizer.model", tokenizer.model_proto)
+    if tokenizer is not None:  # tokenizer.model (SentencePiece) or tokenizer.json (BPE), + tokenizer_config.json
+        for name, data in tokenizer.files().items():
+            atomic_write_bytes(folder / name, data)
     for name, content in (extra or {}).items():
         atomic_write_text(folder / name, json.dumps(content, indent=2, default=str))
     return folder
