@@ -2,21 +2,33 @@
 
 ``adapterlab ablate`` calls :func:`run_ablation` and prints :func:`report`.
 
-Three variants of the same adapter (K prompts in the top L layers of the tiny-world base):
+Three variants of the same adapter (K prompts in the top L layers of the base):
 
-    zero_init    AdapterConfig(init="zero")    the method: gates start at 0, the base is untouched at step 0
-    random_init  AdapterConfig(init="random")  the paper's ablation: the same gates, started at random
-    ungated      no gate: the prompts join the tokens' softmax (prefix tuning)
+    zero_init          AdapterConfig(init="zero")    the method: gates start at 0, the base is untouched at step 0
+    random_init        AdapterConfig(init="random")  the paper's ablation: the same gates, started at N(0, 1) draws
+                                                     (times gate_scale)
+    ungated            no gate: the prompts join the tokens' softmax (prefix tuning)
+    random_init_small  random_init at a smaller scale (small_gate_scale, default 0.1): so that "random" is not
+                       only the largest disturbance (not one of the three designs; the real-model study runs it)
 
-Each run: a fresh copy of the cached tiny-world base, one variant, one seed (the seed draws the
-prompts and the random gates, and orders the data), the same data and budget. A run records
+Two bases (``AblationConfig.base``): the embedded tiny world ("tinyworld", the default) and a real pretrained
+LLaMA with a chat tokenizer ("smollm2": SmolLM2-135M-Instruct, 30 layers). On the real model the task is
+:mod:`adapterlab.worlds.smollm2`'s (short facts answered in a strict format, scored on held-out facts),
+the "pretraining text" is held-out real English (Python's bundled docs) and the "facts" are general
+questions the base answers. Each run: a fresh copy of the base, one variant, one seed (the seed draws
+the prompts and the random gates, and orders the data), the same data and budget. A run records
 
-    losses            the training loss of every step (Fig. 5)
+    losses, grad_norms  the training loss and gradient norm of every step (Fig. 5); early_loss and
+                        early_grad_norm: their means over the first early_steps; loss_spikes: steps whose
+                        loss is more than SPIKE times the step before's
     eval_history      held-out accuracy and loss every eval_every steps and at the end (Table 5)
     knowledge_before  what the base knows, measured with the adapter attached, before training:
-    knowledge_after     the loss on its pretraining text (pretrain_loss_after: lower = more kept) and
+    knowledge_after     the loss on its pretraining text (pretrain_loss_after: lower = more kept; the real
+                        model: the loss on Python's docs, also as text_loss_step0 / text_loss_final) and
                         the accuracy of completing every person's facts in the pretraining phrasing
-                        ("Mara lives in" -> Oslo; facts_kept)
+                        ("Mara lives in" -> Oslo; the real model: the general questions still answered; facts_kept)
+    knowledge_log     the same during the run: the text loss at the gate log's steps, the facts too at
+                        each evaluation (step 0 and the end: knowledge_before / knowledge_after)
     gate_log          at steps 0, 1, 2, 3, 5, every 10th and the last: the gates per gated layer and
                         head (``layers``, ``gates`` (L, H), as :mod:`adapterlab.gates` records them:
                         ``GateLog.from_records(run["gate_log"])`` reads a gated run's; runs committed
@@ -33,6 +45,7 @@ holds mean, std and a 95% interval over seeds per variant with the paired verdic
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -59,23 +72,40 @@ VARIANTS = {
     "random_init": dict(init="random"),  # the paper's ablation: gates start at N(0, 1) draws
     "ungated": dict(init="zero"),  # no gate: prompts and tokens in one softmax (studies.variants)
 }
-LABELS = {"zero_init": "zero-init gates", "random_init": "random-init gates", "ungated": "ungated (one softmax)"}
-COLORS = {"zero_init": "tab:blue", "random_init": "tab:red", "ungated": "tab:green"}
+SCALED = {"random_init_small": dict(init="random")}  # random_init's gates times small_gate_scale
+ALL_VARIANTS = {**VARIANTS, **SCALED}
+LABELS = {"zero_init": "zero-init gates", "random_init": "random-init gates", "ungated": "ungated (one softmax)",
+          "random_init_small": "small random gates"}
+COLORS = {"zero_init": "tab:blue", "random_init": "tab:red", "ungated": "tab:green", "random_init_small": "tab:orange"}
 RUNS_NAME, SUMMARY_NAME, PLOT_NAME = harness.RUNS_NAME, "summary.json", "ablation.png"
 METRICS = ("heldout_accuracy", "early_loss", "pretrain_loss_after", "facts_kept", "first_loss", "final_loss",
-           "heldout_loss", "knowledge_at_init", "attention_share")
+           "heldout_loss", "knowledge_at_init", "attention_share",
+           # newer runs only (a summary takes a metric every run has): stability, and the real model's text loss
+           "early_grad_norm", "loss_spikes", "text_loss_step0", "text_loss_final")
+TINY, REAL = "tinyworld", "smollm2"  # the bases: the embedded tiny world, SmolLM2-135M-Instruct
+SPIKE = 1.5  # a loss spike: a step whose training loss is more than SPIKE times the step before's
 
 
 # --------------------------------------------------------------------------- config
-def study_train() -> TrainConfig:
-    """Every run's training budget unless the study says otherwise (the seed is the run's)."""
-    return TrainConfig(steps=40, batch_size=16, lr=5e-2, warmup_steps=5, checkpoint=False,
-                       progress=False)
+def study_train(base: str = TINY) -> TrainConfig:
+    """Every run's training budget unless the study says otherwise (the seed is the run's). The real
+    model: the demo's budget (adapterlab.worlds.smollm2), held-out evaluation at half-time and the end."""
+    if base == TINY:
+        return TrainConfig(steps=40, batch_size=16, lr=5e-2, warmup_steps=5, checkpoint=False,
+                           progress=False)
+    return TrainConfig(steps=40, batch_size=8, lr=1e-2, warmup_steps=2, eval_every=20, length_group=1,
+                       checkpoint=False, progress=False)
 
 
-def study_adapter() -> AdapterConfig:
-    """K prompts in the top L layers of the tiny-world base (each variant sets its gate and init)."""
-    return AdapterConfig(prompt_len=10, layers=4)
+def study_adapter(base: str = TINY) -> AdapterConfig:
+    """K prompts in the top L layers of the base (each variant sets its gate and init): all 4 layers of
+    the tiny world; 8 of the real model's 30."""
+    return AdapterConfig(prompt_len=10, layers=4 if base == TINY else 8)
+
+
+def study_variants(base: str = TINY) -> tuple[str, ...]:
+    """The variants a study runs unless told: the three designs; on a real model also random_init_small."""
+    return tuple(VARIANTS) if base == TINY else tuple(ALL_VARIANTS)
 
 
 # What a run sets itself, whatever the study's TrainConfig says (not part of the study's settings).
@@ -84,44 +114,66 @@ PER_RUN = ("seed", "desc", "progress", "out_dir", "resume", "checkpoint", "log_e
 
 @dataclass
 class AblationConfig:
-    """One study: which variants, how many seeds, and the budget every run gets.
+    """One study: which base and variants, how many seeds, and the budget every run gets.
 
+    base: "tinyworld" (the embedded tiny world) or a real LLaMA with a chat tokenizer that
+        :func:`adapterlab.load_llama` reads ("smollm2"); train, adapter and variants left None take
+        the base's defaults (:func:`study_train`, :func:`study_adapter`, :func:`study_variants`).
     train: the training budget of every run (steps, batch_size, lr, warmup_steps, eval_every: held-out
-        evaluation every N steps, None: at step 0 and at the end only); each run sets its own seed.
+        evaluation every N steps, None: at the end only); each run sets its own seed.
     adapter: K prompts (prompt_len) in the top L layers (layers); each variant sets gate and init.
-    gate_scale: multiplies the random gates' N(0, 1) draws (variant "random_init" only).
+    gate_scale: multiplies the random gates' N(0, 1) draws (variant "random_init").
+    small_gate_scale: the same for variant "random_init_small".
     prompt_scale: multiplies the prompts' N(0, 1) draws (every variant).
     train_records: use only the first N instruction records (None: all) - the small-data regime.
     early_steps: "early loss" is the mean training loss of the first early_steps steps.
-    probe_docs: pretraining documents in the knowledge probe's loss (its fact probe asks every person).
+    watch_every: the gates and the text loss are logged at steps 1, 2, 3, 5 and every watch_every-th.
+    probe_docs: pretraining documents in the knowledge probe's loss (its fact probe asks every person; tiny world).
+    n_train / n_heldout: facts per kind tuned on / held out; n_facts: general questions asked (None: all);
+        text_tokens: the length of the English text whose loss is logged (a real base).
     """
 
-    variants: tuple[str, ...] = tuple(VARIANTS)
+    variants: Optional[tuple[str, ...]] = None
     seeds: int = 5
-    train: TrainConfig = field(default_factory=study_train)
-    adapter: AdapterConfig = field(default_factory=study_adapter)
+    train: Optional[TrainConfig] = None
+    adapter: Optional[AdapterConfig] = None
     gate_scale: float = 1.0
     prompt_scale: float = 1.0
     train_records: Optional[int] = None
     early_steps: int = 10
     probe_docs: int = 48
+    base: str = TINY
+    small_gate_scale: float = 0.1
+    watch_every: Optional[int] = None
+    n_train: int = 24
+    n_heldout: int = 20
+    n_facts: Optional[int] = None
+    text_tokens: int = 512
 
     def __post_init__(self) -> None:
+        self.base = str(self.base)
+        self.variants = study_variants(self.base) if self.variants is None else self.variants
+        self.train = study_train(self.base) if self.train is None else self.train
+        self.adapter = study_adapter(self.base) if self.adapter is None else self.adapter
+        self.watch_every = (10 if self.base == TINY else 5) if self.watch_every is None else self.watch_every
         self.variants = tuple(method_name(v) for v in self.variants)  # older spellings: "zero", "random", "none"
-        unknown = [v for v in self.variants if v not in VARIANTS]
+        unknown = [v for v in self.variants if v not in ALL_VARIANTS]
         if unknown or not self.variants:
-            raise ValueError(f"variants must be a non-empty subset of {tuple(VARIANTS)}; got {list(self.variants)}")
+            raise ValueError(f"variants must be a non-empty subset of {tuple(ALL_VARIANTS)}; got {list(self.variants)}")
         if len(set(self.variants)) != len(self.variants):
             raise ValueError(f"variants are listed twice: {list(self.variants)}")
         if not isinstance(self.train, TrainConfig) or self.train.steps is None:
             raise ValueError(f"train must be a TrainConfig with steps set; got {self.train!r}")
         if not isinstance(self.adapter, AdapterConfig):
             raise ValueError(f"adapter must be an AdapterConfig; got {self.adapter!r}")
-        for name in ("seeds", "early_steps", "probe_docs"):
+        for name in ("seeds", "early_steps", "probe_docs", "watch_every", "n_train", "n_heldout", "text_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-        for name, value in (("lr", self.train.lr), ("gate_scale", self.gate_scale), ("prompt_scale", self.prompt_scale)):
+        if self.n_facts is not None and (not isinstance(self.n_facts, int) or self.n_facts < 1):
+            raise ValueError(f"n_facts must be an integer >= 1 or None (all); got {self.n_facts!r}")
+        for name, value in (("lr", self.train.lr), ("gate_scale", self.gate_scale), ("prompt_scale", self.prompt_scale),
+                            ("small_gate_scale", self.small_gate_scale)):
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a number > 0; got {value!r}")
         if self.train.warmup_steps is None or self.train.warmup_steps < 0:
@@ -137,25 +189,45 @@ class AblationConfig:
 
     def run_settings(self) -> dict:
         """What every run of the study shares, as runs.jsonl records it: the budget, K and L, the
-        scales and the probe (and any other field of train or adapter set away from its default)."""
+        scales and the probe (and any other field of train or adapter set away from its default); on
+        a real base also the base and its task (a tiny-world study writes these only when changed,
+        so folders written before they existed still resume)."""
         t, a = self.train, self.adapter
         settings = {"steps": t.steps, "lr": t.lr, "batch_size": t.batch_size, "warmup_steps": t.warmup_steps,
                     "prompt_len": a.prompt_len, "layers": a.layers, "gate_scale": self.gate_scale,
                     "prompt_scale": self.prompt_scale, "train_records": self.train_records, "eval_every": t.eval_every,
                     "early_steps": self.early_steps, "probe_docs": self.probe_docs}
-        for given, default in ((t, study_train()), (a, study_adapter())):
+        later = {"base": self.base, "small_gate_scale": self.small_gate_scale, "watch_every": self.watch_every,
+                 "n_train": self.n_train, "n_heldout": self.n_heldout, "n_facts": self.n_facts,
+                 "text_tokens": self.text_tokens}
+        if self.base == TINY:
+            tiny = AblationConfig()
+            later = {k: v for k, v in later.items() if v != getattr(tiny, k)}
+        else:
+            del settings["probe_docs"]  # the tiny world's probe
+        settings.update(later)
+        for given, default in ((t, study_train(self.base)), (a, study_adapter(self.base))):
             settings.update({k: v for k, v in asdict(given).items()
                              if k not in settings and k not in PER_RUN and v != getattr(default, k)})
         return settings
 
     def adapter_config(self, variant: str) -> AdapterConfig:
-        return replace(self.adapter, **VARIANTS[variant])
+        return replace(self.adapter, **ALL_VARIANTS[variant])
+
+    def gate_scale_of(self, variant: str) -> float:
+        """What the variant's random gate draws are multiplied by (zero gates stay zero whatever it is)."""
+        return self.small_gate_scale if variant == "random_init_small" else self.gate_scale
 
 
 # --------------------------------------------------------------------------- the bench
 @dataclass
 class Bench:
-    """Everything the runs share: the world, the data and a way to get a fresh base."""
+    """Everything the runs share: the world, the data and a way to get a fresh base.
+
+    The tiny world's bench has its pretraining text (corpus_data) and its world (the people whose facts
+    the base learned); a real model's has held-out English text (text) and general questions (facts),
+    and its world is the task (:class:`adapterlab.worlds.smollm2.Task`, heldout_records its held-out items).
+    """
 
     world: object
     tokenizer: object
@@ -165,6 +237,12 @@ class Bench:
     corpus_data: object
     probe_tokens: torch.Tensor  # a fixed batch of held-out prompts, for the prompts' attention share
     load_base: Callable[[], torch.nn.Module]
+    text: Optional[torch.Tensor] = None  # a real model: English text the tuning never sees, (1, T)
+    facts: Sequence[tuple[str, ...]] = ()  # a real model: general questions (question, answer, also...)
+
+    @property
+    def real(self) -> bool:
+        return self.text is not None
 
 
 def tiny_world_bench(config: AblationConfig, load_base: Optional[Callable] = None) -> Bench:
@@ -195,6 +273,40 @@ def make_bench(world, tokenizer, train_records: Sequence[dict], heldout_records:
     probe_tokens, _ = collate([heldout_data[i] for i in range(min(8, len(heldout_data)))])
     return Bench(world, tokenizer, train_data, list(heldout_records), heldout_data, corpus_data, probe_tokens,
                  load_base)
+
+
+def real_bench(config: AblationConfig, base: Optional[torch.nn.Module] = None) -> Bench:
+    """A real model's bench: :mod:`adapterlab.worlds.smollm2`'s task (facts of three kinds, the held-out
+    facts never tuned on), its English text and general questions. base: a loaded Llama with a chat
+    tokenizer in ``.tokenizer`` (default: ``load_llama(config.base)`` on the CPU, in fp32); it is kept
+    untouched and every run gets a copy."""
+    from ..worlds import smollm2
+    from ..worlds.tinyworld import load_llama
+
+    if base is None:
+        base = load_llama(config.base, device="cpu", dtype=torch.float32)
+    tokenizer = getattr(base, "tokenizer", None)
+    if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"ablate --base {config.base}: the model has no tokenizer with a chat template; give a real "
+                         "model that has one (smollm2), or tinyworld for the embedded tiny world")
+    base.requires_grad_(False)
+    task = smollm2.make_task(config.n_train, config.n_heldout, seed=0)  # the same split for every seed
+    records = [it.record() for it in task.train][: config.train_records]
+    train_data = smollm2.chat_dataset(tokenizer, records, source=f"{config.base} task")
+    if len(train_data) < config.train.batch_size:
+        raise ValueError(f"the task has {len(train_data)} training facts, fewer than batch_size="
+                         f"{config.train.batch_size}; lower the batch size or raise n_train")
+    heldout_data = smollm2.chat_dataset(tokenizer, [it.record() for it in task.heldout], source="held-out facts")
+    probe_tokens, _ = collate([heldout_data[i] for i in range(min(8, len(heldout_data)))])
+    text = smollm2.text_tokens(tokenizer, min(config.text_tokens, base.config.max_seq_len))
+    facts = smollm2.GENERAL_FACTS[: config.n_facts]
+    return Bench(task, tokenizer, train_data, list(task.heldout), heldout_data, None, probe_tokens,
+                 lambda: copy.deepcopy(base), text=text, facts=facts)
+
+
+def study_bench(config: AblationConfig) -> Bench:
+    """The bench of the config's base: the tiny world's, or a real model's."""
+    return tiny_world_bench(config) if config.base == TINY else real_bench(config)
 
 
 # --------------------------------------------------------------------------- measurements
@@ -232,23 +344,41 @@ def fact_completion_accuracy(model, tokenizer, world, max_new_tokens: int = 4) -
 
 
 @torch.no_grad()
-def knowledge(model, bench: Bench) -> dict:
-    """What the model knows of its pretraining, asked in the pretraining's own words (no template):
-    ``corpus_loss`` on pretraining text and ``fact_accuracy`` completing every person's facts."""
+def knowledge(model, bench: Bench, facts: bool = True) -> dict:
+    """What the model knows of its pretraining: ``corpus_loss``, the loss on its pretraining text (a real
+    model: on English text the tuning never sees), and unless ``facts`` is False ``fact_accuracy``: the
+    share of every person's facts it completes in the pretraining's own words, no template (a real
+    model: the share of general questions its chat reply still answers)."""
+    from ..worlds import smollm2
+
     was_training = model.training
     model.eval()
-    result = {"corpus_loss": mean_loss(model, bench.corpus_data),
-              "fact_accuracy": fact_completion_accuracy(model, bench.tokenizer, bench.world)}
-    model.train(was_training)
+    try:
+        if bench.real:
+            result = {"corpus_loss": smollm2.text_loss(model, bench.text)}
+            if facts:
+                result["fact_accuracy"] = smollm2.accuracy(smollm2.probe_facts(model, bench.tokenizer, bench.facts),
+                                                           "known")
+        else:
+            result = {"corpus_loss": mean_loss(model, bench.corpus_data)}
+            if facts:
+                result["fact_accuracy"] = fact_completion_accuracy(model, bench.tokenizer, bench.world)
+    finally:
+        model.train(was_training)
     return result
 
 
 @torch.no_grad()
 def evaluate(model, bench: Bench) -> dict:
+    """The task: the share of held-out questions answered right, and the loss on their answers."""
+    from ..worlds import smollm2
     from ..worlds.tinyworld import heldout_accuracy
 
-    return {"heldout_accuracy": heldout_accuracy(model, bench.tokenizer, bench.heldout_records),
-            "heldout_loss": mean_loss(model, bench.heldout_data)}
+    if bench.real:  # the reply's last line must be "Answer: X" with X right (smollm2.is_correct)
+        accuracy = smollm2.accuracy(smollm2.score_task(model, bench.tokenizer, bench.heldout_records))
+    else:
+        accuracy = heldout_accuracy(model, bench.tokenizer, bench.heldout_records)
+    return {"heldout_accuracy": accuracy, "heldout_loss": mean_loss(model, bench.heldout_data)}
 
 
 @torch.no_grad()
@@ -329,38 +459,62 @@ def attach(model, config: AblationConfig, variant: str, seed: int):
             ap = model.layers[i].attention.adapter
             ap.prompt.mul_(config.prompt_scale)
             if ap.gate is not None:
-                ap.gate.mul_(config.gate_scale)  # zero gates stay zero
+                ap.gate.mul_(config.gate_scale_of(variant))  # zero gates stay zero
     return model
 
 
-def run_one(bench: Bench, config: AblationConfig, variant: str, seed: int) -> dict:
-    """Train one variant with one seed on a fresh base; return the run's record (JSON-ready)."""
+def watched(step: int, every: int) -> bool:
+    """Whether the gates and the text loss are logged after ``step``: 1, 2, 3, 5 and every ``every``-th."""
+    return step in (1, 2, 3, 5) or step % every == 0
+
+
+def loss_spikes(losses: Sequence[float], factor: float = SPIKE) -> int:
+    """How many steps' training loss is more than ``factor`` times the step before's."""
+    return sum(b > factor * a for a, b in zip(losses, losses[1:]))
+
+
+def run_one(bench: Bench, config: AblationConfig, variant: str, seed: int, progress: bool = False) -> dict:
+    """Train one variant with one seed on a fresh base; return the run's record (JSON-ready).
+    progress: a bar over the run's steps."""
     t0 = time.perf_counter()
     model = attach(bench.load_base(), config, variant, seed)
     before = knowledge(model, bench)
     gate_log = [gate_record(model, 0, bench)]
+    knowledge_log = [{"step": 0, **before}]
     losses: list[float] = []
+    grad_norms: list[float] = []
 
     def on_step(step: int, info: dict) -> None:
         losses.append(info["loss"])
-        if step in (1, 2, 3, 5) or step % 10 == 0 or step == info["total_steps"]:
+        grad_norms.append(info["grad_norm"])
+        last = step == info["total_steps"]
+        if watched(step, config.watch_every) or last:
             gate_log.append(gate_record(model, step, bench))
+        if not last and (info["eval"] is not None or watched(step, config.watch_every)):  # the end: knowledge_after
+            knowledge_log.append({"step": step, **knowledge(model, bench, facts=info["eval"] is not None)})
 
-    tc = replace(config.train, checkpoint=False, progress=False, out_dir=None, seed=seed,
+    tc = replace(config.train, checkpoint=False, progress=progress, out_dir=None, seed=seed,
                  desc=f"{variant} seed {seed}")
     metrics = train(model, bench.train_data, tc, eval_fn=lambda m: evaluate(m, bench), callbacks=[on_step])
     evals = metrics["eval_history"]
     after = knowledge(model, bench)
+    knowledge_log.append({"step": metrics["steps"], **after})
     final = evals[-1]
-    return {
+    early = config.early_steps
+    record = {
         "variant": variant, "seed": seed, "settings": config.run_settings(),
         "heldout_accuracy": final["heldout_accuracy"], "heldout_loss": final["heldout_loss"],
-        "early_loss": sum(losses[: config.early_steps]) / config.early_steps,
+        "early_loss": sum(losses[:early]) / early, "early_grad_norm": sum(grad_norms[:early]) / early,
+        "loss_spikes": loss_spikes(losses),
         "first_loss": losses[0], "final_loss": sum(losses[-10:]) / len(losses[-10:]),
         "pretrain_loss_after": after["corpus_loss"], "facts_kept": after["fact_accuracy"],
         "knowledge_at_init": before["corpus_loss"], "attention_share": gate_log[-1]["attention_share"],
-        "knowledge_before": before, "knowledge_after": after,
-        "losses": losses, "eval_history": evals, "gate_log": gate_log,
+    }
+    if bench.real:  # the same numbers under the real model's names: loss on held-out English text
+        record.update(text_loss_step0=before["corpus_loss"], text_loss_final=after["corpus_loss"])
+    return {
+        **record, "knowledge_before": before, "knowledge_after": after, "knowledge_log": knowledge_log,
+        "losses": losses, "grad_norms": grad_norms, "eval_history": evals, "gate_log": gate_log,
         "steps_per_epoch": metrics["steps_per_epoch"], "trainable_params": metrics["trainable_params"],
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -374,7 +528,9 @@ def run_ablation(out_dir: str | os.PathLike, config: Optional[AblationConfig] = 
     and the plots; return the summary. Safe to interrupt: the next call redoes only what is missing.
 
     Raises ValueError if ``out_dir`` holds runs made with other settings (use a new folder).
-    threads: CPU threads for torch (None: $ADAPTERLAB_THREADS, default 1; 0: leave torch's setting).
+    threads: CPU threads for torch (None: $ADAPTERLAB_THREADS, default 1; 0: leave torch's setting) -
+    one per process for the real model too: run several studies side by side rather than one on more threads.
+    bench: the runs' shared data and base (default: :func:`study_bench` of the config's base).
     """
     config = config or AblationConfig()
     out = harness.study_folder(out_dir)
@@ -385,10 +541,10 @@ def run_ablation(out_dir: str | os.PathLike, config: Optional[AblationConfig] = 
     todo = [(v, s) for s in range(config.seeds) for v in config.variants if (v, s) not in done]
     if todo:
         with cpu_threads(default_threads() if threads is None else threads):
-            bench = bench or tiny_world_bench(config)
+            bench = bench or study_bench(config)
             bar = harness.study_bar(len(todo), desc="ablation runs", progress=progress)
-            harness.run_missing(todo, lambda vs: run_one(bench, config, *vs), runs, runs_path, bar,
-                                label=lambda vs: f"{vs[0]}, seed {vs[1]}")
+            run = lambda vs: run_one(bench, config, *vs, progress=progress and bench.real)  # noqa: E731
+            harness.run_missing(todo, run, runs, runs_path, bar, label=lambda vs: f"{vs[0]}, seed {vs[1]}")
             if bar is not None:
                 bar.close()
     wanted = [r for r in runs if r["variant"] in config.variants and r["seed"] < config.seeds]
@@ -418,7 +574,8 @@ def summarize(runs: Sequence[dict], config: AblationConfig, command: Optional[st
         rows = [r for r in runs if r["variant"] == v]
         if not rows:
             continue
-        variants[v] = {"seeds": len(rows), **{m: stats([r[m] for r in rows]) for m in METRICS}}
+        variants[v] = {"seeds": len(rows), **{m: stats([r[m] for r in rows]) for m in METRICS
+                                              if all(m in r for r in rows)}}  # runs written before a metric: none
     base = next((r["knowledge_before"] for r in runs if r["variant"] == "zero_init"), None)
     return {"variants": variants, "base_knowledge": base, "comparisons": comparisons(runs), "settings": config.run_settings(),
             "command": command or f"adapterlab.studies.ablate.run_ablation(config={config!r})",
@@ -427,11 +584,24 @@ def summarize(runs: Sequence[dict], config: AblationConfig, command: Optional[st
 
 
 LOWER_IS_BETTER = {"early_loss": True, "first_loss": True, "final_loss": True, "heldout_loss": True,
-                   "pretrain_loss_after": True, "knowledge_at_init": True, "heldout_accuracy": False, "facts_kept": False}
+                   "pretrain_loss_after": True, "knowledge_at_init": True, "heldout_accuracy": False,
+                   "facts_kept": False, "early_grad_norm": True, "loss_spikes": True, "text_loss_step0": True, "text_loss_final": True}
 METRIC_NAMES = {"heldout_accuracy": "held-out accuracy", "early_loss": "early training loss",
                 "pretrain_loss_after": "loss on the pretraining text after training", "facts_kept": "facts kept",
                 "first_loss": "first-step loss", "final_loss": "final training loss", "heldout_loss": "held-out loss",
-                "knowledge_at_init": "loss on the pretraining text at step 0"}
+                "knowledge_at_init": "loss on the pretraining text at step 0",
+                "early_grad_norm": "early gradient norm", "loss_spikes": "loss spikes",
+                "text_loss_step0": "loss on the English text at step 0",
+                "text_loss_final": "loss on the English text after training"}
+# A real base: its "pretraining text" is held-out English (Python's docs), its "facts" general questions.
+REAL_METRIC_NAMES = {**METRIC_NAMES, "pretrain_loss_after": "loss on the English text after training",
+                     "knowledge_at_init": "loss on the English text at step 0",
+                     "facts_kept": "general questions still answered"}
+
+
+def metric_names(summary: Optional[dict] = None) -> dict:
+    """The metrics' names in words for a study's summary (a real base's knowledge probe is English text)."""
+    return METRIC_NAMES if (summary or {}).get("settings", {}).get("base", TINY) == TINY else REAL_METRIC_NAMES
 
 
 def compare(runs: Sequence[dict], metric: str, a: str = "zero_init", b: str = "random_init") -> dict:
@@ -455,17 +625,18 @@ VERDICT_METRICS = ("early_loss", "heldout_accuracy", "pretrain_loss_after", "fac
 def comparisons(runs: Sequence[dict], metrics: Sequence[str] = VERDICT_METRICS) -> list[dict]:
     """The study's paired verdicts: its first variant (zero_init when run) against each other one,
     on each metric (:func:`compare`); [] when fewer than 2 seeds were run for both."""
-    present = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
+    present = [v for v in ALL_VARIANTS if any(r["variant"] == v for r in runs)]
     seeds = {v: {r["seed"] for r in runs if r["variant"] == v} for v in present}
     return [compare(runs, m, present[0], other) for other in present[1:]
             if len(seeds[present[0]] & seeds[other]) >= 2 for m in metrics]
 
 
-def sentence(c: dict, digits: int = 3) -> str:
-    """A comparison from :func:`compare` in words, with its numbers."""
+def sentence(c: dict, digits: int = 3, names: Optional[dict] = None) -> str:
+    """A comparison from :func:`compare` in words, with its numbers (names: :func:`metric_names`)."""
     lo, hi = c["difference"]["ci95"]
     f = f"{{:.{digits}f}}"
-    return (f"{LABELS[c['a']]} {VERBS[c['verdict']]} {LABELS[c['b']]} on {METRIC_NAMES[c['metric']]}: "
+    names = names or METRIC_NAMES
+    return (f"{LABELS[c['a']]} {VERBS[c['verdict']]} {LABELS[c['b']]} on {names[c['metric']]}: "
             f"{f.format(c['a_mean'])} vs {f.format(c['b_mean'])} (paired difference {f.format(c['difference']['mean'])}, "
             f"95% interval [{f.format(lo)}, {f.format(hi)}], {c['difference']['n']} seeds)")
 
@@ -484,6 +655,21 @@ COLUMN_MEANINGS = {
     "knowledge_at_init": "loss on the pretraining text at step 0, adapter attached (lower is better: the frozen "
                          "base's is the floor, and zero-init sits on it)",
 }
+# A real base: the columns' titles and meanings where its probe differs from the tiny world's.
+REAL_TITLES = {"pretrain_loss_after": "text loss after", "facts_kept": "questions kept",
+               "knowledge_at_init": "text loss at step 0"}
+REAL_MEANINGS = {
+    "pretrain_loss_after": "loss on held-out English text (Python's docs) after training (lower is better: more of "
+                           "the base kept)",
+    "facts_kept": "share of general questions the chat reply still answers after training (higher is better: "
+                  "more kept)",
+    "knowledge_at_init": "loss on the English text at step 0, adapter attached (lower is better: the frozen base's is "
+                         "the floor, and zero-init sits on it)",
+}
+
+
+def is_real(summary: dict) -> bool:
+    return (summary.get("settings") or {}).get("base", TINY) != TINY
 
 
 def format_table(summary: dict) -> str:
@@ -491,14 +677,32 @@ def format_table(summary: dict) -> str:
     def cell(row: dict, metric: str, p: int) -> str:
         return f"{row[metric]['mean']:>11.{p}f} +- {row[metric]['std']:<5.{p}f}"[:19]
 
+    real = is_real(summary)
     rows = [[LABELS[v], f"{row['seeds']:d}", *(cell(row, m, p) for m, _, p in TABLE_COLUMNS)]
             for v, row in harness.upgrade_keys(summary["variants"]).items()]
-    table = harness.format_table(["variant", "seeds", *(title for _, title, _ in TABLE_COLUMNS)], rows,
-                                 [24, 5] + [19] * len(TABLE_COLUMNS))
+    titles = [REAL_TITLES.get(m, title) if real else title for m, title, _ in TABLE_COLUMNS]
+    table = harness.format_table(["variant", "seeds", *titles], rows, [24, 5] + [19] * len(TABLE_COLUMNS))
     base = summary.get("base_knowledge")
-    if base:
+    if base and real:
+        table += (f"\n(frozen base: English text loss {base['corpus_loss']:.3f}, general questions answered "
+                  f"{base['fact_accuracy']:.2f})")
+    elif base:
         table += f"\n(frozen base: corpus loss {base['corpus_loss']:.3f}, facts {base['fact_accuracy']:.2f})"
     return table
+
+
+def _stability_line(summary: dict) -> str:
+    """Early training, per variant: mean gradient norm of the first steps and the loss spikes, and the
+    loss on the English text at step 0 and at the end."""
+    early = (summary.get("settings") or {}).get("early_steps", "early")
+    parts = []
+    for v, row in harness.upgrade_keys(summary["variants"]).items():
+        if all(m in row for m in ("early_grad_norm", "loss_spikes", "text_loss_step0", "text_loss_final")):
+            parts.append(f"  {LABELS[v]:24s} grad norm {row['early_grad_norm']['mean']:.3f}, spikes "
+                         f"{row['loss_spikes']['mean']:.1f}, text loss {row['text_loss_step0']['mean']:.3f} -> "
+                         f"{row['text_loss_final']['mean']:.3f}")
+    return (f"early training (mean over the first {early} steps; a spike: a step's loss above {SPIKE} x the step "
+            f"before's) and the English text's loss, step 0 -> end:\n" + "\n".join(parts))
 
 
 def seeds_warning(summary: dict) -> Optional[str]:
@@ -516,14 +720,20 @@ def report(summary: dict) -> str:
     each column means and which way is better, the paired verdicts (:func:`sentence`) and a warning
     below ``harness.MIN_SEEDS`` seeds."""
     early = (summary.get("settings") or {}).get("early_steps", "early")
+    real = is_real(summary)
     lines = [format_table(summary), "", "columns (mean +- std over seeds):"]
-    lines += [f"  {title:20s} {COLUMN_MEANINGS[m].format(early=early)}" for m, title, _ in TABLE_COLUMNS]
+    for m, title, _ in TABLE_COLUMNS:
+        title, meaning = (REAL_TITLES.get(m, title), REAL_MEANINGS.get(m, COLUMN_MEANINGS[m])) if real else \
+            (title, COLUMN_MEANINGS[m])
+        lines.append(f"  {title:20s} {meaning.format(early=early)}")
+    if real:
+        lines.append(_stability_line(summary))
     found = summary.get("comparisons") or []
     lines.append("")
     if found:
         lines.append("paired by seed (same seed: same data order and prompt draws); \"beats\" or \"loses to\" only "
                      "where the 95% interval of the paired difference excludes 0:")
-        lines += [f"- {sentence(c)}" for c in found]
+        lines += [f"- {sentence(c, names=metric_names(summary))}" for c in found]
     else:
         lines.append("no paired comparison in this summary: it needs two variants run with at least 2 common seeds")
     warning = seeds_warning(summary)
@@ -536,7 +746,8 @@ def report(summary: dict) -> str:
 def plot_study(runs: Sequence[dict], path: Optional[str | os.PathLike] = None, title: str = ""):
     """Four panels: loss curves with bands (Fig. 5), held-out accuracy with error bars (Table 5),
     knowledge kept, and how far the prompts are let in during training: their attention share
-    (solid, every variant) and the gated variants' mean |gate| (dashed). Returns the figure."""
+    (solid, every variant) and the gated variants' mean |gate| (dashed); runs that logged their
+    knowledge during training (knowledge_log) get a fifth: the text loss over the steps. Returns the figure."""
     import matplotlib
 
     if path is not None and matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
@@ -544,8 +755,10 @@ def plot_study(runs: Sequence[dict], path: Optional[str | os.PathLike] = None, t
     import matplotlib.pyplot as plt
     import numpy as np
 
-    variants = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+    variants = [v for v in ALL_VARIANTS if any(r["variant"] == v for r in runs)]
+    logged = all("knowledge_log" in r for r in runs)
+    text = "English text (Python's docs)" if all("text_loss_final" in r for r in runs) else "pretraining text"
+    fig, axes = plt.subplots(1, 5 if logged else 4, figsize=(22.5 if logged else 18, 3.6))
     for v in variants:
         rows = [r for r in runs if r["variant"] == v]
         losses = np.array([r["losses"] for r in rows])  # (seeds, steps)
@@ -561,6 +774,12 @@ def plot_study(runs: Sequence[dict], path: Optional[str | os.PathLike] = None, t
         if rows[0]["gate_log"][0]["gate_abs"] is not None:  # gated: the gates themselves
             gate_abs = np.array([[g["gate_abs"] for g in r["gate_log"]] for r in rows])
             axes[3].plot(gsteps, gate_abs.mean(0), color=COLORS[v], ls="--")
+        if logged:  # the knowledge kept during training
+            kept = np.array([[k["corpus_loss"] for k in r["knowledge_log"]] for r in rows])  # (seeds, records)
+            ksteps = [k["step"] for k in rows[0]["knowledge_log"]]
+            axes[4].plot(ksteps, kept.mean(0), color=COLORS[v], marker=".")
+            axes[4].fill_between(ksteps, kept.mean(0) - kept.std(0), kept.mean(0) + kept.std(0), color=COLORS[v],
+                                 alpha=0.2)
     x = np.arange(len(variants))
     for ax, metric, ylabel in ((axes[1], "heldout_accuracy", "held-out accuracy"),
                                (axes[2], "pretrain_loss_after", "loss on pretraining text")):
@@ -571,12 +790,16 @@ def plot_study(runs: Sequence[dict], path: Optional[str | os.PathLike] = None, t
         for v, xi in zip(variants, x):
             ys = [r[metric] for r in runs if r["variant"] == v]
             ax.scatter([xi] * len(ys), ys, color="k", s=10, zorder=3)
-        ax.set_xticks(x, [v for v in variants])
-        ax.set_ylabel(ylabel)
+        ax.set_xticks(x, [v for v in variants], fontsize=8 if len(variants) > 3 else None)
+        ax.set_ylabel(ylabel if metric == "heldout_accuracy" else f"loss on {text}", fontsize=8)
     base = next((r["knowledge_before"]["corpus_loss"] for r in runs if r["variant"] == "zero_init"), None)
     if base is not None:
-        axes[2].axhline(base, color="k", ls="--", lw=1, label="frozen base")
-        axes[2].legend(fontsize=8)
+        for ax in axes[2::2]:  # the knowledge panels
+            ax.axhline(base, color="k", ls="--", lw=1, label="frozen base")
+            ax.legend(fontsize=8)
+    if logged:
+        axes[4].set(xlabel="step", title="knowledge kept during training")
+        axes[4].set_ylabel(f"loss on {text} (mean +- std)", fontsize=8)
     axes[0].set_yscale("log")
     axes[0].set(xlabel="step", ylabel="training loss (mean +- std)", title="loss curves (Fig. 5)")
     axes[1].set(ylim=(0, 1), title="held-out accuracy (Table 5)")
@@ -610,14 +833,15 @@ def plot_regimes(studies: dict[str, Sequence[dict]], path: Optional[str | os.Pat
     metrics = [harness.OLD_FIELDS.get(m, m) for m in metrics]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.6))
     labels = list(studies)
-    width = 0.8 / len(VARIANTS)
+    present = [v for v in ALL_VARIANTS if any(r["variant"] == v for runs in studies.values() for r in runs)]
+    width = 0.8 / max(1, len(present))
     for ax, metric in zip(np.atleast_1d(axes), metrics):
-        for j, v in enumerate(VARIANTS):
+        for j, v in enumerate(present):
             xs, means, stds = [], [], []
             for i, label in enumerate(labels):
                 ys = [r[metric] for r in studies[label] if r["variant"] == v]
                 if ys:
-                    xs.append(i + (j - 1) * width)
+                    xs.append(i + (j - (len(present) - 1) / 2) * width)
                     means.append(np.mean(ys))
                     stds.append(np.std(ys, ddof=1) if len(ys) > 1 else 0.0)
                     ax.scatter([xs[-1]] * len(ys), ys, color="k", s=8, zorder=3)
@@ -633,7 +857,8 @@ def plot_regimes(studies: dict[str, Sequence[dict]], path: Optional[str | os.Pat
     return fig
 
 
-__all__ = ["AblationConfig", "VARIANTS", "Bench", "tiny_world_bench", "make_bench", "knowledge", "evaluate",
-           "attention_share", "attention_shares", "gate_record", "run_one", "run_ablation", "read_runs", "read_study",
-           "summarize", "stats", "compare", "comparisons", "sentence", "format_table", "report", "seeds_warning",
-           "plot_study", "plot_regimes", "fact_completion_accuracy"]
+__all__ = ["AblationConfig", "VARIANTS", "SCALED", "ALL_VARIANTS", "study_train", "study_adapter", "study_variants",
+           "Bench", "tiny_world_bench", "make_bench", "real_bench", "study_bench", "knowledge", "evaluate",
+           "attention_share", "attention_shares", "gate_record", "loss_spikes", "run_one", "run_ablation", "read_runs",
+           "read_study", "summarize", "stats", "compare", "comparisons", "metric_names", "sentence", "format_table",
+           "report", "seeds_warning", "plot_study", "plot_regimes", "fact_completion_accuracy"]
