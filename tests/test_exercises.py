@@ -23,6 +23,7 @@ from adapterlab.exercises import (
     check_kv_cache_bytes,
     check_llama_param_count,
     check_rmsnorm,
+    check_gqa_adapter_param_count,
     check_squad_f1,
     check_step0_gradients,
     check_adapted_layers,
@@ -61,6 +62,7 @@ def assert_wrong(result: CheckResult, *phrases: str) -> None:
     check_rmsnorm, check_llama_param_count, check_kv_cache_bytes, check_zero_init_attention,
     check_adapter_param_count, check_step0_gradients, check_uniform_loss, check_adapted_layers,
     check_hf_to_meta_rows, check_multimodal_param_count, check_accumulation_steps, check_squad_f1,
+    check_gqa_adapter_param_count,
 ])
 @pytest.mark.parametrize("blank", [None, ...])
 def test_blank_answer_asks_for_one_and_does_not_raise(checker, blank):
@@ -428,6 +430,35 @@ def test_squad_f1_accepts_the_hand_worked_score_and_names_the_mistake():
     assert_wrong(check_squad_f1(1, prediction="Oslo", references=[]), "empty")
 
 
+# --------------------------------------------------------------------------- a real model (notebook 12)
+SMOLLM2 = LlamaConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152)  # tests/test_gguf.py reads it
+
+
+def test_gqa_adapter_param_count_matches_an_adapted_model():
+    truth = meta_params(SMOLLM2, AdapterConfig(prompt_len=10, layers=30), trainable=True)
+    assert truth == 10 * 30 * 576 + 30 * 9
+    assert check_gqa_adapter_param_count(truth)
+    assert check_gqa_adapter_param_count(truth, SMOLLM2)
+    small = LlamaConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=100, multiple_of=32)
+    small_truth = meta_params(small, AdapterConfig(prompt_len=5, layers=3), trainable=True)
+    assert check_gqa_adapter_param_count(small_truth, small, prompt_len=5, layers=3)
+    assert_wrong(check_gqa_adapter_param_count(truth, small, prompt_len=5, layers=3))
+    assert_wrong(check_gqa_adapter_param_count(small_truth, small, prompt_len=5, layers=9), "only 4")
+
+
+@pytest.mark.parametrize("wrong, phrase", [
+    (172_800, "not the gates"),
+    (172_800 + 30 * 3, "key/value head"),
+    (172_800 + 30, "one gate per layer"),
+    (10 * 30 * 192 + 270, "key/value width"),
+    (2 * 10 * 30 * 192 + 270, "keys and values"),
+    (10 * 30 * 64 + 270, "head width"),
+    (10 * 8 * 576 + 8 * 9, "L = 8"),
+])
+def test_gqa_adapter_param_count_names_the_mistake(wrong, phrase):
+    assert_wrong(check_gqa_adapter_param_count(wrong, SMOLLM2), phrase)
+
+
 # --------------------------------------------------------------------------- the notebooks themselves
 def notebooks() -> list[Path]:
     return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
@@ -485,7 +516,7 @@ def test_each_notebook_imports_its_checkers_from_its_own_module():
             assert getattr(importlib.import_module(f"adapterlab.exercises.{own}"), name) is getattr(package, name)
     modules = [importlib.import_module(f"{package.__name__}.{m.name}") for m in pkgutil.iter_modules(package.__path__)]
     checkers = {name for m in modules for name in vars(m) if name.startswith("check_")}
-    assert len(modules) == 11 and checkers <= set(package.__all__), sorted(checkers - set(package.__all__))
+    assert len(modules) == 12 and checkers <= set(package.__all__), sorted(checkers - set(package.__all__))
 
 
 def test_checkers_accept_numpy_and_torch_scalars_as_numbers():

@@ -15,6 +15,7 @@ notebook 03's):
     09        multimodal              check_multimodal_param_count
     10        real_weights_and_data   check_hf_to_meta_rows
     11        beyond_llama            check_squad_f1
+    12        a_real_model            check_gqa_adapter_param_count
 
 ``feedback`` holds what they share: :class:`CheckResult` (truthy when right, shown in Jupyter as a message
 that names the likely mistake) and the helpers that read an answer. Every checker is also importable
@@ -24,6 +25,7 @@ from here:
     >>> check_adapter_param_count(1_228_800)
     Not yet: 1,228,800 counts the prompts (K*L*C) but not the gates: one per head in each adapted layer, L*H = 960.
 """
+from .a_real_model import check_gqa_adapter_param_count
 from .ablations import check_training_state_bytes
 from .beyond_llama import check_squad_f1
 from .feedback import CheckResult
@@ -54,4 +56,5 @@ __all__ = [
     "check_multimodal_param_count",
     "check_accumulation_steps",
     "check_squad_f1",
+    "check_gqa_adapter_param_count",
 ]
