@@ -33,8 +33,9 @@ def test_gates_jsonl_has_exactly_the_documented_lines(run_dir):
     records = [json.loads(l) for l in lines]
     assert [r["step"] for r in records] == [0, 5, 10, 12]  # step 0, every 5 steps, and the last step
     for r in records:
-        assert list(r) == ["step", "epoch", "loss", "lr", "layers", "gates", "raw", "grad", "prompt_norm",
+        assert list(r) == ["step", "epoch", "loss", "lr", "layers", "n_layers", "gates", "raw", "grad", "prompt_norm",
                            "prompt_share", "lr_sum"]
+        assert r["n_layers"] == 2  # the model's depth: both of its layers adapted
         assert all(len(r[k]) == 2 and all(len(row) == 4 for row in r[k]) for k in ("raw", "prompt_norm"))
         assert isinstance(r["step"], int) and r["layers"] == [0, 1]
         assert len(r["gates"]) == 2 and all(len(row) == 4 for row in r["gates"])  # (adapted layers, heads)
@@ -201,6 +202,19 @@ def test_plots_draw_every_panel(run_dir):
     assert "layer 1" in titles and "step 12" in titles
     with pytest.raises(ValueError, match="adapted layers are"):
         gates.plot_head_curves(run_dir, layer=7)
+
+
+def test_every_picture_says_how_many_layers_are_adapted(run_dir):
+    """A fully adapted model (2 of 2) must not look like one with closed layers; an old log without
+    the model's depth says only how many are adapted."""
+    fig = gates.plot_summary(run_dir)
+    labels = [ax.get_title() for ax in fig.axes] + [ax.get_xlabel() for ax in fig.axes] + [ax.get_ylabel() for ax in fig.axes]
+    assert sum("2 of 2 layers adapted" in text for text in labels) >= 4  # heatmap, head curves, bars, loss panel
+    ax = gates.plot_runs({"a": run_dir, "b": run_dir})
+    assert ax.get_title().endswith("2 of 2 layers adapted")
+    records = [{k: v for k, v in r.items() if k != "n_layers"} for r in gates.read_gates(run_dir)]
+    assert gates.GateLog.from_records(records).n_layers is None
+    assert gates.plots.adapted_note(records) == "2 layers adapted"
 
 
 def test_live_plot_collects_records_outside_a_notebook():

@@ -13,8 +13,8 @@ Imports the core and io only; matplotlib and ipywidgets are imported when a pict
 """
 from .explorer import LivePlot, draw_explorer, explorer
 from .log import DETAILS, GATES_NAME, QUANTITIES, GateLog, format_summary, read_gates, summarize
-from .plots import (PLOT_NAME, as_runs, head_colors, layer_colors, plot_final_bars, plot_head_curves, plot_heatmap,
-                    plot_loss_and_gates, plot_runs, plot_summary, pyplot, run_colors, save_plot)
+from .plots import (PLOT_NAME, adapted_note, as_runs, head_colors, layer_colors, plot_final_bars, plot_head_curves,
+                    plot_heatmap, plot_loss_and_gates, plot_runs, plot_summary, pyplot, run_colors, save_plot)
 from .record import (GateRecorder, PromptShareMeter, ablate_heads, gate_details, gate_gradients, gate_record,
                      gated_layers, prompt_value_norms, require_gates, start_record)
 
@@ -23,5 +23,5 @@ __all__ = [
     "gate_details", "gate_gradients", "gated_layers", "prompt_value_norms", "require_gates", "start_record",
     "read_gates", "GateLog", "summarize", "format_summary", "head_colors", "layer_colors", "run_colors", "plot_heatmap",
     "plot_head_curves", "plot_final_bars", "plot_loss_and_gates", "plot_summary", "save_plot", "as_runs", "plot_runs",
-    "LivePlot", "explorer", "draw_explorer", "pyplot",
+    "LivePlot", "explorer", "draw_explorer", "pyplot", "adapted_note",
 ]

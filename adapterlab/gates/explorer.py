@@ -8,8 +8,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .log import QUANTITIES, GateLog
-from .plots import (QUANTITY_LABELS, _in_notebook, _nanmean, _x_of, as_runs, layer_colors, plot_head_curves,
-                    plot_heatmap, plot_runs, plot_summary, pyplot, run_colors)
+from .plots import (QUANTITY_LABELS, _in_notebook, _nanmean, _x_of, adapted_note, as_runs, layer_colors,
+                    plot_head_curves, plot_heatmap, plot_runs, plot_summary, pyplot, run_colors)
 from .record import gate_record, require_gates, start_record
 
 
@@ -138,7 +138,8 @@ def _quantity_heatmap(log: GateLog, quantity: str, ax) -> None:
     x_edges = np.concatenate([[steps[0]], mids, [steps[-1] + (0 if len(steps) > 1 else 1)]])
     im = ax.pcolormesh(x_edges, np.arange(len(log.layers) + 1) - 0.5, np.nan_to_num(data).T, cmap="viridis")
     ax.set_yticks(np.arange(len(log.layers)), [str(l) for l in log.layers])
-    ax.set(xlabel="step", ylabel="adapted layer", title=f"mean |{QUANTITY_LABELS[quantity]}| over heads")
+    ax.set(xlabel="step", ylabel="adapted layer",
+           title=f"mean |{QUANTITY_LABELS[quantity]}| over heads\n{adapted_note(log)}")
     ax.figure.colorbar(im, ax=ax, fraction=0.05)
 
 
@@ -157,6 +158,9 @@ def _bars(runs: dict, quantity: str, step: int, ax) -> None:
             ax.scatter(np.repeat(x, values.shape[1]), values.reshape(-1), color="black", s=6, label="each head")
     step_ticks = range(len(layers)) if len(layers) <= 16 else range(0, len(layers), max(1, len(layers) // 8))
     ax.set_xticks(list(step_ticks), [str(layers[i]) for i in step_ticks])
-    ax.set(xlabel="adapted layer", ylabel=f"|{QUANTITY_LABELS[quantity]}|", title=f"at step {step}")
-    if len(logs) <= 12:
+    ax.set(xlabel="adapted layer", ylabel=f"|{QUANTITY_LABELS[quantity]}|",
+           title=f"at step {step}\n{adapted_note(runs)}")
+    if len(logs) == 1:
         ax.legend(fontsize="small")
+    elif len(logs) <= 12:  # one entry per run: beside the bars, not over them
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))

@@ -307,7 +307,7 @@ class LiveGates:
         new = self.tail.poll()
         if new or self.tail.restarted:
             self.tail.restarted = False
-            self.image.value = render_png(self.tail.records, title=str(self.run_dir))
+            self.image.value = render_png(self.tail.records, title=f"run {self.run_dir.name}")  # not a temp path
         last = self.tail.records[-1] if self.tail.records else None
         state = "finished" if finished else "running"
         if self.process is not None and finished and self.process.returncode:

@@ -2,10 +2,12 @@
 
 One JSON line per logged step (written by :class:`adapterlab.gates.GateRecorder`)::
 
-    {"step": 120, "epoch": 1.5, "loss": 0.83, "lr": 0.0061, "layers": [2, 3], "gates": [[...H...], [...H...]]}
+    {"step": 120, "epoch": 1.5, "loss": 0.83, "lr": 0.0061, "layers": [2, 3], "n_layers": 4,
+     "gates": [[...H...], [...H...]]}
 
 ``gates`` holds the effective gate (tanh(g), or g for an identity gate), one row per gated layer
 (bottom first), one value per head; the optional details (:data:`DETAILS`) are (L, H) arrays too.
+``n_layers`` (the model's depth; absent in older logs) lets a picture say "2 of 4 layers adapted".
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ class GateLog:
     When the records have them (module docstring): raw, grad, prompt_norm, prompt_share as
     (S, L, H) arrays (NaN in a record that lacks a value, e.g. the gradient at step 0) and lr_sum
     (S,); otherwise these are None (a log written without details, or by an older version).
+    n_layers: the model's depth (None in a log written before it was recorded).
     """
 
     steps: np.ndarray
@@ -69,6 +72,7 @@ class GateLog:
     prompt_norm: Optional[np.ndarray] = None
     prompt_share: Optional[np.ndarray] = None
     lr_sum: Optional[np.ndarray] = None
+    n_layers: Optional[int] = None
 
     @classmethod
     def from_records(cls, records: Sequence[dict]) -> "GateLog":
@@ -86,6 +90,7 @@ class GateLog:
             lr=np.array([r.get("lr", np.nan) for r in records], dtype=np.float64),
             layers=list(records[-1]["layers"]),
             lr_sum=lr_sum,
+            n_layers=records[-1].get("n_layers"),
             **details,
         )
 

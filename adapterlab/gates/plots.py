@@ -53,6 +53,18 @@ def layer_colors(n_layers: int) -> list:
     return [plt.colormaps["Blues"](x) for x in np.linspace(0.45, 0.95, n_layers)]
 
 
+def adapted_note(source) -> str:
+    """How many of the model's layers carry a gate: "4 of 4 layers adapted" (just "4 layers adapted"
+    for a log that did not record the model's depth). Every picture of a log says it, so a plot of
+    a fully adapted model is not read as "the other layers stayed closed"."""
+    runs = list(as_runs(source).values()) if isinstance(source, dict) else [_as_log(source)]
+    counts = {(len(log.layers), log.n_layers) for log in runs}
+    if len(counts) > 1:
+        return "adapted layers differ between runs"
+    L, n = counts.pop()
+    return f"{L} of {n} layers adapted" if n else f"{L} layers adapted"
+
+
 def plot_heatmap(source, ax=None, reduce: str = "mean_abs"):
     """Layer x step picture of the gates (mean |gate| over heads, or one head with reduce=int)."""
     plt = pyplot()
@@ -70,7 +82,8 @@ def plot_heatmap(source, ax=None, reduce: str = "mean_abs"):
     ax.set_yticks(np.arange(len(log.layers)), [str(l) for l in log.layers])
     ax.set_xlabel("step")
     ax.set_ylabel("adapted layer")
-    ax.set_title("gate opening, mean |tanh(g)| over heads" if reduce == "mean_abs" else f"gate of head {reduce}")
+    ax.set_title(("gate opening, mean |tanh(g)| over heads" if reduce == "mean_abs" else f"gate of head {reduce}")
+                 + f"\n{adapted_note(log)}")
     ax.figure.colorbar(im, ax=ax, fraction=0.05)
     return ax
 
@@ -90,9 +103,9 @@ def plot_head_curves(source, layer: Optional[int] = None, ax=None, heads: Option
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xlabel("step")
     ax.set_ylabel("gate")
-    ax.set_title(f"layer {layer}: gate per head (colour = head)")
-    if log.gates.shape[2] <= 8:
-        ax.legend(fontsize="small")
+    ax.set_title(f"layer {layer}: gate per head\n{adapted_note(log)}")
+    if log.gates.shape[2] <= 8:  # beside the plot: the curves fan out over all of it
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     return ax
 
 
@@ -108,7 +121,7 @@ def plot_final_bars(source, ax=None, step_index: int = -1):
     ax.set_xticks(x, [str(l) for l in log.layers])
     ax.set_xlabel("adapted layer")
     ax.set_ylabel("|gate|")
-    ax.set_title(f"gates at step {int(log.steps[step_index])}")
+    ax.set_title(f"gates at step {int(log.steps[step_index])}\n{adapted_note(log)}")
     ax.legend(fontsize="small")
     return ax
 
@@ -128,8 +141,10 @@ def plot_loss_and_gates(source, ax=None):
         ax2.plot(log.steps, mean_abs[:, i], lw=1.5, color=color, label=f"layer {layer}")
     ax2.set_ylabel("mean |gate| (blue, darker = higher layer)")
     handles = loss_line + (ax2.get_lines() if len(log.layers) <= 8 else [])
-    ax2.legend(handles, [h.get_label() for h in handles], fontsize="small", loc="center right")
-    ax.set_title("training loss and mean |gate| per layer")
+    # below the axes: inside, the legend would cover the curves (they cross the whole plot)
+    ax2.legend(handles, [h.get_label() for h in handles], fontsize="small", loc="upper center",
+               bbox_to_anchor=(0.5, -0.2), ncol=min(len(handles), 5), frameon=False)
+    ax.set_title(f"training loss and mean |gate| per layer\n{adapted_note(log)}")
     return ax
 
 
@@ -235,7 +250,8 @@ def plot_runs(runs, quantity: str = "gates", x: str = "step", layer: Optional[in
     what = QUANTITY_LABELS[quantity]
     ax.set_xlabel("step" if x == "step" else "summed learning rate so far")
     ax.set_ylabel((f"mean |{what}|" if reduce == "mean_abs" else f"mean {what}") if layer is None else what)
-    ax.set_title(f"{what}, " + ("mean over layers and heads" if layer is None else f"heads of layer {layer}"))
+    ax.set_title(f"{what}, " + ("mean over layers and heads" if layer is None else f"heads of layer {layer}")
+                 + f"\n{adapted_note(runs)}")
     if legend and len(runs) <= 12:
         ax.legend(fontsize="small")
     return ax

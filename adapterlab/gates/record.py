@@ -45,13 +45,15 @@ def gated_layers(model) -> list[int]:
 
 def gate_record(model, step: int, epoch: float, loss: Optional[float], lr: float) -> dict:
     """One log line: the model's effective gates now, with the step's loss and learning rate.
-    ``layers`` names the gated layers only, so it matches the rows of ``gates``."""
+    ``layers`` names the gated layers only, so it matches the rows of ``gates``; ``n_layers`` is the
+    model's depth, so a picture can say how many of its layers are adapted."""
     return {
         "step": int(step),
         "epoch": round(float(epoch), 6),
         "loss": None if loss is None else float(loss),
         "lr": float(lr),
         "layers": gated_layers(model),
+        "n_layers": len(model.layers),
         "gates": gate_values(model).tolist(),  # (L gated, H)
     }
 

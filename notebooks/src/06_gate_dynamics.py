@@ -9,7 +9,7 @@
 # the widest gates matter most? Last, how the learning rate, the number of adapted layers and
 # the prompt length change what opens and when.
 #
-# **Runtime:** about a minute on 2 CPU cores with one torch thread (60 s measured),
+# **Runtime:** about a minute on 2 CPU cores with one torch thread (57 s measured),
 # the same with an empty cache: five training runs of 30 steps and section 5's 24 one-head
 # ablations run live; the 300-step, three-seed optimizer study is read from
 # `docs/results/gate_lab/`.
@@ -30,8 +30,8 @@ from adapterlab.worlds import tinyworld
 from adapterlab.studies.ablate import mean_loss
 from adapterlab.adapter import adapted_layers, prompt_attention_map
 from adapterlab.data import format_prompt, instruction_dataset
-from adapterlab.gates import (GateLog, GateRecorder, ablate_heads, explorer, format_summary, gate_record, layer_colors,
-                              plot_head_curves, plot_heatmap, plot_runs, run_colors, summarize)
+from adapterlab.gates import (GateLog, GateRecorder, ablate_heads, adapted_note, explorer, format_summary, gate_record,
+                              layer_colors, plot_head_curves, plot_heatmap, plot_runs, run_colors, summarize)
 from adapterlab.recipes import TINY_WORLD
 from adapterlab.train import TrainConfig, train
 from adapterlab.exercises.gate_dynamics import check_adapted_layers, check_most_open_layer
@@ -100,10 +100,13 @@ plot_head_curves(log, layer=log.layers[-1], ax=axes[1])
 fig.tight_layout();
 
 # %%
-fig, axes = plt.subplots(1, len(log.layers), figsize=(13, 2.6), sharey=True)
+fig, axes = plt.subplots(1, len(log.layers), figsize=(13, 2.9), sharey=True)
 for ax, layer in zip(axes, log.layers):
     plot_head_curves(log, layer=layer, ax=ax)
     ax.set_title(f"layer {layer}", fontsize=10)
+    ax.get_legend().remove()  # one legend for all, beside the last panel, off the curves
+axes[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
+fig.suptitle(f"the gate of every head, one panel per layer ({adapted_note(log)})", fontsize=10)
 fig.tight_layout()
 for layer, last in zip(log.layers, log.gates[-1]):  # last: (H,)
     print(f"layer {layer} at step {log.steps[-1]}: {int((last > 0).sum())} heads positive, {int((last < 0).sum())} negative, "
@@ -144,7 +147,8 @@ for h, ax in enumerate(axes):
     ax.set_title(f"head {h}, gate {gates[h].item():+.2f}", fontsize=9)
     ax.set_xlabel("prompt")
 axes[0].set_yticks(range(len(show)), [pieces[i] for i in show], fontsize=8)
-fig.suptitle(f"Layer {layer}: gate x prompt attention (red < 0 < blue) while reading the answer", fontsize=10)
+fig.suptitle(f"Layer {layer} ({adapted_note(log)}): gate x prompt attention (red < 0 < blue) while reading the answer",
+             fontsize=10)
 fig.tight_layout();
 
 # %% [markdown]
@@ -227,7 +231,8 @@ for ax, (name, lab_log) in zip(axes, (("AdamW", adamw), ("SGD lr 10", sgd))):
     if name == "AdamW":  # the line a gate follows if every update moves it by lr
         ax.plot(x, x, color="grey", ls="--", lw=1, label="|g| = summed lr")
     ax.set_ylim(0, 1.1 * np.abs(lab_log.raw).max())
-    ax.set(xlabel="summed learning rate so far", title=f"{name}: |raw g| of every head (blue: darker = higher layer)")
+    ax.set(xlabel="summed learning rate so far",
+           title=f"{name}: |raw g| of every head (blue: darker = higher layer)\n{adapted_note(lab_log)}")
 axes[0].set_ylabel("|raw g|")
 axes[0].legend(fontsize=7)
 fig.tight_layout();
@@ -245,8 +250,9 @@ if LAB is None:
     raise FileNotFoundError("docs/results/gate_lab/ not found: run this notebook from the repository's notebooks/ folder")
 study = [json.loads(line) for line in (LAB / "runs.jsonl").read_text().splitlines()]
 about = json.loads((LAB / "summary.json").read_text())
-by_opt = {name: {f"seed {r['seed']}": GateLog.from_records(r["log"]) for r in study if r["name"] == name}
-          for name in ("AdamW", "SGD")}
+# the committed logs predate the record of the model's depth; the study ran on this tiny base
+by_opt = {name: {f"seed {r['seed']}": replace(GateLog.from_records(r["log"]), n_layers=model.config.n_layers)
+                 for r in study if r["name"] == name} for name in ("AdamW", "SGD")}
 print(f"{len(study)} committed runs ({about['date'][:10]}, {about['machine']}):",
       {name: len(runs) for name, runs in by_opt.items()}, "seeds")
 
@@ -254,8 +260,8 @@ fig, axes = plt.subplots(2, 2, figsize=(12, 6.4))
 for row, (name, runs) in enumerate(by_opt.items()):
     plot_runs(runs, "gates", ax=axes[row, 0])
     plot_runs(runs, "gates", layer=top, ax=axes[row, 1], legend=False)
-    axes[row, 0].set_title(f"{name}: mean |gate| over layers and heads")
-    axes[row, 1].set_title(f"{name}: every head of layer {top}, one colour per seed")
+    axes[row, 0].set_title(f"{name}: mean |gate| over layers and heads\n{adapted_note(runs)}")
+    axes[row, 1].set_title(f"{name}: every head of layer {top}, one colour per seed\n{adapted_note(runs)}")
 fig.tight_layout();
 
 # %% [markdown]
@@ -316,7 +322,7 @@ print(f"widest gate: layer {log.layers[widest[0]]} head {widest[1]} (|gate| {wid
 fig, axes = plt.subplots(1, 3, figsize=(14, 3.4))
 axes[0].scatter(width.ravel(), rise.ravel(), c=np.repeat(layer_colors(len(log.layers)), width.shape[1], axis=0), s=18)
 axes[0].set(xlabel="|gate| after training", ylabel="held-out loss rise when closed",
-            title=f"this notebook's run ({log.steps[-1]} steps; blue: darker = higher layer)")
+            title=f"this notebook's run ({log.steps[-1]} steps; blue: darker = higher layer)\n{adapted_note(log)}")
 verdicts = []
 for ax, (name, rs) in zip(axes[1:], rows.items()):
     for r, color in zip(rs, run_colors(len(rs))):
@@ -326,7 +332,7 @@ for ax, (name, rs) in zip(axes[1:], rows.items()):
         rho_share = spearman(np.array(r["log"][-1]["prompt_share"]).ravel(), d)
         verdicts.append((name, r["seed"], rho, d.max(), w[d.argmax()] == w.max(), rho_share))
         ax.scatter(w, d, color=color, s=14, label=f"seed {r['seed']}: rank corr. {rho:+.2f}")
-    ax.set(xlabel="|gate| after 300 steps", title=f"{name}, committed study")
+    ax.set(xlabel="|gate| after 300 steps", title=f"{name}, committed study\n{adapted_note(by_opt[name])}")
     ax.legend(fontsize=7)
 fig.tight_layout()
 for name, seed, rho, top_rise, same, rho_share in verdicts:
@@ -414,7 +420,7 @@ for ax, (name, runs) in zip(axes, sweeps.items()):
     for label, run in runs.items():
         g = run["log"]
         ax.plot(g.steps, np.abs(g.gates).mean(axis=(1, 2)), label=f"{label}: held-out loss {run['heldout_loss']:.2f}")
-    ax.set_title(name)
+    ax.set_title(f"{name}\n" + " / ".join(sorted({adapted_note(run["log"]) for run in runs.values()})))
     ax.set_xlabel("step")
     ax.legend(fontsize=8)
 axes[0].set_ylabel("mean |gate| over all layers and heads")

@@ -13,7 +13,7 @@
 #
 # A claim that one design beats another is a mean over seeds with its spread, never one run.
 #
-# **Runtime:** under a minute and a half on 2 CPU cores with one torch thread (75 s measured),
+# **Runtime:** under a minute and a half on 2 CPU cores with one torch thread (70 s measured),
 # the same with an empty cache. The multi-seed studies ran once from the command line
 # (`adapterlab ablate`); their results are committed under `docs/results/ablations/` and read
 # here. What trains live: a reduced version of the main study (six runs of ten steps) and one
@@ -74,7 +74,8 @@ def load_study(name: str):
 
 
 base_corpus_loss = mean_loss(base, corpus_data)
-print(f"base model: {base.num_params():,} parameters, loss on its pretraining text {base_corpus_loss:.3f}")
+print(f"base model: {base.num_params():,} parameters, loss on its pretraining text {base_corpus_loss:.3f} "
+      f"(this notebook's probe, used in section 4: the first 200 documents in 128-token windows)")
 
 # %% [markdown]
 # ## 1. Zero-init gates, random-init gates, or no gate at all (Fig. 5, Table 5)
@@ -84,9 +85,9 @@ print(f"base model: {base.num_params():,} parameters, loss on its pretraining te
 #
 # | variant | the layer computes | at step 0 |
 # |---|---|---|
-# | `zero`: zero-init gates (the paper, Eq. 7) | `softmax(S_tokens) V + tanh(g) * softmax(S_prompts) P_v`, g = 0 | exactly the frozen model |
-# | `random`: random-init gates (the paper's ablation) | the same, g drawn from N(0, 1) | changed by the random prompts |
-# | `none`: no gate (prefix tuning, P-tuning v2, VPT-deep) | `softmax([S_prompts, S_tokens]) [P_v; V]`: prompts and tokens in ONE softmax | changed: the prompts take attention from the tokens |
+# | `zero_init`: zero-init gates (the paper, Eq. 7) | `softmax(S_tokens) V + tanh(g) * softmax(S_prompts) P_v`, g = 0 | exactly the frozen model |
+# | `random_init`: random-init gates (the paper's ablation) | the same, g drawn from N(0, 1) | changed by the random prompts |
+# | `ungated`: no gate (prefix tuning, P-tuning v2, VPT-deep) | `softmax([S_prompts, S_tokens]) [P_v; V]`: prompts and tokens in ONE softmax | changed: the prompts take attention from the tokens |
 #
 # The ungated form is also a sum (`joint_prompt_attention`):
 # `token attention + w * (prompt attention - token attention)` with `w` the share of the softmax
@@ -122,7 +123,8 @@ print("settings:", {k: main_summary["settings"][k] for k in ("steps", "lr", "bat
                                                              "prompt_len")})
 print()
 print(ablate.format_table(main_summary))
-ablate.plot_study(main_runs);
+ablate.plot_study(main_runs, title=f"main study: {main_summary['settings']['layers']} of {base.config.n_layers} layers "
+                                  f"adapted, {main_summary['variants']['zero_init']['seeds']} seeds per variant");
 
 # %% [markdown]
 # Read the table as mean +- std over seeds. The sentences below are computed from the runs:
@@ -148,7 +150,8 @@ def mean_over(runs, variant, f):
 
 
 print(f"frozen base: loss on its pretraining text {main_summary['base_knowledge']['corpus_loss']:.3f} "
-      f"(the study's probe: the first {main_summary['settings']['probe_docs']} documents in 64-token windows)")
+      f"(the study's probe: the first {main_summary['settings']['probe_docs']} documents in 64-token windows; "
+      f"this notebook's probe of 200 documents in 128-token windows gave {base_corpus_loss:.3f})")
 print(f"{'variant':22s} {'first-step loss':>16s} {'pretraining loss, step 0':>25s} {'attention share, step 0':>24s} "
       f"{'attention share, end':>21s}")
 for v in ablate.VARIANTS:
@@ -413,7 +416,7 @@ print(f"held-out accuracy: {acc.mean(0)[best]:.2f} at the loss minimum, {acc.mea
       f"(+- {acc.std(0, ddof=1)[-1]:.2f} over seeds)")
 print(f"training loss at the end {np.mean([r['final_loss'] for r in t6_runs]):.3f} against held-out "
       f"{loss.mean(0)[-1]:.3f}; loss on the pretraining text after training "
-      f"{np.mean([r['pretrain_loss_after'] for r in t6_runs]):.3f} (frozen base: {t6_runs[0]['knowledge_before']['corpus_loss']:.3f})")
+      f"{np.mean([r['pretrain_loss_after'] for r in t6_runs]):.3f} (frozen base, the study's probe: {t6_runs[0]['knowledge_before']['corpus_loss']:.3f})")
 
 # %% [markdown]
 # A live run: a zero-init adapter in all four layers, trained here on the whole instruction set

@@ -11,7 +11,7 @@
 # training in one process, and check that both give the same gates. At the end: the command
 # for LLaMA-7B on 8 GPUs.
 #
-# **Runtime:** about a minute on 2 CPU cores (61 s of CPU time measured, the two training
+# **Runtime:** about a minute on 2 CPU cores (46 s measured, the two training
 # processes sharing the cores); the same with an empty cache, since the tiny base ships with the package.
 
 # %%
@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from adapterlab.worlds import tinyworld
-from adapterlab.gates import GateLog
+from adapterlab.gates import GateLog, adapted_note
 from adapterlab.gates.live import LiveGates, launch
 from adapterlab.exercises.multi_gpu import check_accumulation_steps
 
@@ -77,7 +77,7 @@ fig, axes = plt.subplots(1, 2, figsize=(11, 3.2), sharey=True)
 for ax, (name, g) in zip(axes, (("1 process", one), ("2 processes (DDP)", two))):
     for layer in range(g.gates.shape[1]):
         ax.plot(g.steps, g.gates[:, layer, :], color=f"C{layer}", lw=1)
-    ax.set_title(f"{name}: every head's gate (colour = layer)")
+    ax.set_title(f"{name}: every head's gate (colour = layer)\n{adapted_note(g)}")
     ax.set_xlabel("step")
 fig.tight_layout();
 

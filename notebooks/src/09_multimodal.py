@@ -12,7 +12,7 @@
 # general knowledge: *no context*) and captions in the style of COCO, and compare a multi-modal
 # adapter with a text-only adapter trained on the same data with the same budget.
 #
-# **Runtime:** about 2 minutes on 2 CPU cores with one torch thread (128 s of kernel CPU time
+# **Runtime:** about 2 minutes on 2 CPU cores with one torch thread (120 s of kernel CPU time
 # measured): two adapters of 400 steps of 16 examples and the scene encoder's 400 steps; the same
 # with an empty cache, since the scene base ships with the package. `adapterlab demo --multimodal`
 # uses the same base and encoder recipe and trains its adapters on three times as many examples.

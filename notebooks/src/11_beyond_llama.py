@@ -23,7 +23,7 @@
 # 4. the committed multi-seed study of both families, and where the paper's direction reproduces;
 # 5. CLIP, for users who have `transformers`.
 #
-# **Run time:** about a minute on one CPU thread (66 s measured on the 2-core build machine); the
+# **Run time:** about a minute on one CPU thread (55 s measured on the 2-core build machine); the
 # live run of section 3 (three 200-step runs) is most of it. The ViT and the text encoder were
 # pretrained by this package's own code (`adapterlab/worlds/vtab.py`, `adapterlab/worlds/textqa.py`) and ship
 # with it; the ViT is loaded here, not trained, and the text encoder's results are read from the
@@ -48,6 +48,7 @@ from adapterlab.studies import families
 from adapterlab.worlds import textqa, vtab
 from adapterlab.adapter import AdapterConfig, add_adapter, count_trainable
 from adapterlab.encoders.transformer import EncoderAttention
+from adapterlab.studies.variants import add_ungated_prompts
 from adapterlab.exercises.beyond_llama import check_squad_f1
 from adapterlab.io.files import default_threads
 
@@ -128,13 +129,13 @@ with torch.no_grad():
     print("changing the last patch changes the CLS feature:", not torch.equal(vit.features(patched), frozen))
 
 # %% [markdown]
-# **The ungated variant** (`AdapterConfig(gate="none")`) is what VPT-deep and P-tuning v2 do:
+# **The ungated variant** (`add_ungated_prompts`, a study variant) is what VPT-deep and P-tuning v2 do:
 # the prompts join the tokens' softmax. They take part of every token's attention from the start,
 # so the frozen model's output changes before any training.
 
 # %%
 # NBVAL_CHECK_OUTPUT
-ungated = add_adapter(copy.deepcopy(vit), AdapterConfig(prompt_len=10, layers=4, gate="none"), seed=0)
+ungated = add_ungated_prompts(copy.deepcopy(vit), AdapterConfig(prompt_len=10, layers=4), seed=0)
 with torch.no_grad():
     ungated_init = ungated.features(x)
 print("ungated prompts: CLS feature equal to the frozen ViT's at init:", torch.equal(ungated_init, frozen))
@@ -238,10 +239,10 @@ print({k: round(v, 1) for k, v in scores.items()})
 # | `linear` | nothing: the frozen CLS feature, a new head | a linear probe |
 
 # %%
-methods = ("zero_init", "ungated_prompts", "linear")
+methods = ("zero_init", "ungated", "linear")
 config = families.study_config("vit", methods=methods, tasks=("digits",), seeds=1, lrs=families.DEFAULT_LR["vit"])
-print(f"{config.steps} steps of {config.batch_size} pictures, warm-up {config.warmup_steps} steps, "
-      f"K = {config.prompt_len} prompts in the top L = {config.layers} layers")
+print(f"{config.train.steps} steps of {config.train.batch_size} pictures, warm-up {config.train.warmup_steps} steps, "
+      f"K = {config.adapter.prompt_len} prompts in the top L = {config.adapter.layers} layers")
 bench = families.vit_bench(("digits",), base=vit)
 out = Path(tempfile.mkdtemp(prefix="beyond-llama-"))
 families.run_study(out, config, bench=bench, progress=True)
@@ -271,15 +272,15 @@ for m, r in same.items():
 
 # %%
 # NBVAL_CHECK_OUTPUT
-K, L, dim, H, classes = config.prompt_len, config.layers, vit.config.dim, vit.config.n_heads, digits.n_classes
+K, L, dim, H, classes = config.adapter.prompt_len, config.adapter.layers, vit.config.dim, vit.config.n_heads, digits.n_classes
 head = (dim + 1) * classes
 print(f"linear probe:     head (dim + 1) x classes = {head:,}:", runs["linear"]["trainable_params"] == head)
 print(f"ungated prompts:  K*L*dim + head = {K * L * dim + head:,}:",
-      runs["ungated_prompts"]["trainable_params"] == K * L * dim + head)
+      runs["ungated"]["trainable_params"] == K * L * dim + head)
 print(f"zero-init gates:  K*L*dim + L*H + head = {K * L * dim + L * H + head:,}:",
       runs["zero_init"]["trainable_params"] == K * L * dim + L * H + head)
 print("zero-init's first loss is exactly the linear probe's:", runs["zero_init"]["first_loss"] == runs["linear"]["first_loss"])
-print("the ungated prompts' first loss is not:", runs["ungated_prompts"]["first_loss"] != runs["linear"]["first_loss"])
+print("the ungated prompts' first loss is not:", runs["ungated"]["first_loss"] != runs["linear"]["first_loss"])
 print("every method ends above chance on the test pictures:",
       all(runs[m]["scores"]["accuracy"] > 1 / digits.n_classes for m in methods))
 
@@ -323,7 +324,7 @@ def load_study(family: str):
         print(f"[{family}: no committed study in this checkout. Run it (tens of minutes on one CPU core) with\n"
               f"    adapterlab families --family {family} --out docs/results/families/{family}]")
         return None
-    return json.loads(path.read_text())
+    return families.read_results(path.parent)  # with today's method names
 
 
 study = {family: load_study(family) for family in families.FAMILIES}
@@ -385,9 +386,9 @@ for family, res in study.items():
 # parameters?
 
 # %%
-CLAIMS = {"vit": (("natural", "specialized", "structured"), "average", ("ungated_prompts", "bitfit"), "groups"),
+CLAIMS = {"vit": (("natural", "specialized", "structured"), "average", ("ungated", "bitfit"), "groups"),
           "roberta": (("squad1_em", "squad1_f1", "squad2_em", "squad2_f1"), "squad2_f1",
-                      ("ungated_prompts", "input_prompts"), "scores")}  # columns, the one to rank by, rivals
+                      ("ungated", "input_prompts"), "scores")}  # columns, the one to rank by, rivals
 
 
 def direction(ahead: list, behind: list, n: int) -> str:
@@ -445,29 +446,34 @@ for family, res in study.items():
           m["zero_init"]["trainable_params"] < 0.05 * m["full"]["trainable_params"])
     gates_LH = res["settings"]["layers"] * (vit.config.n_heads if family == "vit" else textqa.TEXT_RECIPE.n_heads)
     print(f"{family}: zero-init trains exactly L*H = {gates_LH} more values than the ungated prompts (the gates):",
-          m["zero_init"]["trainable_params"] - m["ungated_prompts"]["trainable_params"] == gates_LH)
+          m["zero_init"]["trainable_params"] - m["ungated"]["trainable_params"] == gates_LH)
 
 # %% [markdown]
 # The study also recorded the gates of every zero-init run (`runs/<run>/gates.jsonl`, read by the
-# same `adapterlab.gates` as LLaMA's). Where did they open? For each final run, the mean |gate|
-# of every adapted layer at the end of training - pictures on the left, questions on the right:
+# same `adapterlab.gates` as LLaMA's). Where did they open? For each task, the mean |gate| of
+# every adapted layer at the end of training, averaged over the seeds - pictures on the left,
+# questions on the right (every encoder here has 4 layers, all adapted):
 
 # %%
 final_gates = {family: {p.parent.name: gates.GateLog.read(p)
                         for p in sorted((STUDY / family / "runs").glob("final-*-zero_init-*/gates.jsonl"))}
                for family, res in study.items() if res is not None}
-fig, axes = plt.subplots(1, len(final_gates), figsize=(5 * len(final_gates), 3), squeeze=False)
+depth = {"vit": vit.config.n_layers, "roberta": textqa.TEXT_RECIPE.n_layers}  # the encoders' layers
+fig, axes = plt.subplots(1, len(final_gates), figsize=(5.5 * len(final_gates), 3.6), squeeze=False)
 for ax, (family, logs) in zip(axes[0], final_gates.items()):
     tasks = sorted({name.split("-")[1] for name in logs})
-    for name, log in logs.items():
-        task = name.split("-")[1]
-        ax.plot(log.layers, np.abs(log.gates[-1]).mean(-1), marker="o", color=f"C{tasks.index(task)}",
-                label=task if name.endswith("-s0") else None)
-    ax.set_xticks(log.layers)
-    ax.set_xlabel("adapted layer")
-    ax.set_ylabel("mean |gate| at the end")
-    ax.set_title(f"{family}: {len(logs)} final zero-init runs (tasks x seeds)", fontsize=10)
-    ax.legend(fontsize=8)
+    layers = next(iter(logs.values())).layers
+    per_task = np.array([np.mean([np.abs(log.gates[-1]).mean(-1) for name, log in logs.items()
+                                  if name.split("-")[1] == task], axis=0) for task in tasks])  # (tasks, L)
+    im = ax.imshow(per_task, cmap="viridis", vmin=0, aspect="auto")
+    for (i, j), v in np.ndenumerate(per_task):
+        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                color="white" if v < 0.6 * per_task.max() else "black")
+    ax.set_xticks(range(len(layers)), [str(l) for l in layers])
+    ax.set_yticks(range(len(tasks)), tasks, fontsize=8)
+    ax.set_xlabel(f"adapted layer ({len(layers)} of {depth[family]} layers adapted)")
+    ax.set_title(f"{family}: mean |gate| at the end, per task\n(mean over {len(logs) // len(tasks)} seeds)", fontsize=10)
+    fig.colorbar(im, ax=ax, fraction=0.05)
 fig.tight_layout()
 for family, logs in final_gates.items():
     ends = np.array([np.abs(log.gates[-1]).mean(-1) for log in logs.values()])  # (runs, L)
