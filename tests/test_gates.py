@@ -1,4 +1,5 @@
 """Gate recording: the exact gates.jsonl format, reading it back, and the pictures."""
+import base64
 import json
 import sys
 from pathlib import Path
@@ -253,6 +254,19 @@ def test_explorer_is_a_widget(run_dir):
     assert list(quantity.options) == ["gates", "raw", "grad", "prompt_norm", "prompt_share"]
     slider.value = 5  # moving the slider redraws without error
     quantity.value, x_axis.value = "prompt_share", "lr_sum"
+
+
+def test_explorer_shows_a_static_picture_where_no_widget_front_end_runs(run_dir):
+    """nbconvert, GitHub's renderer and headless builds cannot draw widgets: the display bundle also holds a
+    PNG of the current state, and it follows the controls."""
+    pytest.importorskip("ipywidgets")
+    w = gates.explorer(run_dir)
+    bundle = w._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle  # a live front end still gets the widget
+    png = base64.b64decode(bundle["image/png"])
+    assert png.startswith(b"\x89PNG") and "static picture" in bundle["text/plain"]
+    w.children[0].children[0].value = 0  # the slider: step 0, where the gates are still closed
+    assert base64.b64decode(w._repr_mimebundle_()["image/png"]) != png
 
 
 def synthetic_log(n_records: int, n_layers: int, n_heads: int, seed: int) -> list[dict]:

@@ -3,6 +3,8 @@ step slider, layer, head and quantity pickers; one run or several overlaid).
 """
 from __future__ import annotations
 
+import base64
+import io
 from typing import Optional, Sequence
 
 import numpy as np
@@ -89,11 +91,31 @@ def explorer(source, labels: Optional[Sequence[str]] = None):
             display(fig)
             plt.close(fig)
 
+    def static_png() -> bytes:
+        fig = draw_explorer(runs, step.value, layer.value, list(heads.value) or None, quantity.value, x_axis.value)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=72, bbox_inches="tight")
+        plt.close(fig)
+        return buffer.getvalue()
+
+    class Explorer(widgets.VBox):
+        """The controls and the figure; where no widget front end runs (nbconvert, GitHub's renderer, a
+        headless build) the notebook shows the picture of the current state instead of nothing."""
+
+        def _repr_mimebundle_(self, **kwargs):
+            bundle = super()._repr_mimebundle_(**kwargs) or {}
+            bundle = dict(bundle)
+            bundle["image/png"] = base64.b64encode(static_png()).decode("ascii")
+            bundle["text/plain"] = (f"gate explorer at step {step.value}, layer {layer.value} "
+                                    "(a static picture where no widget front end is attached)")
+            return bundle
+
     for w in (step, layer, heads, quantity, x_axis):
         w.observe(redraw, names="value")
     redraw()
-    box = widgets.VBox([widgets.HBox([step, layer, heads]), widgets.HBox([quantity, x_axis]), out])
+    box = Explorer([widgets.HBox([step, layer, heads]), widgets.HBox([quantity, x_axis]), out])
     box.redraw = redraw
+    box.static_png = static_png
     return box
 
 
