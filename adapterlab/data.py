@@ -25,7 +25,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -130,13 +130,21 @@ def save_alpaca(records: Sequence[dict], path: str | os.PathLike) -> None:
 
 
 # --------------------------------------------------------------------------- tokenising
-def encode_example(tokenizer, record: dict, max_seq_len: int) -> tuple[list[int], list[int], bool]:
-    """One record -> (tokens, labels, truncated). Labels are IGNORE_INDEX on BOS and the prompt."""
-    prompt = tokenizer.encode(format_prompt(record["instruction"], record.get("input", "")), bos=True, eos=False)
+def alpaca_prompt(tokenizer, record: dict) -> list[int]:
+    """The prompt's ids: BOS and the Alpaca template around the instruction (and input)."""
+    return tokenizer.encode(format_prompt(record["instruction"], record.get("input", "")), bos=True, eos=False)
+
+
+def encode_example(tokenizer, record: dict, max_seq_len: Optional[int],
+                   prompt_of: Callable = alpaca_prompt) -> tuple[list[int], list[int], bool]:
+    """One record -> (tokens, labels, truncated). Labels are IGNORE_INDEX on the prompt
+    (``prompt_of(tokenizer, record)``: the Alpaca template by default, a chat template for chat models).
+    max_seq_len None: never cut."""
+    prompt = prompt_of(tokenizer, record)
     response = tokenizer.encode(record["output"], bos=False, eos=True)
     tokens = prompt + response
     labels = [IGNORE_INDEX] * len(prompt) + response
-    truncated = len(tokens) > max_seq_len
+    truncated = max_seq_len is not None and len(tokens) > max_seq_len
     return tokens[:max_seq_len], labels[:max_seq_len], truncated
 
 
@@ -195,13 +203,15 @@ class TokenDataset:
         return text
 
 
-def instruction_dataset(records: Sequence[dict], tokenizer, max_seq_len: int = 512, source: str = "") -> TokenDataset:
-    """Tokenise validated Alpaca records; truncation at ``max_seq_len`` is counted and reported."""
+def instruction_dataset(records: Sequence[dict], tokenizer, max_seq_len: Optional[int] = 512, source: str = "",
+                        prompt_of: Callable = alpaca_prompt) -> TokenDataset:
+    """Tokenise validated Alpaca records; truncation at ``max_seq_len`` is counted and reported.
+    prompt_of: the prompt's ids of a record (see :func:`encode_example`)."""
     records = validate_records(list(records), source or "records")
     toks, labs, kept = [], [], []
     n_trunc = n_drop = 0
     for rec in records:
-        t, l, truncated = encode_example(tokenizer, rec, max_seq_len)
+        t, l, truncated = encode_example(tokenizer, rec, max_seq_len, prompt_of)
         n_trunc += truncated
         if all(x == IGNORE_INDEX for x in l[1:]):  # the prompt filled the window: nothing to learn
             n_drop += 1

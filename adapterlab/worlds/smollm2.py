@@ -28,7 +28,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from ..adapter import AdapterConfig, add_adapter, count_trainable, remove_adapter
-from ..data import IGNORE_INDEX, DataError, TokenDataset, validate_records
+from ..data import TokenDataset, instruction_dataset
 from ..gates import GateRecorder
 from ..generate import generate_tokens
 from ..io.adapters import save_adapter
@@ -333,25 +333,8 @@ def chat_dataset(tokenizer: Tokenizer, records: Sequence[dict], source: str = "r
     """Alpaca records as chat examples: the user turn (the instruction, then the input if any) in the
     model's chat template with no loss on it, then the output and the end-of-turn token (the loss).
     max_seq_len: cut longer examples (counted); one whose prompt fills the window is dropped (counted)."""
-    tokens, labels, kept = [], [], []
-    n_truncated = n_dropped = 0
-    for r in validate_records(list(records), source):
-        prompt = chat_prompt(tokenizer, user_turn(r["instruction"], r["input"]))
-        reply = tokenizer.encode(r["output"], bos=False, eos=True)  # eos: the end of the turn (<|im_end|>)
-        t, l = prompt + reply, [IGNORE_INDEX] * len(prompt) + reply
-        if max_seq_len is not None and len(t) > max_seq_len:
-            n_truncated += 1
-            t, l = t[:max_seq_len], l[:max_seq_len]
-            if all(x == IGNORE_INDEX for x in l[1:]):  # the prompt filled the window: nothing to learn
-                n_dropped += 1
-                continue
-        tokens.append(t)
-        labels.append(l)
-        kept.append(r)
-    if not tokens:
-        raise DataError(f"{source}: every example was longer than max_seq_len={max_seq_len} before its reply; "
-                        "raise max_seq_len")
-    return TokenDataset(tokens, labels, n_truncated, n_dropped, source=source, records=kept)
+    return instruction_dataset(records, tokenizer, max_seq_len, source,
+                               prompt_of=lambda tok, r: chat_prompt(tok, user_turn(r["instruction"], r["input"])))
 
 
 @torch.no_grad()
