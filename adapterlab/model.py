@@ -149,6 +149,17 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, start_pos: int = 0, cache: Optional[KVCache] = None, visual=None):
         B, T, _ = x.shape
+        q, k, out = self.attend_tokens(x, cos, sin, start_pos, cache)  # (B, H, T, d), (B, H_kv, S, d), (B, H, T, d)
+
+        # LLaMA-Adapter: add the gated attention over the adaption prompts (Eq. 7, "sum" form).
+        if self.adapter is not None:
+            out = out + self.adapter(q, self, cache=cache, visual=visual)
+
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+    def attend_tokens(self, x, cos, sin, start_pos: int = 0, cache: Optional[KVCache] = None):
+        """The frozen layer's own attention over the word tokens -> (queries, keys, output)."""
+        B, T, _ = x.shape
         q = apply_rope(self.split_heads(self.wq(x), self.n_heads), cos, sin)  # (B, H, T, d)
         k = apply_rope(self.split_heads(self.wk(x), self.n_kv_heads), cos, sin)  # (B, H_kv, T, d)
         v = self.split_heads(self.wv(x), self.n_kv_heads)  # (B, H_kv, T, d)
@@ -166,12 +177,7 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
         )  # (B, H, T, d)
-
-        # LLaMA-Adapter: add the gated attention over the adaption prompts (Eq. 7, "sum" form).
-        if self.adapter is not None:
-            out = out + self.adapter(q, self, cache=cache, visual=visual)
-
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        return q, k, out
 
 
 # --------------------------------------------------------------------------- feed-forward

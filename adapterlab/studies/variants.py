@@ -24,7 +24,7 @@ from torch import nn
 
 from ..adapter import AdapterConfig, AdaptionPrompt, adapted_layers, add_adapter, visible_keys
 from ..encoders.transformer import EncoderAttention
-from ..model import Attention, KVCache, apply_rope
+from ..model import Attention, KVCache
 
 
 # --------------------------------------------------------------------------- the math
@@ -117,20 +117,7 @@ class UngatedAttention(Attention):
 
     def forward(self, x, cos, sin, start_pos: int = 0, cache: Optional[KVCache] = None, visual=None):
         B, T, _ = x.shape
-        q = apply_rope(self.split_heads(self.wq(x), self.n_heads), cos, sin)  # (B, H, T, d)
-        k = apply_rope(self.split_heads(self.wk(x), self.n_kv_heads), cos, sin)  # (B, H_kv, T, d)
-        v = self.split_heads(self.wv(x), self.n_kv_heads)  # (B, H_kv, T, d)
-        if cache is not None:
-            k, v = cache.update(self.layer_id, start_pos, k, v)  # (B, H_kv, start+T, d)
-        S = k.shape[2]  # causal attention over the tokens, as model.Attention
-        if T == 1 or (T == S):
-            mask, causal = None, T > 1
-        else:
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            causal = False
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv_heads != self.n_heads
-        )  # (B, H, T, d)
+        q, k, out = self.attend_tokens(x, cos, sin, start_pos, cache)  # as model.Attention
         if isinstance(self.adapter, UngatedPrompt):  # one softmax over [P; T] (token_mask None: causal)
             out = out + self.adapter(q, self, cache=cache, visual=visual, keys=k, token_out=out)
         elif self.adapter is not None:  # a gated adapter attached later: as model.Attention
