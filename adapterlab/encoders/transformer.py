@@ -121,13 +121,7 @@ class EncoderAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (B, T, dim); mask (B, T) bool, True = a real token (None: all real) -> (B, T, dim)."""
         B, T, _ = x.shape
-        q = self.split_heads(self.wq(x), self.n_heads)  # (B, H, T, d)
-        k = self.split_heads(self.wk(x), self.n_kv_heads)  # (B, H, T, d)
-        v = self.split_heads(self.wv(x), self.n_kv_heads)  # (B, H, T, d)
-
-        # Every query sees every real token (no causal mask); padding keys are hidden.
-        key_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, T)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, H, T, d)
+        q, k, out = self.attend_tokens(x, mask)  # (B, H, T, d) each
 
         # Zero-init attention: add the gated term over the adaption prompts (Eq. 7, sum form), as
         # model.Attention does.
@@ -135,6 +129,16 @@ class EncoderAttention(nn.Module):
             out = out + self.adapter(q, self)
 
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+    def attend_tokens(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        """The frozen layer's own attention over the tokens -> (queries, keys, output).
+        Every query sees every real token (no causal mask); padding keys are hidden."""
+        q = self.split_heads(self.wq(x), self.n_heads)  # (B, H, T, d)
+        k = self.split_heads(self.wk(x), self.n_kv_heads)  # (B, H, T, d)
+        v = self.split_heads(self.wv(x), self.n_kv_heads)  # (B, H, T, d)
+        key_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, T)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, H, T, d)
+        return q, k, out
 
 
 # --------------------------------------------------------------------------- feed-forward and block

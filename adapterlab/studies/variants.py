@@ -134,11 +134,8 @@ class UngatedEncoderAttention(EncoderAttention):
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.split_heads(self.wq(x), self.n_heads)  # (B, H, T, d)
-        k = self.split_heads(self.wk(x), self.n_kv_heads)
-        v = self.split_heads(self.wv(x), self.n_kv_heads)
+        q, k, out = self.attend_tokens(x, mask)  # as EncoderAttention
         key_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, T)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, H, T, d)
         if isinstance(self.adapter, UngatedPrompt):  # every real token visible (not causal)
             visible = key_mask if key_mask is not None else torch.ones(1, 1, 1, T, dtype=torch.bool, device=x.device)
             out = out + self.adapter(q, self, keys=k, token_out=out, token_mask=visible)

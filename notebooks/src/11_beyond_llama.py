@@ -73,10 +73,12 @@ print(f"pretrained to name {len(info['classes'])} shape x colour classes: held-o
 # every other token (no causal mask: the encoder reads the whole picture or paragraph at once),
 # LayerNorm, a GELU MLP, biases. The attention keeps LLaMA's names (`wq wk wv wo`, one
 # `adapter` slot), so `add_adapter` attaches exactly the same adaption prompts. Here is the
-# encoder's attention in full: the token attention, then one line for the adapter.
+# encoder's attention in full: `forward` takes the frozen token attention (`attend_tokens`, below it),
+# then adds one line for the adapter.
 
 # %%
 print(inspect.getsource(EncoderAttention.forward))
+print(inspect.getsource(EncoderAttention.attend_tokens))
 
 # %% [markdown]
 # `self.adapter` is the `AdaptionPrompt` of `adapterlab/adapter.py`, and its gated term is
