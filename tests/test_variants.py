@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from adapterlab import AdapterConfig, Llama, LlamaConfig, add_adapter
+from adapterlab import AdapterConfig, add_adapter
 from adapterlab.adapter import adapted_layers, adapter_state_dict, count_trainable, gate_values, remove_adapter
-from adapterlab.model import Attention, KVCache, apply_rope, init_weights, rope_angles
+from adapterlab.model import Attention, KVCache, apply_rope, rope_angles
 from adapterlab.studies.variants import (
     UngatedAttention,
     UngatedPrompt,
@@ -17,11 +17,7 @@ from adapterlab.studies.variants import (
     joint_prompt_attention,
 )
 
-
-def small_model(n_kv_heads=None, seed=0, n_layers=4):
-    cfg = LlamaConfig(dim=64, n_layers=n_layers, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=97,
-                      multiple_of=16, max_seq_len=64)
-    return init_weights(Llama(cfg), seed=seed)
+from test_adapter import small_model  # one small LLaMA for the adapter and its variants
 
 
 def tokens(B=2, T=11, vocab=97, seed=3):

@@ -82,7 +82,7 @@ def read_llama(
     if not path.is_dir():
         raise FileNotFoundError(
             (f"{path}: no such file. " if path.suffix.lower() == ".gguf" else f"{path} is not a folder or a .gguf file. ") +
-            f"load_llama expects a Meta LLaMA folder (params.json + "
+            "load_llama expects a Meta LLaMA folder (params.json + "
             f"consolidated.NN.pth), a Hugging Face Llama folder (config.json + *.safetensors), a GGUF file "
             f"(model.gguf), or (adapterlab.load_llama) a name: 'tinyworld' (the embedded model) or 'smollm2'."
         )

@@ -22,7 +22,6 @@ are buffers, never parameters, so nothing can train them.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
