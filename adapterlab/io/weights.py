@@ -83,8 +83,8 @@ def read_llama(
         raise FileNotFoundError(
             (f"{path}: no such file. " if path.suffix.lower() == ".gguf" else f"{path} is not a folder or a .gguf file. ") +
             "load_llama expects a Meta LLaMA folder (params.json + "
-            f"consolidated.NN.pth), a Hugging Face Llama folder (config.json + *.safetensors), a GGUF file "
-            f"(model.gguf), or (adapterlab.load_llama) a name: 'tinyworld' (the embedded model) or 'smollm2'."
+            "consolidated.NN.pth), a Hugging Face Llama folder (config.json + *.safetensors), a GGUF file "
+            "(model.gguf), or (adapterlab.load_llama) a name: 'tinyworld' (the embedded model) or 'smollm2'."
         )
     folder = path
     is_meta = (folder / "params.json").is_file()
