@@ -198,4 +198,4 @@ def test_cli_ablate_on_smollm2_takes_its_defaults_and_one_thread(monkeypatch, tm
     assert main(["ablate", "--base", "smollm2", "--out", str(tmp_path), "--small-gate-scale", "0.3",
                  "--layers", "30", "--lr", "0.003"]) == 0
     c = seen["config"]
-    assert (c.small_gate_scale, c.adapter.layers, c.train.lr, c.train.steps, c.train.eval_every) == (0.3, 30, 0.003, 40, 20)
+    assert (c.small_gate_scale, c.adapter.layers, c.train.lr, c.train.steps, c.train.eval_every) == (0.3, 30, 0.003, 40, None)

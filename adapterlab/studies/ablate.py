@@ -89,11 +89,12 @@ SPIKE = 1.5  # a loss spike: a step whose training loss is more than SPIKE times
 # --------------------------------------------------------------------------- config
 def study_train(base: str = TINY) -> TrainConfig:
     """Every run's training budget unless the study says otherwise (the seed is the run's). The real
-    model: the demo's budget (adapterlab.worlds.smollm2), held-out evaluation at half-time and the end."""
+    model: the demo's budget (adapterlab.worlds.smollm2), held-out evaluation at the end (generating the
+    replies costs more than the training steps; the text loss is logged during the run instead)."""
     if base == TINY:
         return TrainConfig(steps=40, batch_size=16, lr=5e-2, warmup_steps=5, checkpoint=False,
                            progress=False)
-    return TrainConfig(steps=40, batch_size=8, lr=1e-2, warmup_steps=2, eval_every=20, length_group=1,
+    return TrainConfig(steps=40, batch_size=8, lr=1e-2, warmup_steps=2, eval_every=None, length_group=1,
                        checkpoint=False, progress=False)
 
 
@@ -396,16 +397,25 @@ def attention_share(model, tokens: torch.Tensor) -> float:
 @torch.no_grad()
 def attention_shares(model, tokens: torch.Tensor) -> tuple[float, torch.Tensor]:
     """(:func:`attention_share`, the same per adapted layer and head (L, H)): one forward pass on ``tokens``."""
-    shares, by_head, hooks = [], [], []
     H = model.config.n_heads
+
+    def gated_share(module) -> torch.Tensor:  # |g| / (1 + |g|): one per layer or per head
+        g = module.gate_value().detach().abs().float().reshape(-1)
+        return g / (1 + g)
+
+    adapters = [model.layers[i].attention.adapter for i in adapted_layers(model)]
+    if all(ap.gate is not None for ap in adapters):  # gated layers only: the gates say it, no forward pass
+        per_layer = [gated_share(ap) for ap in adapters]
+        return (sum(s.mean().item() for s in per_layer) / len(per_layer),
+                torch.stack([s.expand(H) for s in per_layer]))
+    shares, by_head, hooks = [], [], []
 
     def capture(module, args, kwargs, output):
         q, attn = args[0], args[1]
         if module.gate is not None:
-            g = module.gate_value().abs().float()
-            shares.append((g / (1 + g)).mean().item())
-            g = g.reshape(-1)
-            by_head.append((g / (1 + g)).expand(H) if g.numel() == 1 else g / (1 + g))  # (H,)
+            share = gated_share(module)
+            shares.append(share.mean().item())
+            by_head.append(share.expand(H))  # (H,)
             return
         keys = kwargs["keys"]
         pk, _ = module.prompt_kv(attn)
