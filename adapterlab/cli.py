@@ -285,6 +285,10 @@ TEMPLATE_HELP = ("how an instruction becomes the prompt: chat (the model's own c
 def add_base_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=recipes.TINY, help=BASE_HELP)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--base-dtype", choices=recipes.BASE_DTYPES, default="fp32",
+                   help="how the frozen base's weights are held: fp32 (the default), bf16 (half the bytes) or int8 "
+                        "(a quarter: per-channel int8, bfloat16 products; adapter tuning and generation only); the "
+                        "adapter stays float32. What each costs in speed and quality: benchmarks/README.md")
 
 
 def add_threads_argument(p: argparse.ArgumentParser) -> None:
@@ -394,7 +398,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         args.base, args.data, args.out, method=args.method, adapter=adapter, lora=lora, train=changes(args, "train"),
         max_seq_len=args.max_seq_len, device=args.device, strategy=args.strategy, compile=args.compile,
         activation_checkpointing=args.activation_checkpointing, dist_timeout=args.dist_timeout,
-        check_replicas=args.check_replicas, callbacks=args.callbacks, template=args.template)
+        check_replicas=args.check_replicas, callbacks=args.callbacks, template=args.template,
+        base_dtype=args.base_dtype)
     if not is_main():
         return 0
     method = m["method"]
@@ -446,7 +451,7 @@ def run_generate(args: argparse.Namespace) -> int:
     instructions = args.questions or args.instruction
     if not instructions and not args.prompt:
         raise UsageError("nothing to answer: give a QUESTION, --instruction TEXT or --prompt TEXT")
-    model = recipes.load_tuned_model(args.base, args.adapter, args.device)
+    model = recipes.load_tuned_model(args.base, args.adapter, args.device, args.base_dtype)
     if instructions:
         template = recipes.prompt_template(model, args.template)
         prompts = recipes.instruction_prompts(model, instructions, args.input, template)

@@ -180,20 +180,32 @@ def load_records(data: Union[PathLike, Sequence[dict]]) -> list[dict]:
         raise UsageError(f"cannot read {data} ({e.strerror}); pass a readable Alpaca JSON file", "data") from None
 
 
-def load_base_model(base: PathLike, device: Optional[str] = None) -> Llama:
+BASE_DTYPES = ("fp32", "bf16", "int8")  # how the frozen base's weights are held (load_base_model)
+
+
+def load_base_model(base: PathLike, device: Optional[str] = None, dtype: str = "fp32") -> Llama:
     """``"tinyworld"`` -> the embedded base (built on first use); a folder -> a Meta or Hugging
-    Face LLaMA. Frozen, with ``model.tokenizer``; on CUDA when available and no device is given."""
+    Face LLaMA. Frozen, with ``model.tokenizer``; on CUDA when available and no device is given.
+
+    dtype: the frozen weights' type - "fp32"; "bf16" (half the bytes; the activations run in bfloat16
+    too); "int8" (a quarter: int8 weights with one float32 scale per output channel, products in
+    bfloat16, adapterlab.quant). An adapter attached afterwards keeps its own tensors in float32.
+    """
     import torch
 
+    if dtype not in BASE_DTYPES:
+        raise UsageError(f"choose one of {', '.join(BASE_DTYPES)}", "base_dtype", dtype)
     if str(base) == TINY:
         from .worlds.tinyworld import load_base
 
         model = load_base(device=device)
+        if dtype == "bf16":
+            model = model.to(torch.bfloat16)
     else:
         from .worlds.tinyworld import load_llama  # a folder, a GGUF file or an installed model's name
 
         try:
-            model = load_llama(base, device=device)
+            model = load_llama(base, device=device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
         except (FileNotFoundError, NotADirectoryError, PermissionError, UnicodeDecodeError, ValueError) as e:
             raise UsageError(str(e), "base") from None  # the loader's messages name the file and what it expects
         if getattr(model, "tokenizer", None) is None:
@@ -203,19 +215,25 @@ def load_base_model(base: PathLike, device: Optional[str] = None) -> Llama:
     model.requires_grad_(False)
     if device is None and torch.cuda.is_available():
         model = model.cuda()
+    if dtype == "int8":
+        from .quant import quantize_base
+
+        quantize_base(model)  # after the move: the int8 buffers are made where the weights are
     return model
 
 
-def load_tuned_model(base: PathLike, adapter: Optional[PathLike] = None, device: Optional[str] = None) -> Llama:
+def load_tuned_model(base: PathLike, adapter: Optional[PathLike] = None, device: Optional[str] = None,
+                     base_dtype: str = "fp32") -> Llama:
     """A base with a tuned adapter attached: a folder from :func:`finetune` (adapter or LoRA), an
-    official release ``.pth`` or a PEFT adaption-prompt folder (None: the base alone)."""
+    official release ``.pth`` or a PEFT adaption-prompt folder (None: the base alone).
+    base_dtype: how the frozen base is held (:func:`load_base_model`)."""
     from .studies.baselines import LORA_CONFIG, load_lora
     from .io.adapters import load_adapter
 
     if adapter is not None and not Path(adapter).exists():  # before the (maybe large) base is read
         raise UsageError(f"{adapter} does not exist; pass the --out folder of a finetune run, an official .pth "
                          "or a PEFT folder", "adapter")
-    model = load_base_model(base, device)
+    model = load_base_model(base, device, base_dtype)
     if adapter is not None:
         try:
             if (Path(adapter) / LORA_CONFIG).is_file():  # written by finetune(method="lora")
@@ -349,12 +367,14 @@ def finetune(
     callbacks: Sequence = (),
     quiet: bool = False,
     template: str = "auto",
+    base_dtype: str = "fp32",
 ) -> tuple[Llama, dict]:
     """Tune ``base`` on ``data``; write the run to ``out_dir`` -> (the tuned model, its metrics).
 
     base: ``"tinyworld"``, ``"smollm2"``, a Meta / Hugging Face LLaMA folder or a .gguf file. data:
     ``"tinyworld"``, an Alpaca file or a list of records. template: how a record becomes an example
-    (:func:`prompt_template`: the model's own chat template, or Alpaca's).
+    (:func:`prompt_template`: the model's own chat template, or Alpaca's). base_dtype: how the frozen
+    base is held, "fp32", "bf16" or "int8" (:func:`load_base_model`; method "adapter" or "lora" only).
     method: ``"adapter"`` (LLaMA-Adapter on the frozen base), ``"lora"``
     (LoRA on the frozen base) or ``"full"`` (every weight; writes a whole new base folder).
     adapter / lora / train: configs, or dicts of the fields to change from the defaults.
@@ -376,6 +396,17 @@ def finetune(
         raise UsageError(f"adapter settings apply to method 'adapter', not {method!r}", "adapter")
     if method != "lora" and lora is not None:
         raise UsageError(f"LoRA settings apply to method 'lora', not {method!r}", "lora")
+    if base_dtype not in BASE_DTYPES:
+        raise UsageError(f"choose one of {', '.join(BASE_DTYPES)}", "base_dtype", base_dtype)
+    if method == "full" and base_dtype != "fp32":
+        raise UsageError("full fine-tuning trains every weight of the base: it needs base_dtype fp32 (bf16 and "
+                         "int8 hold a frozen base)", "base_dtype", base_dtype)
+    if method == "lora" and base_dtype == "int8":
+        raise UsageError("LoRA wraps the base's float matrices; an int8 base takes method adapter (LoRA: fp32 or "
+                         "bf16)", "base_dtype", base_dtype)
+    if base_dtype == "int8" and strategy == "fsdp":
+        raise UsageError("strategy fsdp shards parameters, and an int8 base holds its weights as buffers that every "
+                         "rank would keep whole; use strategy ddp", "base_dtype", base_dtype)
     config = _resolve(train, TrainConfig, lambda **c: train_config(tiny, method, **c))
     if template not in TEMPLATES:
         raise UsageError(f"choose one of {', '.join(TEMPLATES)}", "template", template)
@@ -398,7 +429,7 @@ def finetune(
         print(f"{env.world_size} processes ({env.backend}, {strategy}), global batch split over them")
     # FSDP: read the base into (shared, memory-mapped) CPU memory; sharding moves each block to its GPU.
     load_device = "cpu" if strategy == "fsdp" else (str(env.device) if env.distributed else device)
-    model = load_base_model(base, load_device)
+    model = load_base_model(base, load_device, "fp32" if base_dtype == "int8" else base_dtype)  # int8: below
     tokenizer = model.tokenizer
     settings = _method_settings(method, adapter, lora, model.config.n_layers, tiny)  # checked before the data
     if max_seq_len is None:
@@ -415,7 +446,11 @@ def finetune(
     if not quiet:
         print(dataset.summary())
 
-    n_base = model.num_params()  # before the adapter / LoRA adds its own tensors
+    n_base = model.num_params()  # before the adapter / LoRA adds its own tensors (and int8 turns weights to buffers)
+    if base_dtype == "int8":
+        from .quant import quantize_base
+
+        quantize_base(model)
     prepare(model, method, seed=config.seed, **settings)
     if compile:
         from .train import compile_model
@@ -433,7 +468,8 @@ def finetune(
         eval_fn = lambda m: {"heldout_accuracy": heldout_accuracy(m, tokenizer, heldout)}  # noqa: E731
     metrics = run_training(wrapped, dataset, config, eval_fn=eval_fn,
                            callbacks=_with_gate_recorder(callbacks, method, out, config, strategy, env.is_main))
-    extra = {"base": str(base), "data": source, "method": method, "template": template, "base_params": n_base,
+    extra = {"base": str(base), "base_dtype": base_dtype, "data": source, "method": method, "template": template,
+             "base_params": n_base,
              "trainable_fraction": metrics["trainable_params"] / n_base}
     if eval_fn is not None:
         extra["heldout_accuracy"] = metrics["eval"]["heldout_accuracy"]

@@ -426,3 +426,40 @@ def test_finetune_and_generate_on_a_chat_gguf_use_its_chat_template(chat_gguf, t
     assert main(["generate", "--base", gguf_file]) == 2
     assert "nothing to answer" in capsys.readouterr().err
     assert main(["generate", "--base", gguf_file, "Q?", "--prompt", "text"]) == 2
+
+
+def test_base_dtype_bf16_and_int8_tune_and_answer_with_a_float32_adapter(chat_gguf, tmp_path, capsys):
+    import torch
+
+    from adapterlab import recipes
+    from adapterlab.quant import Int8Linear
+
+    gguf_file, data = str(chat_gguf / "chat.gguf"), str(chat_gguf / "facts.json")
+    runs = {}
+    for dtype in ("fp32", "bf16", "int8"):
+        out = tmp_path / dtype
+        assert main(["finetune", "--base", gguf_file, "--data", data, "--out", str(out), "--steps", "2",
+                     "--batch-size", "4", "--adapter-layers", "2", "--lr", "0.05", "--no-progress",
+                     "--base-dtype", dtype]) == 0
+        runs[dtype] = json.loads((out / "metrics.json").read_text())
+        assert runs[dtype]["base_dtype"] == dtype
+    assert runs["int8"]["base_params"] == runs["bf16"]["base_params"] == runs["fp32"]["base_params"]
+    first = {d: r["loss_history"][0][1] for d, r in runs.items()}  # [step, loss]
+    for d in ("bf16", "int8"):  # another base, close to float32's loss on the same batch, not the same
+        assert first[d] != first["fp32"] and abs(first[d] - first["fp32"]) < 0.05 * first["fp32"], first
+
+    model = recipes.load_tuned_model(gguf_file, tmp_path / "int8", device="cpu", base_dtype="int8")
+    assert isinstance(model.layers[0].attention.wq, Int8Linear) and isinstance(model.output, Int8Linear)
+    adapter = model.layers[-1].attention.adapter
+    assert adapter.prompt.dtype == adapter.gate.dtype == torch.float32
+    capsys.readouterr()
+    assert main(["generate", "--base", gguf_file, "--adapter", str(tmp_path / "int8"), "--base-dtype", "int8",
+                 "What is the capital of Peru?", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith(">>> What is the capital of Peru?\n")
+
+    for flags, said in ((["--method", "lora", "--base-dtype", "int8"], "--base-dtype int8: LoRA wraps"),
+                        (["--method", "full", "--base-dtype", "bf16"], "--base-dtype bf16: full fine-tuning")):
+        assert main(["finetune", "--base", gguf_file, "--data", data, "--out", str(tmp_path / "x"), *flags]) == 2
+        assert said in capsys.readouterr().err
+    assert main(["finetune", "--base", gguf_file, "--data", data, "--out", str(tmp_path / "x"),
+                 "--base-dtype", "fp16"]) == 2  # argparse: not a choice
