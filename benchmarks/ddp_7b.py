@@ -51,6 +51,7 @@ from adapterlab.adapter import adapted_layers, trainable_parameters  # noqa: E40
 from adapterlab.io.files import atomic_write_text  # noqa: E402
 from adapterlab.losses import loss_sum  # noqa: E402
 from adapterlab.model import autocast_for  # noqa: E402
+from adapterlab.quant import quantize_base  # noqa: E402
 from adapterlab.train import make_optimizer, TrainConfig  # noqa: E402
 
 GIB = 2**30
@@ -60,8 +61,10 @@ def tiny_config() -> LlamaConfig:
     return LlamaConfig(dim=64, n_layers=4, n_heads=4, vocab_size=512, multiple_of=32, max_seq_len=256)
 
 
-def build(cfg: LlamaConfig, adapter: AdapterConfig, device: torch.device, dtype: torch.dtype, seed: int) -> Llama:
-    """Random model of shape cfg: meta -> to_empty(device) -> filled in place. Base in ``dtype``, adapter fp32."""
+def build(cfg: LlamaConfig, adapter: AdapterConfig, device: torch.device, dtype: torch.dtype, seed: int,
+          int8: bool = False) -> Llama:
+    """Random model of shape cfg: meta -> to_empty(device) -> filled in place. Base in ``dtype``, adapter fp32;
+    int8: then the base's matrices rounded to int8 weight-only (adapterlab.quant)."""
     with torch.device("meta"):
         model = Llama(cfg)
     model.to(dtype)  # still meta: no memory yet
@@ -80,6 +83,8 @@ def build(cfg: LlamaConfig, adapter: AdapterConfig, device: torch.device, dtype:
                 p.normal_(0.0, 1.0, generator=gen)
             else:
                 p.normal_(0.0, 0.02, generator=gen)
+    if int8:
+        quantize_base(model)  # the filled bf16 matrices -> int8 + per-channel scales, in place on the device
     return model
 
 
@@ -191,7 +196,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     p.add_argument("--steps", type=int, default=5, help="measured steps (default 5)")
     p.add_argument("--phases", default="single,ddp,fsdp", help="comma-separated subset of single,ddp,fsdp")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda when available")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="base weights (adapter is fp32)")
+    p.add_argument("--dtype", choices=["bf16", "fp32", "int8"], default="bf16",
+                   help="base weights (adapter is fp32); int8: per-channel int8 weight-only, bf16 products "
+                        "(adapterlab.quant; ddp only: fsdp shards parameters, an int8 base holds buffers)")
     p.add_argument("--tiny", action="store_true", help="a tiny model (logic check on CPU)")
     p.add_argument("--prompt-len", type=int, default=10)
     p.add_argument("--adapter-layers", type=int, default=None, help="default 30 (7B), n_layers-1 with --tiny")
@@ -208,11 +215,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
                             layers=args.adapter_layers or (cfg.n_layers - 1 if args.tiny else 30))
     if args.seq > cfg.max_seq_len:
         raise SystemExit(f"--seq {args.seq} is longer than the model's max_seq_len {cfg.max_seq_len}")
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16  # int8: filled in bf16, then rounded
+    int8 = args.dtype == "int8"
     phases = [x.strip() for x in args.phases.split(",") if x.strip()]
     unknown = set(phases) - {"single", "ddp", "fsdp"}
     if unknown:
         raise SystemExit(f"unknown --phases {sorted(unknown)}; choose from single,ddp,fsdp")
+    if int8 and "fsdp" in phases:
+        phases.remove("fsdp")  # fsdp shards parameters; an int8 base holds its weights as buffers
+        D.print0("--dtype int8: the fsdp phase is skipped (an int8 base holds buffers, which fsdp does not shard)")
     if env.world_size > 1 and "single" in phases:
         phases.remove("single")  # a single-process reference only makes sense on one rank
     if "ddp" in phases or "fsdp" in phases:
@@ -221,7 +232,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                              "or pass --phases single")
 
     def make_model() -> Llama:
-        return build(cfg, adapter, env.device, dtype, seed=0)
+        return build(cfg, adapter, env.device, dtype, seed=0, int8=int8)
 
     probe = build(cfg, adapter, torch.device("meta"), dtype, seed=0)
     info = {
