@@ -695,8 +695,11 @@ def ablate_flags() -> tuple[Flag, ...]:
 def add_ablate_arguments(p: argparse.ArgumentParser) -> None:
     from .studies.ablate import AblationConfig
 
-    p.add_argument("--out", required=True, help="folder for runs.jsonl, summary.json and ablation.png "
-                                                "(rerun with the same flags to resume: finished runs are skipped)")
+    p.add_argument("--out", help="folder for runs.jsonl, summary.json and ablation.png "
+                                 "(rerun with the same flags to resume: finished runs are skipped)")
+    p.add_argument("--collect", metavar="DIR",
+                   help="run nothing: combine the studies in DIR's subfolders (each an ablate --out, e.g. a grid over "
+                        "--layers and --lr) into DIR/summary.json and DIR/grid.png, and print each cell's verdicts")
     add_flags(p, ablate_flags(), "the study (adapterlab.studies.ablate.AblationConfig)", AblationConfig())
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -705,11 +708,24 @@ def run_ablate(args: argparse.Namespace) -> int:
     """``adapterlab ablate``: zero-init vs random-init gates vs ungated prompts over seeds (adapterlab.studies.ablate)."""
     import shlex
 
-    from .studies.ablate import AblationConfig, report, run_ablation
+    from .studies.ablate import AblationConfig, collect_grid, report, report_grid, run_ablation
 
     from .io.files import default_threads
 
+    command = "adapterlab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["ablate"] else None
     given = changes(args, "study")
+    if args.collect is not None:
+        if args.out is not None or given:
+            return _fail("--collect combines finished studies and runs nothing: give it alone (no --out, no study flags)")
+        try:
+            grid = collect_grid(args.collect, command=command)
+        except ValueError as e:
+            return _fail(str(e))
+        print(report_grid(grid))
+        print(f"wrote {Path(args.collect) / 'summary.json'} and grid.png ({len(grid['cells'])} studies)")
+        return 0
+    if args.out is None:
+        return _fail("--out is required: the folder for the study's runs (or --collect DIR to combine studies)")
     default = AblationConfig(base=given.pop("base", "tinyworld"))  # the base's own budget, L and variants
     steps = given.get("train.steps", default.train.steps)  # a short run: its warm-up and "early" steps fit in it
     given["train.warmup_steps"] = min(given.get("train.warmup_steps", default.train.warmup_steps), steps)
@@ -720,7 +736,6 @@ def run_ablate(args: argparse.Namespace) -> int:
         config = with_changes(default, given)
     except ValueError as e:  # name the flag, not the setting
         return _fail(in_flag_words(str(e), args.parser, "study"))
-    command = "adapterlab " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["ablate"] else None
     # one thread per process, the real model too (main() set 1 for the tiny world, or --threads when given)
     threads = 0 if args.threads is not None or config.base == "tinyworld" else default_threads()
     try:

@@ -199,3 +199,42 @@ def test_cli_ablate_on_smollm2_takes_its_defaults_and_one_thread(monkeypatch, tm
                  "--layers", "30", "--lr", "0.003"]) == 0
     c = seen["config"]
     assert (c.small_gate_scale, c.adapter.layers, c.train.lr, c.train.steps, c.train.eval_every) == (0.3, 30, 0.003, 40, None)
+
+
+def test_a_grid_of_studies_is_collected_into_one_summary_with_the_tiny_worlds_names(chat_base, tmp_path, capsys):
+    from adapterlab.cli import main
+
+    grid_dir = tmp_path / "grid"
+    for layers, lr in ((2, 0.05), (1, 0.01)):  # written out of order: the summary sorts by L, then lr
+        config = small_config(adapter=replace(ablate.study_adapter("smollm2"), layers=layers, prompt_len=3),
+                              train=replace(small_config().train, lr=lr))
+        ablate.run_ablation(grid_dir / f"L{layers}", config, progress=False, plot=False,
+                            bench=ablate.real_bench(config, base=chat_base))
+    (grid_dir / "notes").mkdir()  # a folder without runs is not a study
+
+    grid = ablate.collect_grid(grid_dir)
+    assert [(c["name"], c["layers"], c["lr"]) for c in grid["cells"]] == [("L1", 1, 0.01), ("L2", 2, 0.05)]
+    assert json.loads((grid_dir / "summary.json").read_text()) == grid and (grid_dir / "grid.png").stat().st_size > 0
+    runs = ablate.read_runs(grid_dir / "L2" / "runs.jsonl")
+    for v in VARIANTS:
+        row = grid["cells"][1]["variants"][v]
+        mine = [r["text_loss_final"] for r in runs if r["variant"] == v]
+        assert row["seeds"] == 2 and row["text_loss_final"]["mean"] == pytest.approx(sum(mine) / 2)
+        assert row["knowledge_kept"] == row["pretrain_loss_after"]  # the tiny-world schema's name, same numbers
+        for key in ("heldout_accuracy", "early_loss", "text_loss_step0", "facts_kept", "early_grad_norm"):
+            assert key in row
+    found = {(c["b"], c["metric"]) for c in grid["cells"][0]["comparisons"]}
+    assert {(b, m) for b in VARIANTS[1:] for m in ablate.GRID_METRICS} == found
+    step0 = ablate.grid_verdict(grid, "text_loss_step0", "random_init")
+    assert sum(len(cells) for cells in step0.values()) == 2  # one verdict per cell
+    assert ablate.cell_label(grid["cells"][0]) == "L=1, lr 0.01"
+
+    assert main(["ablate", "--collect", str(grid_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "== L=1, lr 0.01 (L1, 2 seeds" in printed and "== L=2, lr 0.05" in printed
+    assert "loss on the English text at step 0" in printed and "wrote" in printed
+    assert main(["ablate", "--collect", str(grid_dir / "notes")]) == 2
+    assert "no study in its subfolders" in capsys.readouterr().err
+    assert main(["ablate", "--collect", str(grid_dir), "--out", str(tmp_path / "x")]) == 2
+    assert main(["ablate", "--seeds", "2"]) == 2
+    assert "--out is required" in capsys.readouterr().err

@@ -579,18 +579,23 @@ def summarize(runs: Sequence[dict], config: AblationConfig, command: Optional[st
               threads: Optional[int] = None) -> dict:
     """The study's summary: per variant, mean/std/95% interval over seeds of every metric
     (threads: those the runs used, for the record; None: torch's now)."""
-    variants = {}
-    for v in config.variants:
-        rows = [r for r in runs if r["variant"] == v]
-        if not rows:
-            continue
-        variants[v] = {"seeds": len(rows), **{m: stats([r[m] for r in rows]) for m in METRICS
-                                              if all(m in r for r in rows)}}  # runs written before a metric: none
+    variants = variant_stats(runs, config.variants)
     base = next((r["knowledge_before"] for r in runs if r["variant"] == "zero_init"), None)
     return {"variants": variants, "base_knowledge": base, "comparisons": comparisons(runs), "settings": config.run_settings(),
             "command": command or f"adapterlab.studies.ablate.run_ablation(config={config!r})",
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": harness.machine(threads),
             "run_seconds": sum(r["seconds"] for r in runs)}
+
+
+def variant_stats(runs: Sequence[dict], variants: Sequence[str]) -> dict:
+    """{variant: {"seeds": n, metric: stats over its seeds}} for every metric all its runs have."""
+    table = {}
+    for v in variants:
+        rows = [r for r in runs if r["variant"] == v]
+        if rows:  # runs written before a metric existed: no stats for it
+            table[v] = {"seeds": len(rows), **{m: stats([r[m] for r in rows]) for m in METRICS
+                                               if all(m in r for r in rows)}}
+    return table
 
 
 LOWER_IS_BETTER = {"early_loss": True, "first_loss": True, "final_loss": True, "heldout_loss": True,
@@ -842,23 +847,8 @@ def plot_regimes(studies: dict[str, Sequence[dict]], path: Optional[str | os.Pat
 
     metrics = [harness.OLD_FIELDS.get(m, m) for m in metrics]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 3.6))
-    labels = list(studies)
-    present = [v for v in ALL_VARIANTS if any(r["variant"] == v for runs in studies.values() for r in runs)]
-    width = 0.8 / max(1, len(present))
     for ax, metric in zip(np.atleast_1d(axes), metrics):
-        for j, v in enumerate(present):
-            xs, means, stds = [], [], []
-            for i, label in enumerate(labels):
-                ys = [r[metric] for r in studies[label] if r["variant"] == v]
-                if ys:
-                    xs.append(i + (j - (len(present) - 1) / 2) * width)
-                    means.append(np.mean(ys))
-                    stds.append(np.std(ys, ddof=1) if len(ys) > 1 else 0.0)
-                    ax.scatter([xs[-1]] * len(ys), ys, color="k", s=8, zorder=3)
-            if xs:
-                ax.bar(xs, means, width, yerr=stds, capsize=3, color=COLORS[v], label=LABELS[v])
-        ax.set_xticks(range(len(labels)), labels)
-        ax.set_title(METRIC_NAMES[metric] + (" (lower: better)" if LOWER_IS_BETTER[metric] else ""), fontsize=10)
+        _regime_bars(ax, studies, metric, METRIC_NAMES)
     np.atleast_1d(axes)[0].legend(fontsize=8)
     fig.tight_layout()
     if path is not None:
@@ -867,8 +857,172 @@ def plot_regimes(studies: dict[str, Sequence[dict]], path: Optional[str | os.Pat
     return fig
 
 
+def _regime_bars(ax, studies: dict[str, Sequence[dict]], metric: str, names: dict) -> None:
+    """One metric's bars on ``ax``: mean +- std over seeds per variant, grouped by study, seeds as dots."""
+    import numpy as np
+
+    labels = list(studies)
+    present = [v for v in ALL_VARIANTS if any(r["variant"] == v for runs in studies.values() for r in runs)]
+    width = 0.8 / max(1, len(present))
+    for j, v in enumerate(present):
+        xs, means, stds = [], [], []
+        for i, label in enumerate(labels):
+            ys = [r[metric] for r in studies[label] if r["variant"] == v]
+            if ys:
+                xs.append(i + (j - (len(present) - 1) / 2) * width)
+                means.append(np.mean(ys))
+                stds.append(np.std(ys, ddof=1) if len(ys) > 1 else 0.0)
+                ax.scatter([xs[-1]] * len(ys), ys, color="k", s=8, zorder=3)
+        if xs:
+            ax.bar(xs, means, width, yerr=stds, capsize=3, color=COLORS[v], label=LABELS[v])
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_title(names[metric] + (" (lower: better)" if LOWER_IS_BETTER[metric] else ""), fontsize=10)
+
+
+# --------------------------------------------------------------------------- a grid of studies
+GRID_PLOT = "grid.png"
+# The grid's verdicts: the study's, plus the real model's start (step-0 text loss) and its early gradients.
+GRID_METRICS = VERDICT_METRICS + ("text_loss_step0", "early_grad_norm")
+# The tiny-world schema's older name for the loss on the base's text after training (the issue's and older files').
+GRID_ALIASES = {"knowledge_kept": "pretrain_loss_after"}
+
+
+def grid_cells(folder: str | os.PathLike) -> list[tuple[str, list[dict], dict]]:
+    """The studies in ``folder``'s subfolders (each an ``adapterlab ablate --out``) as (name, runs,
+    summary), ordered by adapted layers then learning rate; a study still running gives its finished runs."""
+    cells = []
+    for sub in sorted(p for p in Path(folder).iterdir() if (p / RUNS_NAME).is_file()):
+        runs = read_runs(sub / RUNS_NAME)
+        if not runs:
+            continue
+        summary = json.loads((sub / SUMMARY_NAME).read_text()) if (sub / SUMMARY_NAME).is_file() else {}
+        cells.append((sub.name, runs, summary))
+    return sorted(cells, key=lambda c: (c[1][0]["settings"]["layers"], c[1][0]["settings"]["lr"], c[0]))
+
+
+def collect_grid(folder: str | os.PathLike, command: Optional[str] = None, plot: bool = True) -> dict:
+    """One summary of the studies in ``folder``'s subfolders (a grid over adapted layers and learning
+    rates, say): per cell its settings, every variant's stats over seeds (:func:`variant_stats`, plus
+    ``knowledge_kept``, the tiny-world schema's name for ``pretrain_loss_after``) and the paired
+    verdicts of zero-init against each other variant on :data:`GRID_METRICS`. Writes
+    ``folder/summary.json`` and (``plot``) ``folder/grid.png``; returns the summary."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder; give the folder whose subfolders hold adapterlab ablate studies")
+    found = grid_cells(folder)
+    if not found:
+        raise ValueError(f"{folder} has no study in its subfolders (a subfolder with runs.jsonl); run "
+                         f"adapterlab ablate --out {folder}/NAME first")
+    cells = []
+    for name, runs, summary in found:
+        settings = runs[0]["settings"]
+        variants = [v for v in ALL_VARIANTS if any(r["variant"] == v for r in runs)]
+        table = variant_stats(runs, variants)
+        for row in table.values():
+            row.update({old: row[new] for old, new in GRID_ALIASES.items() if new in row})
+        cells.append({
+            "name": name, "layers": settings["layers"], "lr": settings["lr"], "settings": settings,
+            "variants": table, "comparisons": comparisons(runs, GRID_METRICS),
+            "base_knowledge": next((r["knowledge_before"] for r in runs if r["variant"] == "zero_init"), None),
+            "command": summary.get("command"), "date": summary.get("date"), "machine": summary.get("machine"),
+            "run_seconds": sum(r["seconds"] for r in runs)})
+    grid = {"cells": cells, "aliases": GRID_ALIASES,
+            "command": command or f"adapterlab.studies.ablate.collect_grid({str(folder)!r})",
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": harness.machine()}
+    atomic_write_text(folder / SUMMARY_NAME, json.dumps(grid, indent=2) + "\n")
+    if plot:
+        plot_grid({cell_label(c): runs for c, (_, runs, _) in zip(cells, found)}, folder / GRID_PLOT)
+    return grid
+
+
+def cell_label(cell: dict) -> str:
+    """A grid cell's short name: its adapted layers and learning rate."""
+    return f"L={cell['layers']}, lr {cell['lr']:g}"
+
+
+def grid_verdict(grid: dict, metric: str, other: str, a: str = "zero_init") -> dict:
+    """How ``a`` fared against ``other`` on ``metric`` across the grid's cells: {verdict: [cell labels]}."""
+    tally: dict = {}
+    for cell in grid["cells"]:
+        for c in cell["comparisons"]:
+            if c["a"] == a and c["b"] == other and c["metric"] == metric:
+                tally.setdefault(c["verdict"], []).append(cell_label(cell))
+    return tally
+
+
+def report_grid(grid: dict) -> str:
+    """The grid in words: per cell its table (:func:`format_table`) and paired verdicts (:func:`sentence`)."""
+    lines = []
+    for cell in grid["cells"]:
+        summary = {"variants": cell["variants"], "settings": cell["settings"], "base_knowledge": cell["base_knowledge"]}
+        seeds = min(row["seeds"] for row in cell["variants"].values())
+        lines += [f"== {cell_label(cell)} ({cell['name']}, {seeds} seeds, {cell['run_seconds'] / 60:.0f} min of runs)",
+                  format_table(summary), ""]
+        lines += [f"- {sentence(c, names=REAL_METRIC_NAMES if is_real(summary) else METRIC_NAMES)}"
+                  for c in cell["comparisons"]]
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def plot_grid(studies: dict[str, Sequence[dict]], path: Optional[str | os.PathLike] = None):
+    """A grid of studies in one figure: top, the end of training per cell (held-out accuracy, the
+    English text's loss at step 0 and after training, general questions kept; mean +- std, seeds as
+    dots); bottom, per cell, the text loss during training (log scale: random gates start far up).
+    studies: {cell label: runs}. Returns the figure (saved to ``path`` when given)."""
+    import matplotlib
+
+    if path is not None and matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 (matplotlib.ticker below)
+    import numpy as np
+
+    real = all("text_loss_final" in r for runs in studies.values() for r in runs)
+    names = REAL_METRIC_NAMES if real else METRIC_NAMES
+    metrics = ("heldout_accuracy", "text_loss_step0", "text_loss_final", "facts_kept") if real else \
+        ("heldout_accuracy", "knowledge_at_init", "pretrain_loss_after", "facts_kept")
+    n = max(len(metrics), len(studies))
+    fig, axes = plt.subplots(2, n, figsize=(4.6 * n, 7.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        _regime_bars(ax, studies, metric, names)
+        ax.tick_params(axis="x", labelsize=8)
+        if metric in ("text_loss_step0", "knowledge_at_init"):
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes[0][0].set_ylim(0, 1)
+    axes[0][0].legend(fontsize=7)
+    for ax, (label, runs) in zip(axes[1], studies.items()):
+        base = next((r["knowledge_before"]["corpus_loss"] for r in runs if r["variant"] == "zero_init"), None)
+        for v in [v for v in ALL_VARIANTS if any(r["variant"] == v for r in runs)]:
+            rows = [r for r in runs if r["variant"] == v and "knowledge_log" in r]
+            if not rows:
+                continue
+            kept = np.array([[k["corpus_loss"] for k in r["knowledge_log"]] for r in rows])  # (seeds, records)
+            steps = [k["step"] for k in rows[0]["knowledge_log"]]
+            ax.plot(steps, kept.mean(0), color=COLORS[v], marker=".", label=LABELS[v])
+            ax.fill_between(steps, kept.min(0), kept.max(0), color=COLORS[v], alpha=0.2)
+        if base is not None:
+            ax.axhline(base, color="k", ls="--", lw=1, label="frozen base")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.tick_params(axis="y", which="both", labelsize=7)
+        ax.set(xlabel="step", title=f"{label}: text loss during training", ylabel="loss (mean; band: seeds' range)")
+        ax.yaxis.label.set_fontsize(8)
+    axes[1][0].legend(fontsize=7)
+    for row, used in zip(axes, (len(metrics), len(studies))):
+        for ax in row[used:]:
+            ax.set_visible(False)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=80)
+        plt.close(fig)
+    return fig
+
+
 __all__ = ["AblationConfig", "VARIANTS", "SCALED", "ALL_VARIANTS", "study_train", "study_adapter", "study_variants",
            "Bench", "tiny_world_bench", "make_bench", "real_bench", "study_bench", "knowledge", "evaluate",
            "attention_share", "attention_shares", "gate_record", "loss_spikes", "run_one", "run_ablation", "read_runs",
            "read_study", "summarize", "stats", "compare", "comparisons", "metric_names", "sentence", "format_table",
-           "report", "seeds_warning", "plot_study", "plot_regimes", "fact_completion_accuracy"]
+           "report", "seeds_warning", "plot_study", "plot_regimes", "fact_completion_accuracy", "variant_stats",
+           "grid_cells", "collect_grid", "cell_label", "grid_verdict", "report_grid", "plot_grid"]
