@@ -228,6 +228,13 @@ def test_a_grid_of_studies_is_collected_into_one_summary_with_the_tiny_worlds_na
     step0 = ablate.grid_verdict(grid, "text_loss_step0", "random_init")
     assert sum(len(cells) for cells in step0.values()) == 2  # one verdict per cell
     assert ablate.cell_label(grid["cells"][0]) == "L=1, lr 0.01"
+    matrix = ablate.verdict_matrix(grid).splitlines()
+    assert matrix[0].split()[-4:] == ["L=1,", "lr", "0.01", "L=2,", "lr", "0.05"][-4:] and len(matrix) == 1 + 3 * 5
+    for line, (other, metric) in zip(matrix[1:], [(o, m) for o in VARIANTS[1:] for m in ablate.VERDICT_METRICS
+                                                   + ("text_loss_step0",)]):
+        cells = [next(c for c in cell["comparisons"] if c["b"] == other and c["metric"] == metric)
+                 for cell in grid["cells"]]
+        assert line.split()[-2:] == [ablate.SHORT_VERDICTS[c["verdict"]] for c in cells], line
 
     assert main(["ablate", "--collect", str(grid_dir)]) == 0
     printed = capsys.readouterr().out

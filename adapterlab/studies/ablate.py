@@ -950,6 +950,28 @@ def grid_verdict(grid: dict, metric: str, other: str, a: str = "zero_init") -> d
     return tally
 
 
+SHORT_VERDICTS = {"better": "beats", "worse": "loses", "no clear difference": "-"}
+
+
+def verdict_matrix(grid: dict, metrics: Sequence[str] = VERDICT_METRICS + ("text_loss_step0",),
+                   others: Optional[Sequence[str]] = None, a: str = "zero_init") -> str:
+    """Zero-init's paired verdicts against each other variant, one row per (variant, metric), one
+    column per cell: "beats", "loses" (the 95% interval excludes zero) or "-" (no clear difference)."""
+    cells = grid["cells"]
+    others = others or [v for v in ALL_VARIANTS if v != a and any(v in c["variants"] for c in cells)]
+    names = REAL_METRIC_NAMES if any(is_real(c) for c in cells) else METRIC_NAMES
+    width = max(len(f"vs {LABELS[o]}: {names[m]}") for o in others for m in metrics) + 2
+    lines = [f"{LABELS[a]} ...".ljust(width) + "".join(f"{cell_label(c):>17s}" for c in cells)]
+    for o in others:
+        for m in metrics:
+            row = []
+            for c in cells:
+                found = [x for x in c["comparisons"] if x["a"] == a and x["b"] == o and x["metric"] == m]
+                row.append(SHORT_VERDICTS[found[0]["verdict"]] if found else "n/a")
+            lines.append(f"vs {LABELS[o]}: {names[m]}".ljust(width) + "".join(f"{v:>17s}" for v in row))
+    return "\n".join(lines)
+
+
 def report_grid(grid: dict) -> str:
     """The grid in words: per cell its table (:func:`format_table`) and paired verdicts (:func:`sentence`)."""
     lines = []
@@ -961,7 +983,9 @@ def report_grid(grid: dict) -> str:
         lines += [f"- {sentence(c, names=REAL_METRIC_NAMES if is_real(summary) else METRIC_NAMES)}"
                   for c in cell["comparisons"]]
         lines.append("")
-    return "\n".join(lines).rstrip()
+    lines += ["zero-init's verdicts per cell (paired by seed; \"-\": the 95% interval includes zero):",
+              verdict_matrix(grid)]
+    return "\n".join(lines)
 
 
 def plot_grid(studies: dict[str, Sequence[dict]], path: Optional[str | os.PathLike] = None):
@@ -1025,4 +1049,4 @@ __all__ = ["AblationConfig", "VARIANTS", "SCALED", "ALL_VARIANTS", "study_train"
            "attention_share", "attention_shares", "gate_record", "loss_spikes", "run_one", "run_ablation", "read_runs",
            "read_study", "summarize", "stats", "compare", "comparisons", "metric_names", "sentence", "format_table",
            "report", "seeds_warning", "plot_study", "plot_regimes", "fact_completion_accuracy", "variant_stats",
-           "grid_cells", "collect_grid", "cell_label", "grid_verdict", "report_grid", "plot_grid"]
+           "grid_cells", "collect_grid", "cell_label", "grid_verdict", "verdict_matrix", "report_grid", "plot_grid"]
