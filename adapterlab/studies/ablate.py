@@ -690,7 +690,7 @@ def is_real(summary: dict) -> bool:
 def format_table(summary: dict) -> str:
     """The study as a text table: mean +- std over seeds per variant."""
     def cell(row: dict, metric: str, p: int) -> str:
-        return f"{row[metric]['mean']:>11.{p}f} +- {row[metric]['std']:<5.{p}f}"[:19]
+        return harness.mean_pm_std(row[metric]["mean"], row[metric]["std"], p)
 
     real = is_real(summary)
     rows = [[LABELS[v], f"{row['seeds']:d}", *(cell(row, m, p) for m, _, p in TABLE_COLUMNS)]
