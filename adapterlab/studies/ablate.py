@@ -758,16 +758,32 @@ def report(summary: dict) -> str:
 
 
 # --------------------------------------------------------------------------- plots
-def plot_study(runs: Sequence[dict], path: Optional[str | os.PathLike] = None, title: str = ""):
-    """Four panels: loss curves with bands (Fig. 5), held-out accuracy with error bars (Table 5),
-    knowledge kept, and how far the prompts are let in during training: their attention share
-    (solid, every variant) and the gated variants' mean |gate| (dashed); runs that logged their
-    knowledge during training (knowledge_log) get a fifth: the text loss over the steps. Returns the figure."""
+def _pyplot(path):
+    """matplotlib.pyplot, on the Agg backend when the figure goes to a file outside a notebook."""
     import matplotlib
 
     if path is not None and matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _saved(fig, path, dpi: int):
+    """Lay the figure out; write it to ``path`` and close it when given. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=dpi)
+        plt.close(fig)
+    return fig
+def plot_study(runs: Sequence[dict], path: Optional[str | os.PathLike] = None, title: str = ""):
+    """Four panels: loss curves with bands (Fig. 5), held-out accuracy with error bars (Table 5),
+    knowledge kept, and how far the prompts are let in during training: their attention share
+    (solid, every variant) and the gated variants' mean |gate| (dashed); runs that logged their
+    knowledge during training (knowledge_log) get a fifth: the text loss over the steps. Returns the figure."""
+    plt = _pyplot(path)
     import numpy as np
 
     variants = [v for v in ALL_VARIANTS if any(r["variant"] == v for r in runs)]
@@ -827,22 +843,14 @@ def plot_study(runs: Sequence[dict], path: Optional[str | os.PathLike] = None, t
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-    return fig
+    return _saved(fig, path, dpi=90)
 
 
 def plot_regimes(studies: dict[str, Sequence[dict]], path: Optional[str | os.PathLike] = None,
                  metrics: Sequence[str] = ("early_loss", "heldout_accuracy", "pretrain_loss_after")):
     """One panel per metric: mean +- std over seeds of every variant, grouped by study (regime).
     studies: {label: runs}. Returns the figure (saved to ``path`` when given)."""
-    import matplotlib
-
-    if path is not None and matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot(path)
     import numpy as np
 
     metrics = [harness.OLD_FIELDS.get(m, m) for m in metrics]
@@ -850,11 +858,7 @@ def plot_regimes(studies: dict[str, Sequence[dict]], path: Optional[str | os.Pat
     for ax, metric in zip(np.atleast_1d(axes), metrics):
         _regime_bars(ax, studies, metric, METRIC_NAMES)
     np.atleast_1d(axes)[0].legend(fontsize=8)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-    return fig
+    return _saved(fig, path, dpi=90)
 
 
 def _regime_bars(ax, studies: dict[str, Sequence[dict]], metric: str, names: dict) -> None:
@@ -993,12 +997,8 @@ def plot_grid(studies: dict[str, Sequence[dict]], path: Optional[str | os.PathLi
     English text's loss at step 0 and after training, general questions kept; mean +- std, seeds as
     dots); bottom, per cell, the text loss during training (log scale: random gates start far up).
     studies: {cell label: runs}. Returns the figure (saved to ``path`` when given)."""
-    import matplotlib
-
-    if path is not None and matplotlib.get_backend().lower() not in ("agg", "module://matplotlib_inline.backend_inline"):
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker  # noqa: F401 (matplotlib.ticker below)
+    plt = _pyplot(path)
+    from matplotlib.ticker import ScalarFormatter
     import numpy as np
 
     real = all("text_loss_final" in r for runs in studies.values() for r in runs)
@@ -1012,7 +1012,7 @@ def plot_grid(studies: dict[str, Sequence[dict]], path: Optional[str | os.PathLi
         ax.tick_params(axis="x", labelsize=8)
         if metric in ("text_loss_step0", "knowledge_at_init"):
             ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.yaxis.set_major_formatter(ScalarFormatter())
     axes[0][0].set_ylim(0, 1)
     axes[0][0].legend(fontsize=7)
     for ax, (label, runs) in zip(axes[1], studies.items()):
@@ -1028,8 +1028,8 @@ def plot_grid(studies: dict[str, Sequence[dict]], path: Optional[str | os.PathLi
         if base is not None:
             ax.axhline(base, color="k", ls="--", lw=1, label="frozen base")
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
         ax.tick_params(axis="y", which="both", labelsize=7)
         ax.set(xlabel="step", title=f"{label}: text loss during training", ylabel="loss (mean; band: seeds' range)")
         ax.yaxis.label.set_fontsize(8)
@@ -1037,11 +1037,7 @@ def plot_grid(studies: dict[str, Sequence[dict]], path: Optional[str | os.PathLi
     for row, used in zip(axes, (len(metrics), len(studies))):
         for ax in row[used:]:
             ax.set_visible(False)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-    return fig
+    return _saved(fig, path, dpi=80)
 
 
 __all__ = ["AblationConfig", "VARIANTS", "SCALED", "ALL_VARIANTS", "study_train", "study_adapter", "study_variants",
