@@ -7,6 +7,7 @@ of tokenizer), never on the real file: the suite stays fast and needs nothing in
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -236,6 +237,12 @@ def test_a_grid_of_studies_is_collected_into_one_summary_with_the_tiny_worlds_na
                  for cell in grid["cells"]]
         assert line.split()[-2:] == [ablate.SHORT_VERDICTS[c["verdict"]] for c in cells], line
 
+    said = ablate.grid_sentences(grid)
+    assert said[0].startswith("2 cells (L=1, lr 0.01; L=2, lr 0.05), 2 seeds per variant and cell")
+    assert "zero-init gates exactly the frozen base's" in said[1]  # Eq. 7 at step 0, in every run
+    for line in said[-3:]:  # one per other variant: each metric's verdicts add up to the cells
+        for part in line.split(": ", 1)[1].rstrip(".").split("; "):
+            assert sum(int(n) for n in re.findall(r"in (\d+)", part)) == 2, part
     assert main(["ablate", "--collect", str(grid_dir)]) == 0
     printed = capsys.readouterr().out
     assert "== L=1, lr 0.01 (L1, 2 seeds" in printed and "== L=2, lr 0.05" in printed

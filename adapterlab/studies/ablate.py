@@ -976,6 +976,42 @@ def verdict_matrix(grid: dict, metrics: Sequence[str] = VERDICT_METRICS + ("text
     return "\n".join(lines)
 
 
+def grid_sentences(grid: dict, a: str = "zero_init") -> list[str]:
+    """The grid in a few sentences, every number read from it: where each variant starts (the English
+    text's loss at step 0), where it ends (held-out accuracy, text loss, general questions kept: the
+    range of the cells' means) and in how many cells zero-init's paired verdict is a win or a loss."""
+    cells = grid["cells"]
+    others = [v for v in ALL_VARIANTS if v != a and any(v in c["variants"] for c in cells)]
+    seeds = sorted({row["seeds"] for c in cells for row in c["variants"].values()})
+
+    def span(v: str, metric: str, digits: int) -> str:
+        means = [c["variants"][v][metric]["mean"] for c in cells if v in c["variants"]]
+        lo, hi = f"{min(means):.{digits}f}", f"{max(means):.{digits}f}"
+        return lo if lo == hi else f"{lo} to {hi}"
+
+    base = cells[0]["base_knowledge"]
+    exact = all(c["variants"][a]["text_loss_step0"]["std"] == 0 and
+                c["variants"][a]["text_loss_step0"]["mean"] == c["base_knowledge"]["corpus_loss"] for c in cells)
+    lines = [f"{len(cells)} cells ({'; '.join(cell_label(c) for c in cells)}), {' or '.join(map(str, seeds))} seeds "
+             f"per variant and cell; each range runs over the cells' means.",
+             f"Step 0, the English text's loss: {LABELS[a]} {'exactly' if exact else 'not exactly'} the frozen base's "
+             f"{base['corpus_loss']:.3f} in every run; " + "; ".join(
+                 f"{LABELS[v]} {span(v, 'text_loss_step0', 2)}" for v in others) + "."]
+    for metric, what in (("heldout_accuracy", "held-out accuracy"), ("text_loss_final", "the English text's loss"),
+                         ("facts_kept", f"general questions still answered (the frozen base: {base['fact_accuracy']:.2f})")):
+        lines.append(f"After training, {what}: " + "; ".join(f"{LABELS[v]} {span(v, metric, 2)}" for v in (a, *others))
+                     + ".")
+    for v in others:
+        parts = []
+        for metric in ("heldout_accuracy", "pretrain_loss_after", "facts_kept", "early_loss"):
+            tally = grid_verdict(grid, metric, v, a)
+            parts.append(f"{REAL_METRIC_NAMES[metric]} better in {len(tally.get('better', []))}, worse in "
+                         f"{len(tally.get('worse', []))}, no clear difference in {len(tally.get('no clear difference', []))}")
+        lines.append(f"{LABELS[a]} against {LABELS[v]}, paired by seed, cells out of {len(cells)}: " + "; ".join(parts)
+                     + ".")
+    return lines
+
+
 def report_grid(grid: dict) -> str:
     """The grid in words: per cell its table (:func:`format_table`) and paired verdicts (:func:`sentence`)."""
     lines = []
@@ -988,7 +1024,7 @@ def report_grid(grid: dict) -> str:
                   for c in cell["comparisons"]]
         lines.append("")
     lines += ["zero-init's verdicts per cell (paired by seed; \"-\": the 95% interval includes zero):",
-              verdict_matrix(grid)]
+              verdict_matrix(grid), "", "in short:", *(f"- {line}" for line in grid_sentences(grid))]
     return "\n".join(lines)
 
 
@@ -1045,4 +1081,5 @@ __all__ = ["AblationConfig", "VARIANTS", "SCALED", "ALL_VARIANTS", "study_train"
            "attention_share", "attention_shares", "gate_record", "loss_spikes", "run_one", "run_ablation", "read_runs",
            "read_study", "summarize", "stats", "compare", "comparisons", "metric_names", "sentence", "format_table",
            "report", "seeds_warning", "plot_study", "plot_regimes", "fact_completion_accuracy", "variant_stats",
-           "grid_cells", "collect_grid", "cell_label", "grid_verdict", "verdict_matrix", "report_grid", "plot_grid"]
+           "grid_cells", "collect_grid", "cell_label", "grid_verdict", "verdict_matrix", "grid_sentences", "report_grid",
+           "plot_grid"]
