@@ -241,8 +241,8 @@ def test_a_grid_of_studies_is_collected_into_one_summary_with_the_tiny_worlds_na
     assert said[0].startswith("2 cells (L=1, lr 0.01; L=2, lr 0.05), 2 seeds per variant and cell")
     assert "zero-init gates exactly the frozen base's" in said[1]  # Eq. 7 at step 0, in every run
     for line in said[-3:]:  # one per other variant: each metric's verdicts add up to the cells
-        for part in line.split(": ", 1)[1].rstrip(".").split("; "):
-            assert sum(int(n) for n in re.findall(r"in (\d+)", part)) == 2, part
+        for part in line.split("): ", 1)[1].rstrip(".").split("; "):
+            assert sum(map(int, re.fullmatch(r"[-a-zA-Z ']+ (\d)/(\d)/(\d)", part).groups())) == 2, part
     assert main(["ablate", "--collect", str(grid_dir)]) == 0
     printed = capsys.readouterr().out
     assert "== L=1, lr 0.01 (L1, 2 seeds" in printed and "== L=2, lr 0.05" in printed

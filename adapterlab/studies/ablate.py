@@ -1005,10 +1005,10 @@ def grid_sentences(grid: dict, a: str = "zero_init") -> list[str]:
         parts = []
         for metric in ("heldout_accuracy", "pretrain_loss_after", "facts_kept", "early_loss"):
             tally = grid_verdict(grid, metric, v, a)
-            parts.append(f"{REAL_METRIC_NAMES[metric]} better in {len(tally.get('better', []))}, worse in "
-                         f"{len(tally.get('worse', []))}, no clear difference in {len(tally.get('no clear difference', []))}")
-        lines.append(f"{LABELS[a]} against {LABELS[v]}, paired by seed, cells out of {len(cells)}: " + "; ".join(parts)
-                     + ".")
+            parts.append(f"{REAL_METRIC_NAMES[metric]} " + "/".join(
+                str(len(tally.get(k, []))) for k in ("better", "worse", "no clear difference")))
+        lines.append(f"{LABELS[a]} vs {LABELS[v]}, paired by seed (in how many of the {len(cells)} cells zero-init is "
+                     f"better/worse/not clearly different): " + "; ".join(parts) + ".")
     return lines
 
 
