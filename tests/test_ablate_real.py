@@ -252,3 +252,26 @@ def test_a_grid_of_studies_is_collected_into_one_summary_with_the_tiny_worlds_na
     assert main(["ablate", "--collect", str(grid_dir), "--out", str(tmp_path / "x")]) == 2
     assert main(["ablate", "--seeds", "2"]) == 2
     assert "--out is required" in capsys.readouterr().err
+
+
+def test_the_committed_real_model_grid_matches_its_runs_and_the_readme_states_it():
+    root = Path(__file__).parents[1]
+    folder = root / "docs" / "results" / "ablations" / "smollm2"
+    grid = json.loads((folder / "summary.json").read_text())
+    cells = grid["cells"]
+    assert {(c["layers"], c["lr"]) for c in cells} >= {(8, 0.01), (8, 0.03), (30, 0.01), (30, 0.03)}
+    for cell in cells:
+        assert cell["settings"]["base"] == "smollm2" and cell["machine"]["vector_unit"] and cell["command"]
+        runs = ablate.read_runs(folder / cell["name"] / "runs.jsonl")
+        table = ablate.variant_stats(runs, VARIANTS)
+        assert set(cell["variants"]) == set(VARIANTS)
+        for v, row in cell["variants"].items():
+            assert row["seeds"] >= 3
+            for key in ("heldout_accuracy", "early_loss", "knowledge_kept", "text_loss_step0", "text_loss_final"):
+                assert key in row
+            assert {k: x for k, x in row.items() if k not in ablate.GRID_ALIASES} == table[v]  # the runs say so
+        assert all(r["text_loss_step0"] == cell["base_knowledge"]["corpus_loss"]
+                   for r in runs if r["variant"] == "zero_init")  # Eq. 7 on the real model: the base exactly
+    readme = (root / "README.md").read_text()
+    block = readme.split("<!-- smollm2-grid:start -->\n")[1].split("<!-- smollm2-grid:end -->")[0]
+    assert block == "".join(f"- {line}\n" for line in ablate.grid_sentences(grid))

@@ -1049,6 +1049,8 @@ def plot_grid(studies: dict[str, Sequence[dict]], path: Optional[str | os.PathLi
         if metric in ("text_loss_step0", "knowledge_at_init"):
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(ScalarFormatter())
+            ax.tick_params(axis="y", which="both", labelsize=7)
     axes[0][0].set_ylim(0, 1)
     axes[0][0].legend(fontsize=7)
     for ax, (label, runs) in zip(axes[1], studies.items()):
