@@ -6,7 +6,7 @@
 #
 # | paper | claim | here |
 # |---|---|---|
-# | Fig. 5, Table 5 | zero-init gates train faster and end better than random-init gates (84.04% vs 40.77% on ScienceQA), and keep the pretrained knowledge | zero-init vs random-init gates vs ungated prompts, 5 seeds, in several regimes: early loss, held-out accuracy, knowledge kept |
+# | Fig. 5, Table 5 | zero-init gates train faster and end better than random-init gates (84.04% vs 40.77% on ScienceQA), and keep the pretrained knowledge | zero-init vs random-init gates vs ungated prompts, 5 seeds, in several regimes: early loss, held-out accuracy, knowledge kept; then on a real model, SmolLM2-135M (section 5) |
 # | Table 4 | more adapted layers is better (10/20/30 layers: 55.95/73.36/83.85%) | L = 1, 2, 4 of 4 |
 # | Table 6 | training longer over-fits the validation loss while accuracy holds (15/30/60 epochs) | a small-data, many-epoch study over seeds |
 # | Table 3 | the adapter trains 1.2M parameters, LoRA 4.2M, full fine-tuning 7B: less memory, less time, a 4.7 MB file | adapter vs LoRA vs full fine-tuning through the same loop |
@@ -566,19 +566,52 @@ print(ablate.verdict_matrix(real_grid))
 every = [r for runs in real_runs.values() for r in runs]
 base_text = real_grid["cells"][0]["base_knowledge"]["corpus_loss"]
 seeds = {ablate.cell_label(c): min(v["seeds"] for v in c["variants"].values()) for c in real_grid["cells"]}
-print(f"cells: {len(real_grid['cells'])}, seeds per variant and cell: {min(seeds.values())} to {max(seeds.values())}")
+print(f"cells: {len(real_grid['cells'])}, seeds per variant and cell: at least {min(seeds.values())}")
 print(f"zero-init: the English text's loss at step 0 is the frozen base's ({base_text:.4f}) in every run:",
       all(r["text_loss_step0"] == base_text for r in every if r["variant"] == "zero_init"))
 for v in ("random_init", "random_init_small", "ungated"):
     step0 = [r["text_loss_step0"] for r in every if r["variant"] == v]
     print(f"{ablate.LABELS[v]}: step-0 text loss {min(step0):.2f} to {max(step0):.2f} over the runs")
+verdict = {(c["layers"], c["lr"], x["b"], x["metric"]): x["verdict"] for c in real_grid["cells"] for x in c["comparisons"]}
+cells = {(c["layers"], c["lr"]) for c in real_grid["cells"]}
+at_end = ("heldout_accuracy", "pretrain_loss_after", "facts_kept", "early_loss")
+print("zero-init beats N(0, 1) gates and ungated prompts on all four end measures, in every cell:",
+      all(verdict[L, lr, o, m] == "better" for L, lr in cells for o in ("random_init", "ungated") for m in at_end))
+print("held-out accuracy of N(0, 1) gates and ungated prompts, best run:",
+      f"{max(r['heldout_accuracy'] for r in every if r['variant'] in ('random_init', 'ungated')):.3f}")
+print("gates x 0.1, 8 layers adapted: no clear difference from zero-init on any of the four, at either rate:",
+      all(verdict[8, lr, "random_init_small", m] == "no clear difference" for L, lr in cells if L == 8 for m in at_end))
+print("gates x 0.1, all 30 layers adapted: zero-init beats them on all four, at either rate:",
+      all(verdict[30, lr, "random_init_small", m] == "better" for L, lr in cells if L == 30 for m in at_end))
+zero = [r for r in every if r["variant"] == "zero_init"]
+print("zero-init's English text loss ended above the frozen base's in every run:",
+      all(r["text_loss_final"] > base_text for r in zero))
+print(f"zero-init kept {min(r['facts_kept'] for r in zero):.2f} to {max(r['facts_kept'] for r in zero):.2f} of the "
+      "general questions over its runs (the frozen base: "
+      f"{real_grid['cells'][0]['base_knowledge']['fact_accuracy']:.2f})")
+
+# %% [markdown]
+# What the checks say. **On the real model, zero-init gating matters**, and the tiny world's
+# null result is explained by the last two lines about the gates times 0.1:
+#
+# - The prompts start as N(0, 1) vectors (as in the official release and PEFT). Behind N(0, 1)
+#   gates, or with no gate at all, their attention output swamps the layer's: the model is thrown
+#   far off at step 0, and 40 steps do not bring it back. Zero-init beats both on every measure in
+#   every cell, and their best run answers almost none of the held-out questions - the paper's
+#   Table 5, with a larger gap here (40 steps is a short budget for undoing a large random start).
+# - Gates ten times smaller are the honest comparison, and the number of adapted layers decides
+#   it: with 8 layers they move the model a little at step 0 and end level with zero-init; with
+#   all 30 the same small draws add up and fail like the large ones. The tiny world, with 4 layers
+#   and a small disturbance, lived in the first regime.
+# - Zero-init does not make tuning free: the base's text loss rises in every run and part of the
+#   general questions is forgotten (the last lines above).
 
 # %% [markdown]
 # ## What reproduces, what does not
 #
 # Compare with your numbers above. On the tiny world, with these budgets, we see:
 #
-# - **Zero-init vs random-init vs ungated: the mechanism yes, the large effect no.** With zero-init
+# - **Zero-init vs random-init vs ungated, tiny world: the mechanism yes, the large effect no.** With zero-init
 #   gates the model is bit-identical to the frozen base at step 0, and random gates or ungated
 #   prompts change it before anything is learned (checked above). But over the seeds of the
 #   committed studies the paper's large accuracy gap does not appear (the grid and the facts
@@ -592,6 +625,10 @@ for v in ("random_init", "random_init_small", "ungated"):
 #   pretraining text less. The paper's 84.04% vs
 #   40.77% comes from a 7B model trained for many epochs on a harder task; here the frozen base
 #   has four layers and the questions one form.
+# - **The same on a real model (section 5): yes.** On SmolLM2-135M-Instruct zero-init beats
+#   N(0, 1) gates and ungated prompts on every measure, with 8 or 30 layers adapted, at both
+#   learning rates; gates ten times smaller end level with it when 8 layers are adapted and fail
+#   when all 30 are (checked there). The tiny world's four layers sit in the harmless regime.
 # - **Adapted layers: yes.** In every seed of the committed studies, adapting all four layers
 #   beats adapting only the top one or two on held-out accuracy, and the training loss ends lower
 #   with every layer added (checked in section 2).
@@ -637,12 +674,15 @@ print(check_training_state_bytes(adapter_bytes, n_params=1_229_760))
 #
 # - Zero-init gating keeps the pretrained model bit-identical at the start; random gates and
 #   ungated prompts change it before anything is learned.
-# - Over the seeds of the committed studies that clean start did not buy the paper's gain in
+# - On the tiny world, over the seeds of the committed studies, that clean start did not buy the paper's gain in
 #   accuracy over random-init gates; it trades speed for safety (at a low learning rate: the base
 #   kept, the task barely learned); a longer budget did not make the gap clear, and with only
 #   the top layers adapted there was no start to protect. It did beat ungated prompts (one
 #   softmax with the tokens) on the task, while those disturbed the base's pretraining text
 #   less. The tables above hold the numbers.
+# - On a real model (SmolLM2-135M, 8 or 30 of 30 layers adapted) it did: random N(0, 1) gates
+#   and ungated prompts never recovered from their start within 40 steps, and small random gates
+#   were harmless only with few adapted layers.
 # - More adapted layers: more places to steer, better results in every seed.
 # - Training long on little data: section 3 prints what the held-out loss and accuracy did.
 # - The adapter is a tiny, separate file; LoRA is a separate file too (about 3 times larger,
