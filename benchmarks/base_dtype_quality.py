@@ -2,9 +2,15 @@
 
 Held-out accuracy of the demo's task with each frozen base: tuned on that base (the demo's settings), and the
 fp32-tuned adapter moved onto each base. One seed; 2 threads."""
-import copy, json, sys, time
+import copy
+import json
+import sys
+import time
+
 import torch
-from adapterlab import load_llama, add_adapter, AdapterConfig
+
+from adapterlab import AdapterConfig, add_adapter, load_llama
+from adapterlab.adapter import adapter_state_dict
 from adapterlab.quant import quantize_base
 from adapterlab.train import TrainConfig, train
 from adapterlab.worlds import smollm2 as S
@@ -24,9 +30,8 @@ for name, make in bases.items():
     train(m, data, TrainConfig(steps=c.steps, batch_size=c.batch_size, lr=c.lr, warmup_steps=c.warmup_steps,
                                seed=c.seed, checkpoint=False, progress=False, length_group=1))
     acc = S.accuracy(S.score_task(m, tok, task.heldout, c.max_new_tokens))
-    adapter = {k: v.detach().clone() for k, v in m.state_dict().items() if ".adapter." in k}
     if name == "fp32":
-        tuned_fp32 = adapter
+        tuned_fp32 = {k: v.detach().clone() for k, v in adapter_state_dict(m).items()}
     m2 = make(); add_adapter(m2, AdapterConfig(prompt_len=c.prompt_len, layers=c.layers), seed=c.seed)
     m2.load_state_dict(tuned_fp32, strict=False)
     moved = S.accuracy(S.score_task(m2, tok, task.heldout, c.max_new_tokens))

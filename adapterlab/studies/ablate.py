@@ -778,6 +778,8 @@ def _saved(fig, path, dpi: int):
         fig.savefig(path, dpi=dpi)
         plt.close(fig)
     return fig
+
+
 def plot_study(runs: Sequence[dict], path: Optional[str | os.PathLike] = None, title: str = ""):
     """Four panels: loss curves with bands (Fig. 5), held-out accuracy with error bars (Table 5),
     knowledge kept, and how far the prompts are let in during training: their attention share
@@ -944,13 +946,19 @@ def cell_label(cell: dict) -> str:
     return f"L={cell['layers']}, lr {cell['lr']:g}"
 
 
+def cell_verdict(cell: dict, metric: str, other: str, a: str = "zero_init") -> Optional[str]:
+    """``a``'s paired verdict against ``other`` on ``metric`` in one grid cell (None: not compared there)."""
+    return next((c["verdict"] for c in cell["comparisons"] if (c["a"], c["b"], c["metric"]) == (a, other, metric)),
+                None)
+
+
 def grid_verdict(grid: dict, metric: str, other: str, a: str = "zero_init") -> dict:
     """How ``a`` fared against ``other`` on ``metric`` across the grid's cells: {verdict: [cell labels]}."""
     tally: dict = {}
     for cell in grid["cells"]:
-        for c in cell["comparisons"]:
-            if c["a"] == a and c["b"] == other and c["metric"] == metric:
-                tally.setdefault(c["verdict"], []).append(cell_label(cell))
+        verdict = cell_verdict(cell, metric, other, a)
+        if verdict is not None:
+            tally.setdefault(verdict, []).append(cell_label(cell))
     return tally
 
 
@@ -968,10 +976,7 @@ def verdict_matrix(grid: dict, metrics: Sequence[str] = VERDICT_METRICS + ("text
     lines = [f"{LABELS[a]} ...".ljust(width) + "".join(f"{cell_label(c):>17s}" for c in cells)]
     for o in others:
         for m in metrics:
-            row = []
-            for c in cells:
-                found = [x for x in c["comparisons"] if x["a"] == a and x["b"] == o and x["metric"] == m]
-                row.append(SHORT_VERDICTS[found[0]["verdict"]] if found else "n/a")
+            row = [SHORT_VERDICTS.get(cell_verdict(c, m, o, a), "n/a") for c in cells]
             lines.append(f"vs {LABELS[o]}: {names[m]}".ljust(width) + "".join(f"{v:>17s}" for v in row))
     return "\n".join(lines)
 
@@ -1083,5 +1088,5 @@ __all__ = ["AblationConfig", "VARIANTS", "SCALED", "ALL_VARIANTS", "study_train"
            "attention_share", "attention_shares", "gate_record", "loss_spikes", "run_one", "run_ablation", "read_runs",
            "read_study", "summarize", "stats", "compare", "comparisons", "metric_names", "sentence", "format_table",
            "report", "seeds_warning", "plot_study", "plot_regimes", "fact_completion_accuracy", "variant_stats",
-           "grid_cells", "collect_grid", "cell_label", "grid_verdict", "verdict_matrix", "grid_sentences", "report_grid",
+           "grid_cells", "collect_grid", "cell_label", "cell_verdict", "grid_verdict", "verdict_matrix", "grid_sentences", "report_grid",
            "plot_grid"]
